@@ -1,0 +1,1 @@
+//! pgmtls: a mutual-TLS proxy for PostgreSQL.
