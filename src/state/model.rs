@@ -1,0 +1,636 @@
+//! What one database folder holds, with the parsers the proxy and CLI share.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+use time::OffsetDateTime;
+
+use super::*;
+use crate::allowlist::{parse_cidr, MAX_RULES};
+use crate::config::yaml::{convert, parse_doc, Fields};
+use crate::config::ConfigErrors;
+
+/// Longest IP-rule description, as in the hosted feature.
+pub const MAX_DESCRIPTION: usize = 255;
+
+/// How pgmtls talks to the database behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    /// Plaintext; only to loopback unless `allow_plaintext_remote_upstream` is set.
+    #[default]
+    Disable,
+    /// TLS without certificate checks (encrypts, does not authenticate the server).
+    Require,
+    /// TLS, server certificate verified against `upstream_ca` and the host name.
+    VerifyFull,
+}
+
+impl std::str::FromStr for UpstreamTls {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "disable" => Ok(UpstreamTls::Disable),
+            "require" => Ok(UpstreamTls::Require),
+            "verify-full" => Ok(UpstreamTls::VerifyFull),
+            other => Err(format!(
+                "must be disable, require or verify-full, not {other:?}"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UpstreamTls::Disable => "disable",
+            UpstreamTls::Require => "require",
+            UpstreamTls::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// `host:port` of the upstream Postgres; the host may be a name, resolved at connect time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl UpstreamAddr {
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost"
+            || self
+                .host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+impl std::str::FromStr for UpstreamAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid upstream {s:?}: expected HOST:PORT, e.g. 10.0.0.5:5432");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let host = host.trim_matches(['[', ']']);
+        if host.is_empty() || port == 0 || host.contains(char::is_whitespace) {
+            return Err(bad());
+        }
+        Ok(UpstreamAddr {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// `database.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseSettings {
+    pub listen: SocketAddr,
+    pub upstream: UpstreamAddr,
+    pub upstream_tls: UpstreamTls,
+    /// CA file (relative to the database folder) for `verify-full`.
+    pub upstream_ca: Option<PathBuf>,
+    /// Name checked against the upstream certificate; defaults to the upstream host.
+    pub upstream_server_name: Option<String>,
+    pub allow_plaintext_remote_upstream: bool,
+    /// Names in the server certificate, for clients and a later SNI listener.
+    pub server_names: Vec<String>,
+    pub enabled_by: Option<String>,
+    pub created_at: Option<OffsetDateTime>,
+}
+
+/// Every key of `database.yaml`, for the docs check.
+pub const DATABASE_KEYS: &[&str] = &[
+    "listen",
+    "upstream",
+    "upstream_tls",
+    "upstream_ca",
+    "upstream_server_name",
+    "allow_plaintext_remote_upstream",
+    "server_names",
+    "enabled_by",
+    "created_at",
+];
+
+impl DatabaseSettings {
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigErrors> {
+        let mut f = Fields::parse(file, text)?;
+        let listen = f.required_with("listen", convert::socket_addr);
+        let upstream: Option<UpstreamAddr> =
+            f.required_with("upstream", |v| convert::string(v)?.parse());
+        let upstream_tls = f
+            .optional_with("upstream_tls", |v| convert::string(v)?.parse())
+            .unwrap_or_default();
+        let upstream_ca = f
+            .optional_with("upstream_ca", convert::string)
+            .map(PathBuf::from);
+        let upstream_server_name = f.optional_with("upstream_server_name", convert::string);
+        let allow_remote = f
+            .optional_with("allow_plaintext_remote_upstream", convert::bool)
+            .unwrap_or(false);
+        let server_names: Vec<String> = f.optional("server_names").unwrap_or_default();
+        let enabled_by = f.optional_with("enabled_by", convert::string);
+        let created_at = f.optional_with("created_at", |v| {
+            let s = convert::string(v)?;
+            OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| format!("invalid timestamp {s:?}: {e}"))
+        });
+        if upstream_tls == UpstreamTls::VerifyFull && upstream_ca.is_none() {
+            let line = f.line_of("upstream_tls");
+            f.push(
+                "upstream_ca",
+                line,
+                "is required when upstream_tls is verify-full",
+            );
+        }
+        if let Some(up) = &upstream {
+            if upstream_tls == UpstreamTls::Disable && !up.is_loopback() && !allow_remote {
+                let line = f.line_of("upstream");
+                f.push(
+                    "upstream",
+                    line,
+                    "plaintext to a non-loopback upstream exposes passwords and data; use \
+                     upstream_tls: verify-full, or set allow_plaintext_remote_upstream: true",
+                );
+            }
+        }
+        let errors = f.finish();
+        match (listen, upstream) {
+            (Some(listen), Some(upstream)) if errors.is_empty() => Ok(DatabaseSettings {
+                listen,
+                upstream,
+                upstream_tls,
+                upstream_ca,
+                upstream_server_name,
+                allow_plaintext_remote_upstream: allow_remote,
+                server_names,
+                enabled_by,
+                created_at,
+            }),
+            _ => Err(errors),
+        }
+    }
+
+    pub fn to_yaml(&self) -> String {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            listen: String,
+            upstream: String,
+            upstream_tls: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            upstream_ca: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            upstream_server_name: &'a Option<String>,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            allow_plaintext_remote_upstream: bool,
+            #[serde(skip_serializing_if = "<[String]>::is_empty")]
+            server_names: &'a [String],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            enabled_by: &'a Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            created_at: Option<String>,
+        }
+        let out = Out {
+            listen: self.listen.to_string(),
+            upstream: self.upstream.to_string(),
+            upstream_tls: self.upstream_tls.to_string(),
+            upstream_ca: self
+                .upstream_ca
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            upstream_server_name: &self.upstream_server_name,
+            allow_plaintext_remote_upstream: self.allow_plaintext_remote_upstream,
+            server_names: &self.server_names,
+            enabled_by: &self.enabled_by,
+            created_at: self.created_at.map(rfc3339),
+        };
+        to_yaml(&out)
+    }
+}
+
+/// One IP rule of `ip-rules.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpRule {
+    pub id: String,
+    pub cidr: IpNet,
+    #[serde(default)]
+    pub description: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRules {
+    #[serde(default)]
+    rules: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    id: String,
+    cidr: String,
+    #[serde(default)]
+    description: String,
+    created_at: String,
+    updated_at: String,
+}
+
+/// Checks a description the way the CLI and the loader both must.
+pub fn validate_description(d: &str) -> Result<(), String> {
+    if d.chars().count() > MAX_DESCRIPTION {
+        return Err(format!(
+            "description is longer than {MAX_DESCRIPTION} characters"
+        ));
+    }
+    if d.chars().any(char::is_control) {
+        return Err("description contains control characters".into());
+    }
+    Ok(())
+}
+
+/// Parses `ip-rules.yaml`, reporting every bad rule with its line.
+pub fn parse_ip_rules(file: &Path, text: &str) -> Result<Vec<IpRule>, ConfigErrors> {
+    let raw: RawRules = if text.trim().is_empty() {
+        RawRules { rules: Vec::new() }
+    } else {
+        parse_doc(file, text)?
+    };
+    let mut errors = ConfigErrors::default();
+    let mut rules: Vec<IpRule> = Vec::new();
+    if raw.rules.len() > MAX_RULES {
+        errors.extend(ConfigErrors::one(
+            file,
+            "rules",
+            None,
+            format!("{} rules; at most {MAX_RULES} are allowed", raw.rules.len()),
+        ));
+    }
+    for (i, spanned) in raw.rules.into_iter().enumerate() {
+        let line = Some(spanned.referenced.line());
+        let r = spanned.value;
+        let mut err = |field: &str, msg: String| {
+            errors.0.push(crate::config::ConfigError {
+                file: file.to_path_buf(),
+                key: format!("rules[{i}].{field}"),
+                line,
+                message: msg,
+            })
+        };
+        let cidr = parse_cidr(&r.cidr).map_err(|m| err("cidr", m)).ok();
+        let created = parse_time(&r.created_at)
+            .map_err(|m| err("created_at", m))
+            .ok();
+        let updated = parse_time(&r.updated_at)
+            .map_err(|m| err("updated_at", m))
+            .ok();
+        if let Err(m) = validate_description(&r.description) {
+            err("description", m);
+        }
+        if r.id.is_empty() || r.id.len() > 64 || r.id.chars().any(|c| c.is_control()) {
+            err("id", "must be 1-64 printable characters".into());
+        }
+        if rules.iter().any(|x| x.id == r.id) {
+            err("id", format!("duplicate id {}", r.id));
+        }
+        if let Some(c) = cidr {
+            if rules.iter().any(|x| x.cidr == c) {
+                err("cidr", format!("duplicate rule for {c}"));
+            }
+        }
+        if let (Some(cidr), Some(created_at), Some(updated_at)) = (cidr, created, updated) {
+            rules.push(IpRule {
+                id: r.id,
+                cidr,
+                description: r.description,
+                created_at,
+                updated_at,
+            });
+        }
+    }
+    errors.into_result(rules)
+}
+
+pub fn ip_rules_to_yaml(rules: &[IpRule]) -> String {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        rules: &'a [IpRule],
+    }
+    to_yaml(&Out { rules })
+}
+
+/// `certificates/ID/certificate.yaml`: the record of one client certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRecord {
+    pub id: String,
+    pub common_name: String,
+    /// Lowercase hex, as in the CRL and the connection log.
+    pub serial: String,
+    pub key_type: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub revoked_at: Option<OffsetDateTime>,
+    /// The certificate this one renews.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub successor_of: Option<String>,
+    /// The certificate issued to renew this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub successor: Option<String>,
+}
+
+impl CertificateRecord {
+    pub fn to_yaml(&self) -> String {
+        to_yaml(self)
+    }
+}
+
+/// Everything the proxy needs from one database folder, read but not yet turned into TLS
+/// objects (that is `tls_store`'s job, which names these same files in its errors).
+#[derive(Debug, Clone)]
+pub struct DatabaseState {
+    pub name: String,
+    pub dir: PathBuf,
+    pub settings: DatabaseSettings,
+    pub rules: Vec<IpRule>,
+    pub server_cert_pem: Vec<u8>,
+    pub server_key_pem: Vec<u8>,
+    pub ca_pem: Vec<u8>,
+    pub crl_pem: Option<Vec<u8>>,
+    pub certificates: Vec<CertificateRecord>,
+}
+
+impl DatabaseState {
+    pub fn load(name: &str, dir: &Path) -> Result<DatabaseState, ConfigErrors> {
+        let mut errors = ConfigErrors::default();
+        let settings = read_text(&dir.join(DATABASE_YAML))
+            .and_then(|(p, t)| DatabaseSettings::parse(&p, &t))
+            .map_err(|e| errors.extend(e))
+            .ok();
+        let rules = match std::fs::read_to_string(dir.join(IP_RULES)) {
+            Ok(t) => parse_ip_rules(&dir.join(IP_RULES), &t),
+            // No rules file yet: nobody is admitted, which is the safe reading.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(ConfigErrors::one(
+                &dir.join(IP_RULES),
+                "",
+                None,
+                format!("cannot read: {e}"),
+            )),
+        }
+        .map_err(|e| errors.extend(e))
+        .ok();
+        let server_cert_pem = read_bytes(&dir.join(SERVER_CERT))
+            .map_err(|e| errors.extend(e))
+            .ok();
+        let server_key_pem = read_private_key(&dir.join(SERVER_KEY))
+            .map_err(|e| errors.extend(e))
+            .ok();
+        let ca_pem = read_bytes(&dir.join(CA_CERT))
+            .map_err(|e| errors.extend(e))
+            .ok();
+        let crl_pem = match std::fs::read(dir.join(CRL)) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                errors.extend(ConfigErrors::one(
+                    &dir.join(CRL),
+                    "",
+                    None,
+                    format!("cannot read: {e}"),
+                ));
+                None
+            }
+        };
+        let certificates = load_certificate_records(dir)
+            .map_err(|e| errors.extend(e))
+            .ok();
+        match (
+            settings,
+            rules,
+            server_cert_pem,
+            server_key_pem,
+            ca_pem,
+            certificates,
+        ) {
+            (Some(settings), Some(rules), Some(c), Some(k), Some(ca), Some(certs))
+                if errors.is_empty() =>
+            {
+                Ok(DatabaseState {
+                    name: name.to_owned(),
+                    dir: dir.to_path_buf(),
+                    settings,
+                    rules,
+                    server_cert_pem: c,
+                    server_key_pem: k,
+                    ca_pem: ca,
+                    crl_pem,
+                    certificates: certs,
+                })
+            }
+            _ => Err(errors),
+        }
+    }
+}
+
+/// Reads every `certificates/*/certificate.yaml`, sorted by creation time.
+pub fn load_certificate_records(db_dir: &Path) -> Result<Vec<CertificateRecord>, ConfigErrors> {
+    let dir = db_dir.join(CERTIFICATES_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(ConfigErrors::one(
+                &dir,
+                "",
+                None,
+                format!("cannot list: {e}"),
+            ))
+        }
+    };
+    let mut errors = ConfigErrors::default();
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let file = entry.path().join(CERTIFICATE_YAML);
+        match read_text(&file).and_then(|(p, t)| parse_doc::<CertificateRecord>(&p, &t)) {
+            Ok(r) => out.push(r),
+            Err(e) => errors.extend(e),
+        }
+    }
+    out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    errors.into_result(out)
+}
+
+fn read_text(path: &Path) -> Result<(PathBuf, String), ConfigErrors> {
+    std::fs::read_to_string(path)
+        .map(|t| (path.to_path_buf(), t))
+        .map_err(|e| ConfigErrors::one(path, "", None, format!("cannot read: {e}")))
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, ConfigErrors> {
+    std::fs::read(path).map_err(|e| ConfigErrors::one(path, "", None, format!("cannot read: {e}")))
+}
+
+/// Reads a private key, refusing one that group or others can read, as libpq does: a key
+/// that leaked to other local users is not one to keep serving with.
+pub fn read_private_key(path: &Path) -> Result<Vec<u8>, ConfigErrors> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ConfigErrors::one(path, "", None, format!("cannot read: {e}")))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigErrors::one(
+            path,
+            "",
+            None,
+            format!(
+                "private key has permissions {mode:04o}; it must not be readable by group or \
+                 others (chmod 0600)"
+            ),
+        ));
+    }
+    read_bytes(path)
+}
+
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
+    OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("invalid timestamp {s:?}: {e}"))
+}
+
+fn to_yaml<T: Serialize>(v: &T) -> String {
+    // Serialising our own plain structs cannot fail; fall back to an empty doc defensively.
+    serde_saphyr::to_string(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DB: &str = "listen: 127.0.0.1:6432\nupstream: 127.0.0.1:5432\n";
+
+    #[test]
+    fn settings_round_trip() {
+        let s = DatabaseSettings::parse(Path::new("d.yaml"), DB).unwrap();
+        assert_eq!(s.upstream_tls, UpstreamTls::Disable);
+        let again = DatabaseSettings::parse(Path::new("d.yaml"), &s.to_yaml()).unwrap();
+        assert_eq!(s, again);
+    }
+
+    #[test]
+    fn settings_refuse_plaintext_to_remote_and_verify_full_without_ca() {
+        let e = DatabaseSettings::parse(
+            Path::new("d.yaml"),
+            "listen: 0.0.0.0:6432\nupstream: db.internal:5432\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("d.yaml:2: upstream: plaintext"),
+            "{e}"
+        );
+        let e = DatabaseSettings::parse(
+            Path::new("d.yaml"),
+            "listen: 0.0.0.0:6432\nupstream: db.internal:5432\nupstream_tls: verify-full\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("upstream_ca: is required"), "{e}");
+        let e = DatabaseSettings::parse(
+            Path::new("d.yaml"),
+            "listen: nowhere\nupstream: x\nupstream_tls: maybe\nfoo: 1\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.0.len(), 4, "{e}");
+    }
+
+    #[test]
+    fn ip_rules_report_each_bad_rule_with_its_line() {
+        let now = "2026-01-01T00:00:00Z";
+        let text = format!(
+            "rules:\n  - id: a\n    cidr: 10.0.0.0/8\n    created_at: {now}\n    updated_at: {now}\n  \
+             - id: b\n    cidr: 10.0.0.1/8\n    created_at: {now}\n    updated_at: {now}\n  \
+             - id: a\n    cidr: 10.0.0.0/8\n    description: \"x\\u0007\"\n    created_at: bad\n    updated_at: {now}\n"
+        );
+        let e = parse_ip_rules(Path::new("r.yaml"), &text).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("r.yaml:6: rules[1].cidr: 10.0.0.1/8 has host bits set"),
+            "{s}"
+        );
+        assert!(s.contains("rules[2].id: duplicate id a"), "{s}");
+        assert!(s.contains("rules[2].created_at: invalid timestamp"), "{s}");
+        assert!(
+            s.contains("rules[2].description: description contains control"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn ip_rules_round_trip_and_cap() {
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let mk = |i: usize| IpRule {
+            id: format!("id-{i}"),
+            cidr: format!("10.0.{i}.0/24").parse().unwrap(),
+            description: "office".into(),
+            created_at: now,
+            updated_at: now,
+        };
+        let rules: Vec<_> = (0..MAX_RULES).map(mk).collect();
+        let back = parse_ip_rules(Path::new("r.yaml"), &ip_rules_to_yaml(&rules)).unwrap();
+        assert_eq!(back, rules);
+        let too_many: Vec<_> = (0..=MAX_RULES).map(mk).collect();
+        let e = parse_ip_rules(Path::new("r.yaml"), &ip_rules_to_yaml(&too_many)).unwrap_err();
+        assert!(e.to_string().contains("at most 60"), "{e}");
+        assert_eq!(parse_ip_rules(Path::new("r.yaml"), "").unwrap(), vec![]);
+        assert!(parse_ip_rules(Path::new("r.yaml"), "rules: 5").is_err());
+        assert!(parse_ip_rules(Path::new("r.yaml"), "other: []").is_err());
+    }
+
+    #[test]
+    fn upstream_addr_parses_names_and_v6() {
+        let a: UpstreamAddr = "[::1]:5432".parse().unwrap();
+        assert!(a.is_loopback());
+        assert_eq!(a.to_string(), "[::1]:5432");
+        let b: UpstreamAddr = "db.example:6543".parse().unwrap();
+        assert!(!b.is_loopback());
+        for bad in ["", "db", "db:0", "db:99999", ":5432", "a b:1"] {
+            assert!(bad.parse::<UpstreamAddr>().is_err(), "{bad}");
+        }
+    }
+}
