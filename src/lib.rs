@@ -2,6 +2,13 @@
 #![doc = include_str!("../README.md")]
 
 pub mod allowlist;
+pub mod app;
 pub mod config;
+pub mod conn;
+pub mod listener;
+pub mod metrics;
+pub mod sessions;
+pub mod snapshot;
 pub mod state;
+pub mod tls_store;
 pub mod wire;

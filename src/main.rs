@@ -1,1 +1,237 @@
-fn main() {}
+//! `pgmtls`: command-line dispatch only. The work happens in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+use tokio::signal::unix::{signal, SignalKind};
+
+use pgmtls::app::{App, QuickSpec, Source};
+use pgmtls::config::{Config, LogFormat};
+use pgmtls::state::{StateDir, UpstreamAddr, UpstreamTls};
+
+#[derive(Parser, Debug)]
+#[command(name = "pgmtls", version, about = "Mutual-TLS proxy for PostgreSQL")]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, global = true, env = "PGMTLS_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy.
+    Serve(Box<ServeArgs>),
+    /// Validate a config file and the state directory it names; exit non-zero on any error.
+    CheckConfig {
+        #[arg(long, env = "PGMTLS_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Process settings and state directory (YAML).
+    #[arg(long, env = "PGMTLS_CONFIG", conflicts_with = "listen")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    quick: QuickArgs,
+}
+
+/// Quick mode: one database from flags, no state directory.
+#[derive(Args, Debug)]
+struct QuickArgs {
+    /// Address to accept clients on.
+    #[arg(long, env = "PGMTLS_LISTEN", requires_all = ["upstream", "cert", "key", "client_ca"])]
+    listen: Option<SocketAddr>,
+    /// Upstream Postgres HOST:PORT.
+    #[arg(long, env = "PGMTLS_UPSTREAM")]
+    upstream: Option<String>,
+    #[arg(long, env = "PGMTLS_UPSTREAM_TLS", default_value = "disable")]
+    upstream_tls: String,
+    /// CA for --upstream-tls verify-full.
+    #[arg(long, env = "PGMTLS_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
+    /// Server certificate chain (PEM).
+    #[arg(long, env = "PGMTLS_CERT")]
+    cert: Option<PathBuf>,
+    /// Server private key (PEM, mode 0600).
+    #[arg(long, env = "PGMTLS_KEY")]
+    key: Option<PathBuf>,
+    /// CA that client certificates must chain to (PEM).
+    #[arg(long, env = "PGMTLS_CLIENT_CA")]
+    client_ca: Option<PathBuf>,
+    /// CRL of revoked client certificates (PEM).
+    #[arg(long, env = "PGMTLS_CRL")]
+    crl: Option<PathBuf>,
+    /// CIDR allowed to connect; repeat for more. None means nobody.
+    #[arg(long, env = "PGMTLS_ALLOW", value_delimiter = ',')]
+    allow: Vec<String>,
+    /// Name of the database in logs and metrics.
+    #[arg(long, env = "PGMTLS_NAME", default_value = "default")]
+    name: String,
+    #[arg(long, env = "PGMTLS_ALLOW_PLAINTEXT_REMOTE_UPSTREAM")]
+    allow_plaintext_remote_upstream: bool,
+    #[arg(long, env = "PGMTLS_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    #[arg(long, env = "PGMTLS_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    #[arg(long, env = "PGMTLS_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<humantime::Duration>,
+    #[arg(long, env = "PGMTLS_HANDSHAKE_TIMEOUT")]
+    handshake_timeout: Option<humantime::Duration>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pgmtls: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Serve(args) => {
+            let (config, source) = serve_inputs(*args)?;
+            init_logging(cli.log_format.unwrap_or(config.log_format));
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(serve(config, source))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> anyhow::Result<std::process::ExitCode> {
+    let result = Config::load(path).and_then(|c| {
+        let dir = c.state_dir.clone().unwrap_or_default();
+        let states = StateDir::new(dir).load_all()?;
+        let metrics = pgmtls::metrics::Metrics::new();
+        pgmtls::snapshot::Snapshot::build(0, &states, &metrics)?;
+        Ok(states.len())
+    });
+    match result {
+        Ok(n) => {
+            println!("{}: ok ({n} databases)", path.display());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{} error(s)", errors.0.len());
+            Ok(std::process::ExitCode::FAILURE)
+        }
+    }
+}
+
+fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
+    if let Some(path) = args.config {
+        let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let dir = config.state_dir.clone().context("state_dir is required")?;
+        return Ok((config, Source::StateDir(StateDir::new(dir))));
+    }
+    let q = args.quick;
+    let Some(listen) = q.listen else {
+        anyhow::bail!(
+            "give --config FILE, or quick mode: --listen ADDR --upstream HOST:PORT --cert FILE \
+             --key FILE --client-ca FILE --allow CIDR"
+        );
+    };
+    let need = |v: Option<PathBuf>, flag: &str| v.with_context(|| format!("{flag} is required"));
+    let upstream: UpstreamAddr = q
+        .upstream
+        .as_deref()
+        .context("--upstream is required")?
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--upstream: {e}"))?;
+    let upstream_tls: UpstreamTls = q
+        .upstream_tls
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--upstream-tls: {e}"))?;
+    let allow = q
+        .allow
+        .iter()
+        .map(|c| pgmtls::allowlist::parse_cidr(c).map_err(|e| anyhow::anyhow!("--allow: {e}")))
+        .collect::<anyhow::Result<Vec<IpNet>>>()?;
+    pgmtls::state::validate_database_name(&q.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    let mut config = Config::default();
+    if let Some(a) = q.admin_listen {
+        config.admin_listen = if a == "off" {
+            None
+        } else {
+            Some(
+                a.parse()
+                    .map_err(|_| anyhow::anyhow!("--admin-listen: invalid address {a:?}"))?,
+            )
+        };
+    }
+    if let Some(m) = q.max_connections {
+        config.max_connections = m;
+    }
+    if let Some(g) = q.shutdown_grace {
+        config.timeouts.shutdown_grace = g.into();
+    }
+    if let Some(h) = q.handshake_timeout {
+        config.timeouts.handshake = h.into();
+    }
+    let spec = QuickSpec {
+        name: q.name,
+        listen,
+        upstream,
+        upstream_tls,
+        upstream_ca: q.upstream_ca,
+        cert: need(q.cert, "--cert")?,
+        key: need(q.key, "--key")?,
+        client_ca: need(q.client_ca, "--client-ca")?,
+        crl: q.crl,
+        allow,
+        allow_plaintext_remote_upstream: q.allow_plaintext_remote_upstream,
+    };
+    Ok((config, Source::Quick(Box::new(spec))))
+}
+
+async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
+    let app = App::start(config, source).await?;
+    // Machine-readable readiness lines: tests and scripts wait for these, not for time.
+    for (db, addr) in app.bound_addrs() {
+        println!("pgmtls: listening database={db} addr={addr}");
+    }
+    println!("pgmtls: ready");
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => { let _ = app.reload("sighup").await; }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    app.shutdown().await;
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGMTLS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -375,12 +375,34 @@ impl CertificateRecord {
     }
 }
 
+/// Files of one database's TLS material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaterialPaths {
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub ca: PathBuf,
+    pub crl: PathBuf,
+}
+
+impl MaterialPaths {
+    pub fn in_dir(dir: &Path) -> Self {
+        MaterialPaths {
+            server_cert: dir.join(SERVER_CERT),
+            server_key: dir.join(SERVER_KEY),
+            ca: dir.join(CA_CERT),
+            crl: dir.join(CRL),
+        }
+    }
+}
+
 /// Everything the proxy needs from one database folder, read but not yet turned into TLS
 /// objects (that is `tls_store`'s job, which names these same files in its errors).
 #[derive(Debug, Clone)]
 pub struct DatabaseState {
     pub name: String,
     pub dir: PathBuf,
+    /// Where the TLS material came from, to name files in errors.
+    pub paths: MaterialPaths,
     pub settings: DatabaseSettings,
     pub rules: Vec<IpRule>,
     pub server_cert_pem: Vec<u8>,
@@ -449,6 +471,7 @@ impl DatabaseState {
                 Ok(DatabaseState {
                     name: name.to_owned(),
                     dir: dir.to_path_buf(),
+                    paths: MaterialPaths::in_dir(dir),
                     settings,
                     rules,
                     server_cert_pem: c,

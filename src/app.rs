@@ -1,0 +1,391 @@
+//! Builds the shared state, binds one listener per database, reloads, and drains on shutdown.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use time::OffsetDateTime;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ConfigErrors};
+use crate::conn::Context;
+use crate::metrics::Metrics;
+use crate::sessions::EndReason;
+use crate::snapshot::Snapshot;
+use crate::state::{
+    read_private_key, DatabaseSettings, DatabaseState, IpRule, MaterialPaths, StateDir,
+    UpstreamAddr, UpstreamTls,
+};
+
+/// Where the databases come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    StateDir(StateDir),
+    /// One database from command-line flags (sidecar, benchmarks).
+    Quick(Box<QuickSpec>),
+}
+
+#[derive(Debug, Clone)]
+pub struct QuickSpec {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub upstream: UpstreamAddr,
+    pub upstream_tls: UpstreamTls,
+    pub upstream_ca: Option<PathBuf>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub crl: Option<PathBuf>,
+    pub allow: Vec<IpNet>,
+    pub allow_plaintext_remote_upstream: bool,
+}
+
+impl QuickSpec {
+    fn load(&self) -> Result<DatabaseState, ConfigErrors> {
+        let mut errors = ConfigErrors::default();
+        let read = |p: &PathBuf, errors: &mut ConfigErrors| {
+            std::fs::read(p)
+                .map_err(|e| {
+                    errors.extend(ConfigErrors::one(p, "", None, format!("cannot read: {e}")))
+                })
+                .ok()
+        };
+        let cert = read(&self.cert, &mut errors);
+        let key = read_private_key(&self.key)
+            .map_err(|e| errors.extend(e))
+            .ok();
+        let ca = read(&self.client_ca, &mut errors);
+        let crl = self.crl.as_ref().and_then(|p| read(p, &mut errors));
+        let settings = DatabaseSettings {
+            listen: self.listen,
+            upstream: self.upstream.clone(),
+            upstream_tls: self.upstream_tls,
+            upstream_ca: self.upstream_ca.clone(),
+            upstream_server_name: None,
+            allow_plaintext_remote_upstream: self.allow_plaintext_remote_upstream,
+            server_names: Vec::new(),
+            enabled_by: None,
+            created_at: None,
+        };
+        if self.upstream_tls == UpstreamTls::Disable
+            && !self.upstream.is_loopback()
+            && !self.allow_plaintext_remote_upstream
+        {
+            errors.extend(ConfigErrors::one(
+                std::path::Path::new("--upstream"),
+                "",
+                None,
+                "plaintext to a non-loopback upstream; use --upstream-tls verify-full or \
+                 --allow-plaintext-remote-upstream",
+            ));
+        }
+        let now = OffsetDateTime::now_utc();
+        let rules = self
+            .allow
+            .iter()
+            .enumerate()
+            .map(|(i, cidr)| IpRule {
+                id: format!("allow-{}", i + 1),
+                cidr: *cidr,
+                description: "--allow".into(),
+                created_at: now,
+                updated_at: now,
+            })
+            .collect();
+        match (cert, key, ca) {
+            (Some(c), Some(k), Some(ca)) if errors.is_empty() => Ok(DatabaseState {
+                name: self.name.clone(),
+                dir: std::env::current_dir().unwrap_or_default(),
+                paths: MaterialPaths {
+                    server_cert: self.cert.clone(),
+                    server_key: self.key.clone(),
+                    ca: self.client_ca.clone(),
+                    crl: self.crl.clone().unwrap_or_default(),
+                },
+                settings,
+                rules,
+                server_cert_pem: c,
+                server_key_pem: k,
+                ca_pem: ca,
+                crl_pem: crl,
+                certificates: Vec::new(),
+            }),
+            _ => Err(errors),
+        }
+    }
+}
+
+impl Source {
+    pub fn load(&self) -> Result<Vec<DatabaseState>, ConfigErrors> {
+        match self {
+            Source::StateDir(s) => s.load_all(),
+            Source::Quick(q) => q.load().map(|d| vec![d]),
+        }
+    }
+}
+
+/// The outcome of the last reload, for logs and `/status`.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    pub last_attempt: Option<OffsetDateTime>,
+    pub last_success: Option<OffsetDateTime>,
+    pub last_error: Option<String>,
+}
+
+/// What a successful reload changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub generation: u64,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub sessions_closed: usize,
+}
+
+struct ListenerHandle {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+pub struct App {
+    pub ctx: Arc<Context>,
+    pub config: Config,
+    source: Source,
+    limit: Arc<Semaphore>,
+    max_connections: usize,
+    listeners: Mutex<BTreeMap<String, ListenerHandle>>,
+    stop: watch::Sender<bool>,
+    generation: AtomicU64,
+    reload_lock: tokio::sync::Mutex<()>,
+    pub reload_status: Mutex<ReloadStatus>,
+    draining: watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl App {
+    /// Loads and validates everything, binds every listener, and starts accepting. Any error
+    /// here is fatal: a proxy that starts must serve what its state says.
+    pub async fn start(config: Config, source: Source) -> anyhow::Result<Arc<App>> {
+        let metrics = Arc::new(Metrics::new());
+        let states = source.load()?;
+        let snapshot = Snapshot::build(1, &states, &metrics)?;
+        let ctx = Arc::new(Context::new(snapshot, metrics, config.timeouts));
+        let (stop, _) = watch::channel(false);
+        let (draining, _) = watch::channel(false);
+        let max = config.max_connections.min(Semaphore::MAX_PERMITS);
+        let app = Arc::new(App {
+            ctx,
+            limit: Arc::new(Semaphore::new(max)),
+            max_connections: max,
+            config,
+            source,
+            listeners: Mutex::new(BTreeMap::new()),
+            stop,
+            generation: AtomicU64::new(1),
+            reload_lock: tokio::sync::Mutex::new(()),
+            reload_status: Mutex::new(ReloadStatus {
+                last_attempt: Some(OffsetDateTime::now_utc()),
+                last_success: Some(OffsetDateTime::now_utc()),
+                last_error: None,
+            }),
+            draining,
+        });
+        let dbs: Vec<(String, SocketAddr)> = app
+            .ctx
+            .snapshot
+            .load()
+            .databases
+            .values()
+            .map(|d| (d.name.to_string(), d.settings.listen))
+            .collect();
+        for (name, addr) in dbs {
+            app.start_listener(&name, addr)
+                .map_err(|e| anyhow::anyhow!("database {name}: cannot listen on {addr}: {e}"))?;
+        }
+        Ok(app)
+    }
+
+    fn start_listener(&self, name: &str, addr: SocketAddr) -> std::io::Result<()> {
+        let listener = crate::listener::bind(addr)?;
+        let bound = listener.local_addr()?;
+        let task = tokio::spawn(crate::listener::run(
+            listener,
+            name.into(),
+            Arc::clone(&self.ctx),
+            Arc::clone(&self.limit),
+            self.stop.subscribe(),
+        ));
+        tracing::info!(database = name, addr = %bound, "listening");
+        lock(&self.listeners).insert(
+            name.to_owned(),
+            ListenerHandle {
+                configured: addr,
+                bound,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    /// The address each database's listener is bound to (resolves port 0).
+    pub fn bound_addrs(&self) -> BTreeMap<String, SocketAddr> {
+        lock(&self.listeners)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.bound))
+            .collect()
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// True once shutdown has begun (for `/readyz`).
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// Re-reads the source, validates all of it, and swaps it in; on any error the previous
+    /// snapshot stays. Live sessions no longer admitted are closed when the config says so.
+    pub async fn reload(&self, trigger: &str) -> Result<ReloadReport, ConfigErrors> {
+        let _serial = self.reload_lock.lock().await;
+        lock(&self.reload_status).last_attempt = Some(OffsetDateTime::now_utc());
+        let next_gen = self.generation() + 1;
+        let built = self
+            .source
+            .load()
+            .and_then(|states| Snapshot::build(next_gen, &states, &self.ctx.metrics));
+        let snapshot = match built {
+            Ok(s) => s,
+            Err(e) => {
+                let text = e.to_string();
+                tracing::warn!(trigger, errors = %text, "reload rejected; keeping the previous configuration");
+                lock(&self.reload_status).last_error = Some(text);
+                return Err(e);
+            }
+        };
+        let old = self.ctx.snapshot.load_full();
+        let mut report = ReloadReport {
+            generation: next_gen,
+            ..Default::default()
+        };
+        for (name, db) in &snapshot.databases {
+            match old.databases.get(name) {
+                None => report.added.push(name.clone()),
+                Some(o) if o.content_hash != db.content_hash => report.changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        report.removed = old
+            .databases
+            .keys()
+            .filter(|n| !snapshot.databases.contains_key(*n))
+            .cloned()
+            .collect();
+        let listens: Vec<(String, SocketAddr)> = snapshot
+            .databases
+            .values()
+            .map(|d| (d.name.to_string(), d.settings.listen))
+            .collect();
+        let snapshot = Arc::new(snapshot);
+        self.ctx.snapshot.store(Arc::clone(&snapshot));
+        self.generation.store(next_gen, Ordering::Relaxed);
+
+        for name in &report.removed {
+            if let Some(h) = lock(&self.listeners).remove(name) {
+                h.task.abort();
+                tracing::info!(
+                    database = name.as_str(),
+                    "database disabled; listener closed"
+                );
+            }
+        }
+        for (name, addr) in listens {
+            let existing = lock(&self.listeners).get(&name).map(|h| h.configured);
+            match existing {
+                None => {
+                    if let Err(e) = self.start_listener(&name, addr) {
+                        tracing::error!(database = name.as_str(), %addr, error = %e, "cannot listen for new database");
+                    }
+                }
+                Some(old_addr) if old_addr != addr => tracing::warn!(
+                    database = name.as_str(),
+                    old = %old_addr,
+                    new = %addr,
+                    "listen address changed; restart pgmtls to apply it"
+                ),
+                Some(_) => {}
+            }
+        }
+        if self.config.enforce_on_live_sessions {
+            let ended = self
+                .ctx
+                .sessions
+                .enforce(&snapshot, OffsetDateTime::now_utc());
+            for (conn_id, reason) in &ended {
+                tracing::info!(
+                    conn_id,
+                    reason = reason.as_str(),
+                    "closing live session: no longer admitted"
+                );
+            }
+            report.sessions_closed = ended.len();
+        }
+        {
+            let mut st = lock(&self.reload_status);
+            st.last_success = Some(OffsetDateTime::now_utc());
+            st.last_error = None;
+        }
+        tracing::info!(
+            trigger,
+            generation = next_gen,
+            added = ?report.added,
+            removed = ?report.removed,
+            changed = ?report.changed,
+            sessions_closed = report.sessions_closed,
+            "configuration reloaded"
+        );
+        Ok(report)
+    }
+
+    /// Stops accepting, lets live sessions finish for up to `shutdown_grace`, then closes the
+    /// rest. Returns once every connection is gone.
+    pub async fn shutdown(&self) {
+        let _ = self.draining.send(true);
+        let _ = self.stop.send(true);
+        let live = self.ctx.sessions.count();
+        tracing::info!(live_sessions = live, grace = ?self.config.timeouts.shutdown_grace, "draining");
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(
+            self.config.timeouts.shutdown_grace,
+            self.limit.acquire_many(all),
+        )
+        .await;
+        if drained.is_err() {
+            let n = self.ctx.sessions.end_all(EndReason::Shutdown);
+            tracing::info!(
+                sessions = n,
+                "shutdown grace over; closing remaining sessions"
+            );
+            // Handshakes in progress end by their own deadline; wait for them briefly.
+            let _ = tokio::time::timeout(
+                self.config.timeouts.handshake + Duration::from_secs(1),
+                self.limit.acquire_many(all),
+            )
+            .await;
+        }
+        tracing::info!("stopped");
+    }
+}

@@ -1,0 +1,258 @@
+//! Why a connection ended, classified twice: a closed set of kinds (the metric label and the
+//! log's `error_kind`) and, where the client may hear it, a fixed notice (SQLSTATE + text).
+
+use std::fmt;
+
+use crate::wire::WireError;
+
+/// Every reason a connection is refused or cut. The `as_str` names are the `reason` label of
+/// `pgmtls_connections_refused_total` and must stay stable (docs/METRICS.md lists them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    IpNotAllowed,
+    TooManyConnections,
+    DatabaseDisabled,
+    HandshakeTimeout,
+    TlsRequired,
+    EarlyData,
+    ProtocolViolation,
+    AlpnRequired,
+    ClientCertMissing,
+    ClientCertUntrusted,
+    ClientCertExpired,
+    ClientCertRevoked,
+    TlsHandshake,
+    StartupInvalid,
+    UpstreamUnavailable,
+    UpstreamTls,
+    UpstreamRejected,
+    ChannelBinding,
+    CancelUnknownKey,
+    RevokedLive,
+    Shutdown,
+    ClientIo,
+    UpstreamIo,
+}
+
+impl ErrorKind {
+    pub const ALL: &'static [ErrorKind] = &[
+        ErrorKind::IpNotAllowed,
+        ErrorKind::TooManyConnections,
+        ErrorKind::DatabaseDisabled,
+        ErrorKind::HandshakeTimeout,
+        ErrorKind::TlsRequired,
+        ErrorKind::EarlyData,
+        ErrorKind::ProtocolViolation,
+        ErrorKind::AlpnRequired,
+        ErrorKind::ClientCertMissing,
+        ErrorKind::ClientCertUntrusted,
+        ErrorKind::ClientCertExpired,
+        ErrorKind::ClientCertRevoked,
+        ErrorKind::TlsHandshake,
+        ErrorKind::StartupInvalid,
+        ErrorKind::UpstreamUnavailable,
+        ErrorKind::UpstreamTls,
+        ErrorKind::UpstreamRejected,
+        ErrorKind::ChannelBinding,
+        ErrorKind::CancelUnknownKey,
+        ErrorKind::RevokedLive,
+        ErrorKind::Shutdown,
+        ErrorKind::ClientIo,
+        ErrorKind::UpstreamIo,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::IpNotAllowed => "ip_not_allowed",
+            ErrorKind::TooManyConnections => "too_many_connections",
+            ErrorKind::DatabaseDisabled => "database_disabled",
+            ErrorKind::HandshakeTimeout => "handshake_timeout",
+            ErrorKind::TlsRequired => "tls_required",
+            ErrorKind::EarlyData => "early_data",
+            ErrorKind::ProtocolViolation => "protocol_violation",
+            ErrorKind::AlpnRequired => "alpn_required",
+            ErrorKind::ClientCertMissing => "client_cert_missing",
+            ErrorKind::ClientCertUntrusted => "client_cert_untrusted",
+            ErrorKind::ClientCertExpired => "client_cert_expired",
+            ErrorKind::ClientCertRevoked => "client_cert_revoked",
+            ErrorKind::TlsHandshake => "tls_handshake",
+            ErrorKind::StartupInvalid => "startup_invalid",
+            ErrorKind::UpstreamUnavailable => "upstream_unavailable",
+            ErrorKind::UpstreamTls => "upstream_tls",
+            ErrorKind::UpstreamRejected => "upstream_rejected",
+            ErrorKind::ChannelBinding => "channel_binding",
+            ErrorKind::CancelUnknownKey => "cancel_unknown_key",
+            ErrorKind::RevokedLive => "revoked_live",
+            ErrorKind::Shutdown => "shutdown",
+            ErrorKind::ClientIo => "client_io",
+            ErrorKind::UpstreamIo => "upstream_io",
+        }
+    }
+
+    /// Kinds that end an established session rather than refuse a new one.
+    pub fn is_session_end(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::RevokedLive
+                | ErrorKind::Shutdown
+                | ErrorKind::ClientIo
+                | ErrorKind::UpstreamIo
+        )
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Fixed texts a client may be sent. Never interpolate addresses, paths or peer strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientNotice {
+    pub sqlstate: &'static str,
+    pub message: &'static str,
+    pub hint: Option<&'static str>,
+}
+
+pub const NOTICE_TLS_REQUIRED: ClientNotice = ClientNotice {
+    sqlstate: "28000",
+    message: "pgmtls: connection refused: TLS with a client certificate is required",
+    hint: Some(
+        "connect with sslmode=verify-ca and sslcert, sslkey and sslrootcert set to the files \
+         from 'pgmtls certificates download'",
+    ),
+};
+
+pub const NOTICE_UPSTREAM_UNAVAILABLE: ClientNotice = ClientNotice {
+    sqlstate: "08006",
+    message: "pgmtls: the database server is not reachable right now",
+    hint: None,
+};
+
+pub const NOTICE_STARTUP_INVALID: ClientNotice = ClientNotice {
+    sqlstate: "08P01",
+    message: "pgmtls: invalid startup packet",
+    hint: None,
+};
+
+pub const NOTICE_CHANNEL_BINDING: ClientNotice = ClientNotice {
+    sqlstate: "28000",
+    message: "pgmtls: SCRAM channel binding cannot succeed through a TLS-terminating proxy",
+    hint: Some(
+        "connect with channel_binding=disable (the client certificate already authenticates \
+         this connection), or point pgmtls at a plaintext loopback upstream",
+    ),
+};
+
+pub const NOTICE_SHUTDOWN: ClientNotice = ClientNotice {
+    sqlstate: "57P01",
+    message: "pgmtls: the proxy is shutting down",
+    hint: None,
+};
+
+pub const NOTICE_REVOKED: ClientNotice = ClientNotice {
+    sqlstate: "57P01",
+    message: "pgmtls: this session is no longer authorized",
+    hint: None,
+};
+
+/// A connection-ending error with its classification and the detail for the log.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}: {detail}")]
+pub struct ConnError {
+    pub kind: ErrorKind,
+    pub detail: String,
+}
+
+impl ConnError {
+    pub fn new(kind: ErrorKind, detail: impl Into<String>) -> Self {
+        ConnError {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    /// What the client is told, if anything. Before TLS only `tls_required` says something;
+    /// TLS-level refusals are alerts sent by rustls itself.
+    pub fn client_notice(&self) -> Option<ClientNotice> {
+        match self.kind {
+            ErrorKind::TlsRequired => Some(NOTICE_TLS_REQUIRED),
+            ErrorKind::UpstreamUnavailable | ErrorKind::UpstreamTls => {
+                Some(NOTICE_UPSTREAM_UNAVAILABLE)
+            }
+            ErrorKind::StartupInvalid => Some(NOTICE_STARTUP_INVALID),
+            ErrorKind::ChannelBinding => Some(NOTICE_CHANNEL_BINDING),
+            _ => None,
+        }
+    }
+}
+
+impl From<WireError> for ConnError {
+    fn from(e: WireError) -> Self {
+        ConnError::new(ErrorKind::ProtocolViolation, e.to_string())
+    }
+}
+
+/// Classifies a failed TLS accept. tokio-rustls wraps the `rustls::Error` in an `io::Error`.
+pub fn classify_tls_error(e: &std::io::Error) -> ErrorKind {
+    use rustls::{CertificateError, Error};
+    match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+        Some(Error::NoCertificatesPresented) => ErrorKind::ClientCertMissing,
+        Some(Error::InvalidCertificate(c)) => match c {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                ErrorKind::ClientCertExpired
+            }
+            CertificateError::Revoked => ErrorKind::ClientCertRevoked,
+            _ => ErrorKind::ClientCertUntrusted,
+        },
+        Some(_) => ErrorKind::TlsHandshake,
+        None => ErrorKind::ClientIo,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_are_unique_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for k in ErrorKind::ALL {
+            let s = k.as_str();
+            assert!(
+                s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{s}"
+            );
+            assert!(seen.insert(s), "{s} twice");
+        }
+    }
+
+    #[test]
+    fn tls_errors_map_to_their_reasons() {
+        use rustls::{CertificateError, Error};
+        let wrap = |e: Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        assert_eq!(
+            classify_tls_error(&wrap(Error::NoCertificatesPresented)),
+            ErrorKind::ClientCertMissing
+        );
+        assert_eq!(
+            classify_tls_error(&wrap(Error::InvalidCertificate(CertificateError::Expired))),
+            ErrorKind::ClientCertExpired
+        );
+        assert_eq!(
+            classify_tls_error(&wrap(Error::InvalidCertificate(CertificateError::Revoked))),
+            ErrorKind::ClientCertRevoked
+        );
+        assert_eq!(
+            classify_tls_error(&wrap(Error::InvalidCertificate(
+                CertificateError::UnknownIssuer
+            ))),
+            ErrorKind::ClientCertUntrusted
+        );
+        assert_eq!(
+            classify_tls_error(&std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            ErrorKind::ClientIo
+        );
+    }
+}

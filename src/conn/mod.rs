@@ -1,0 +1,244 @@
+//! One client connection, from accept to close. [`serve`] reads as the table in
+//! docs/LIFECYCLE.md: each stage is an `async fn` taking the previous stage's output, and one
+//! deadline set at accept covers everything up to the upstream dial.
+
+pub mod auth;
+pub mod cancel;
+pub mod error;
+pub mod negotiate;
+pub mod relay;
+pub mod startup;
+pub mod tls;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::Timeouts;
+use crate::metrics::Metrics;
+use crate::sessions::Sessions;
+use crate::snapshot::{DatabaseRuntime, Snapshot};
+use crate::wire::error_response;
+use error::{ConnError, ErrorKind};
+use negotiate::Negotiated;
+use relay::{ClosedBy, Counters, RelayStats};
+use tls::ClientIdentity;
+
+/// What every connection shares: the current snapshot and the process-wide registries.
+pub struct Context {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    pub sessions: Arc<Sessions>,
+    pub timeouts: Timeouts,
+    next_conn_id: AtomicU64,
+}
+
+impl Context {
+    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>, timeouts: Timeouts) -> Self {
+        Context {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            sessions: Arc::new(Sessions::default()),
+            timeouts,
+            next_conn_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Everything the per-connection summary line says.
+#[derive(Debug, Default)]
+struct ConnLog {
+    rule_id: Option<Arc<str>>,
+    identity: ClientIdentity,
+    pg_user: Option<String>,
+    pg_database: Option<String>,
+    negotiation: &'static str,
+    stats: RelayStats,
+    relayed: bool,
+}
+
+/// Serves one accepted socket of `database`'s listener to the end, then logs one line.
+pub async fn serve(ctx: Arc<Context>, database: Arc<str>, stream: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let db = ctx.snapshot.load().databases.get(&*database).cloned();
+    let mut log = ConnLog::default();
+    let result = match &db {
+        Some(db) => run(&ctx, db, stream, peer, conn_id, &mut log).await,
+        None => Err(ConnError::new(
+            ErrorKind::DatabaseDisabled,
+            "database is no longer served",
+        )),
+    };
+    let error_kind = result.as_ref().err().map(|e| e.kind);
+    if let (Some(db), Some(kind)) = (&db, error_kind) {
+        db.metrics.refuse(kind);
+    }
+    let outcome = match (&result, log.relayed) {
+        (Ok(()), _) if log.negotiation == "cancel" => "cancel_forwarded",
+        (Ok(()), _) => "closed",
+        (Err(_), true) => "cut",
+        (Err(_), false) => "refused",
+    };
+    let detail = result.as_ref().err().map(|e| e.detail.as_str());
+    tracing::info!(
+        conn_id,
+        client_addr = %peer,
+        database = &*database,
+        rule_id = log.rule_id.as_deref(),
+        client_cert_id = log.identity.cert_id.as_deref(),
+        client_cn = log.identity.common_name.as_deref().map(tracing::field::debug),
+        client_serial = (!log.identity.serial.is_empty()).then_some(log.identity.serial.as_str()),
+        pg_user = log.pg_user.as_deref().map(tracing::field::debug),
+        pg_database = log.pg_database.as_deref().map(tracing::field::debug),
+        tls_version = (!log.identity.tls_version.is_empty()).then_some(log.identity.tls_version),
+        alpn = log.identity.alpn,
+        negotiation = (!log.negotiation.is_empty()).then_some(log.negotiation),
+        outcome,
+        error_kind = error_kind.map(ErrorKind::as_str),
+        detail,
+        closed_by = log.relayed.then(|| log.stats.closed_by.as_str()),
+        bytes_to_upstream = log.stats.to_upstream,
+        bytes_to_client = log.stats.to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "connection closed"
+    );
+}
+
+async fn run(
+    ctx: &Context,
+    db: &Arc<DatabaseRuntime>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    log: &mut ConnLog,
+) -> Result<(), ConnError> {
+    // Stage: admit. Before a byte is read or any crypto is done.
+    let Some(rule) = db.allowlist.check(peer.ip()) else {
+        return Err(ConnError::new(
+            ErrorKind::IpNotAllowed,
+            "no IP rule admits this address",
+        ));
+    };
+    log.rule_id = Some(rule.id.clone());
+    let _ = stream.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + ctx.timeouts.handshake;
+    let timed_out = || ConnError::new(ErrorKind::HandshakeTimeout, "handshake_timeout elapsed");
+
+    // Stage: negotiate.
+    let negotiated = tokio::time::timeout_at(deadline, negotiate::negotiate(&mut stream))
+        .await
+        .map_err(|_| timed_out())??;
+    log.negotiation = negotiated.mode();
+    let direct = match negotiated {
+        Negotiated::Cancel(key) => return cancel::forward(ctx, db, key).await,
+        Negotiated::Tls { direct } => direct,
+    };
+
+    // Stage: TLS with a required client certificate.
+    let (mut client, identity) = tokio::time::timeout_at(deadline, tls::accept(stream, db, direct))
+        .await
+        .map_err(|_| timed_out())??;
+    log.identity = identity;
+    let mut guard = ctx.sessions.register(
+        conn_id,
+        db.name.clone(),
+        peer.ip(),
+        log.identity.serial.clone(),
+        log.identity.not_after,
+    );
+
+    // Stage: StartupMessage inside TLS.
+    let startup = match tokio::time::timeout_at(deadline, startup::read(&mut client)).await {
+        Err(_) => return Err(timed_out()),
+        Ok(Err(e)) => return Err(notify(&mut client, e).await),
+        Ok(Ok(s)) => s,
+    };
+    let params = match startup {
+        startup::Startup::Cancel(key) => {
+            log.negotiation = "cancel";
+            return cancel::forward(ctx, db, key).await;
+        }
+        startup::Startup::Session(p) => p,
+    };
+    log.pg_user = params.user().map(str::to_owned);
+    log.pg_database = params.database().map(str::to_owned);
+
+    // Stage: upstream.
+    let mut up = match upstream::connect_timed(
+        &db.upstream,
+        ctx.timeouts.upstream_connect,
+        &db.metrics.upstream_connect_seconds,
+    )
+    .await
+    {
+        Ok(u) => u,
+        Err(e) => return Err(notify(&mut client, e).await),
+    };
+    if let Err(e) = up.write_all(&params.encode()).await {
+        let e = ConnError::new(ErrorKind::UpstreamUnavailable, e.to_string());
+        return Err(notify(&mut client, e).await);
+    }
+    let is_tls = up.is_tls();
+    let outcome = match auth::relay_auth_phase(&mut client, &mut up, is_tls).await {
+        Ok(o) => o,
+        Err(e) => return Err(notify(&mut client, e).await),
+    };
+    if let Some(key) = outcome.cancel_key {
+        guard.set_cancel_key(key, db.name.clone());
+    }
+
+    // Stage: relay.
+    log.relayed = true;
+    db.metrics.accepted.inc();
+    db.metrics.sessions_active.inc();
+    let relay_started = Instant::now();
+    let (stats, err) = relay::relay(
+        client,
+        up,
+        outcome.client_leftover,
+        outcome.upstream_leftover,
+        &mut guard.kill,
+        Counters {
+            to_upstream: &db.metrics.bytes_to_upstream,
+            to_client: &db.metrics.bytes_to_client,
+        },
+    )
+    .await;
+    db.metrics.sessions_active.dec();
+    db.metrics
+        .session_seconds
+        .observe(relay_started.elapsed().as_secs_f64());
+    log.stats = stats;
+    match err {
+        // A peer going away mid-session is how sessions end, not a refusal.
+        Some(e) if matches!(e.kind, ErrorKind::ClientIo | ErrorKind::UpstreamIo) => {
+            log.stats.closed_by = if e.kind == ErrorKind::ClientIo {
+                ClosedBy::Client
+            } else {
+                ClosedBy::Upstream
+            };
+            Ok(())
+        }
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Tells a TLS client why it is refused, if the error has a fixed notice, then closes.
+async fn notify<S: AsyncWrite + Unpin>(client: &mut S, e: ConnError) -> ConnError {
+    if let Some(n) = e.client_notice() {
+        let _ = client
+            .write_all(&error_response(n.sqlstate, n.message, n.hint))
+            .await;
+        let _ = client.flush().await;
+    }
+    let _ = client.shutdown().await;
+    e
+}

@@ -1,0 +1,298 @@
+//! PEM files of a database -> `Arc<rustls::ServerConfig>` that requires a client certificate
+//! chained to the database's CA and not on its CRL; plus the upstream `ClientConfig`.
+//! Errors name the file they came from.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
+use time::OffsetDateTime;
+
+use crate::config::ConfigErrors;
+use crate::state::MaterialPaths;
+
+/// ALPN protocol id PostgreSQL 17 registered for its direct TLS negotiation.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+/// The one crypto provider in the process (aws-lc-rs).
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .clone()
+}
+
+/// What a database's TLS material turned into, plus figures for status and metrics.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    pub server_not_after: Option<OffsetDateTime>,
+    pub ca_not_after: Option<OffsetDateTime>,
+    /// Serials (lowercase hex) listed in the CRL.
+    pub revoked_serials: HashSet<String>,
+}
+
+/// Builds the server side of one database's TLS. `paths` only name files in errors.
+pub fn build_server_tls(
+    paths: &MaterialPaths,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    ca_pem: &[u8],
+    crl_pem: Option<&[u8]>,
+) -> Result<ServerTls, ConfigErrors> {
+    let mut errors = ConfigErrors::default();
+    let (cert_file, key_file, ca_file, crl_file) =
+        (&paths.server_cert, &paths.server_key, &paths.ca, &paths.crl);
+
+    let chain = certs(cert_file, cert_pem)
+        .map_err(|e| errors.extend(e))
+        .ok();
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| {
+            errors.extend(ConfigErrors::one(
+                key_file,
+                "",
+                None,
+                format!("no usable private key: {e}"),
+            ))
+        })
+        .ok();
+    let ca = certs(ca_file, ca_pem).map_err(|e| errors.extend(e)).ok();
+    let mut revoked_serials = HashSet::new();
+    let crls = match crl_pem {
+        None => Some(Vec::new()),
+        Some(pem) => {
+            let parsed: Result<Vec<_>, _> =
+                CertificateRevocationListDer::pem_slice_iter(pem).collect();
+            match parsed {
+                Ok(list) => {
+                    for crl in &list {
+                        match crl_serials(crl) {
+                            Ok(s) => revoked_serials.extend(s),
+                            Err(m) => errors.extend(ConfigErrors::one(crl_file, "", None, m)),
+                        }
+                    }
+                    Some(list)
+                }
+                Err(e) => {
+                    errors.extend(ConfigErrors::one(
+                        crl_file,
+                        "",
+                        None,
+                        format!("not a PEM CRL: {e}"),
+                    ));
+                    None
+                }
+            }
+        }
+    };
+    let (Some(chain), Some(key), Some(ca), Some(crls)) = (chain, key, ca, crls) else {
+        return Err(errors);
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    let mut roots = RootCertStore::empty();
+    for c in &ca {
+        if let Err(e) = roots.add(c.clone()) {
+            return Err(ConfigErrors::one(
+                ca_file,
+                "",
+                None,
+                format!("not a usable CA certificate: {e}"),
+            ));
+        }
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(crls)
+        // The CRL lists end-entity client certificates; the CA itself is the trust anchor.
+        .only_check_end_entity_revocation()
+        .build()
+        .map_err(|e| ConfigErrors::one(crl_file, "", None, format!("CA or CRL rejected: {e}")))?;
+
+    let server_not_after = chain.first().and_then(|c| not_after(c));
+    let ca_not_after = ca.first().and_then(|c| not_after(c));
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| ConfigErrors::one(cert_file, "", None, format!("TLS versions: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            ConfigErrors::one(
+                key_file,
+                "",
+                None,
+                format!("server certificate and key do not go together: {e}"),
+            )
+        })?;
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    // A resumed session restores the peer's certificate without re-verifying it, so a revoked
+    // client could come back through a ticket. libpq never resumes anyway.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(ServerTls {
+        config: Arc::new(config),
+        server_not_after,
+        ca_not_after,
+        revoked_serials,
+    })
+}
+
+/// Reads a PEM bundle of certificates; an empty bundle is an error.
+pub fn certs(file: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, ConfigErrors> {
+    let parsed: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+    match parsed {
+        Ok(v) if !v.is_empty() => Ok(v),
+        Ok(_) => Err(ConfigErrors::one(
+            file,
+            "",
+            None,
+            "no PEM certificate found",
+        )),
+        Err(e) => Err(ConfigErrors::one(
+            file,
+            "",
+            None,
+            format!("not a PEM certificate: {e}"),
+        )),
+    }
+}
+
+fn not_after(der: &CertificateDer<'_>) -> Option<OffsetDateTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.to_datetime())
+}
+
+fn crl_serials(der: &CertificateRevocationListDer<'_>) -> Result<Vec<String>, String> {
+    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+        .map_err(|e| format!("CRL does not parse: {e}"))?;
+    Ok(crl
+        .iter_revoked_certificates()
+        .map(|r| serial_hex(r.raw_serial()))
+        .collect())
+}
+
+/// Lowercase hex of a certificate serial without leading zero bytes, the one format used in
+/// logs, CRL lookups and `certificate.yaml`.
+pub fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
+    hex::encode(&raw[start..])
+}
+
+/// How pgmtls verifies a TLS upstream.
+pub enum UpstreamVerify<'a> {
+    /// Encrypt only, as libpq's `sslmode=require`.
+    None,
+    /// Chain to these CAs and match the host name, as `sslmode=verify-full`.
+    Full { ca_file: &'a Path, ca_pem: &'a [u8] },
+}
+
+pub fn build_upstream_tls(verify: UpstreamVerify<'_>) -> Result<Arc<ClientConfig>, ConfigErrors> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| ConfigErrors::one(Path::new("."), "", None, format!("TLS versions: {e}")))?;
+    let mut config = match verify {
+        UpstreamVerify::None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+            .with_no_client_auth(),
+        UpstreamVerify::Full { ca_file, ca_pem } => {
+            let mut roots = RootCertStore::empty();
+            for c in certs(ca_file, ca_pem)? {
+                roots.add(c).map_err(|e| {
+                    ConfigErrors::one(ca_file, "", None, format!("not a usable CA: {e}"))
+                })?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `sslmode=require` semantics: the signature over the handshake is still checked, so the
+/// stream is encrypted to whoever holds the key, but the certificate is not.
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_material_is_refused_naming_each_file() {
+        let e = build_server_tls(
+            &MaterialPaths::in_dir(Path::new("/s/db")),
+            b"junk",
+            b"junk",
+            b"-----BEGIN CERTIFICATE-----\nnotbase64!\n-----END CERTIFICATE-----\n",
+            Some(b"-----BEGIN X509 CRL-----\n!!\n-----END X509 CRL-----\n"),
+        )
+        .unwrap_err();
+        let s = e.to_string();
+        for f in ["server.crt", "server.key", "ca.crt", "crl.pem"] {
+            assert!(s.contains(&format!("/s/db/{f}")), "{f} not named in\n{s}");
+        }
+    }
+
+    #[test]
+    fn serial_hex_strips_leading_zero_bytes() {
+        assert_eq!(serial_hex(&[0, 0x8f, 0x01]), "8f01");
+        assert_eq!(serial_hex(&[0x12]), "12");
+        assert_eq!(serial_hex(&[]), "");
+    }
+}
