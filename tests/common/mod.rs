@@ -10,4 +10,6 @@
 // The harness panics with context on setup failures; that is the test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod clients;
+pub mod pg;
 pub mod pki;
