@@ -13,3 +13,4 @@
 pub mod clients;
 pub mod pg;
 pub mod pki;
+pub mod proxy;
