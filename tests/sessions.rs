@@ -1,6 +1,8 @@
 //! Real clients through pgmtls to a real PostgreSQL: queries, large results, COPY both ways,
 //! transactions, prepared statements, and many concurrent sessions without cross-talk.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;
