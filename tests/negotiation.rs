@@ -173,7 +173,7 @@ async fn direct_tls_without_alpn_is_refused() {
     let Some((_pg, pki, proxy)) = setup(&[]) else {
         return;
     };
-    let err = pg_connect_tls(
+    let result = pg_connect_tls(
         HOST,
         proxy.addr().port(),
         APP_USER,
@@ -182,9 +182,10 @@ async fn direct_tls_without_alpn_is_refused() {
         client_tls(&pki, false),
         SslNegotiation::Direct,
     )
-    .await
-    .err()
-    .expect("direct TLS without ALPN must fail");
+    .await;
+    let Err(err) = result else {
+        panic!("direct TLS without ALPN must fail");
+    };
     assert!(!error_chain(&err).is_empty());
     proxy.wait_for_refusal("alpn_required");
     good_client_queries(&pki, proxy.addr()).await;
