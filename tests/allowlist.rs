@@ -1,0 +1,91 @@
+//! The IP allowlist is checked on accept, before any byte is read or any crypto is done.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::clients::{connect_from, pg_config, pg_connect_tls_over, tls_client_config};
+use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
+use common::pki::TestPki;
+use common::proxy::ProxyProcess;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::config::SslMode;
+
+fn ssl_request() -> [u8; 8] {
+    let mut r = [0u8; 8];
+    r[..4].copy_from_slice(&8u32.to_be_bytes());
+    r[4..].copy_from_slice(&80_877_103u32.to_be_bytes());
+    r
+}
+
+/// Connects from `src`, sends an SSLRequest, and returns what came back before the close.
+async fn probe_from(src: &str, proxy: &ProxyProcess) -> Vec<u8> {
+    let mut s = connect_from(src.parse::<IpAddr>().unwrap(), proxy.addr())
+        .await
+        .unwrap();
+    let _ = s.write_all(&ssl_request()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("a refused peer is closed, not left hanging");
+    out
+}
+
+#[tokio::test]
+async fn peer_allowed_by_rule_connects_and_other_peer_is_closed_before_tls() {
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let pki = TestPki::new();
+    let proxy = ProxyProcess::quick(&pki, pg.addr(), &["127.0.0.2/32"], &[]);
+
+    let stream = connect_from("127.0.0.2".parse().unwrap(), proxy.addr())
+        .await
+        .unwrap();
+    let mut cfg = pg_config(
+        "127.0.0.1",
+        proxy.addr().port(),
+        APP_USER,
+        APP_DB,
+        Some(APP_PASSWORD),
+    );
+    cfg.ssl_mode(SslMode::Require);
+    let tls = tls_client_config(
+        &pki.ca.cert_path,
+        Some((&pki.client.chain_path, &pki.client.key_path)),
+        false,
+    );
+    let (c, _conn) = pg_connect_tls_over(stream, &cfg, tls)
+        .await
+        .expect("127.0.0.2 admitted");
+    let v: i32 = c.query_one("SELECT 2", &[]).await.unwrap().get(0);
+    assert_eq!(v, 2);
+
+    // 127.0.0.3 gets no 'S', no alert, no byte at all.
+    assert_eq!(probe_from("127.0.0.3", &proxy).await, Vec::<u8>::new());
+    let line = proxy.wait_for_refusal("ip_not_allowed");
+    assert!(line["client_addr"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.3:"));
+    assert!(
+        line["tls_version"].is_null(),
+        "no TLS was attempted: {line}"
+    );
+}
+
+#[tokio::test]
+async fn database_without_rules_admits_nobody() {
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let pki = TestPki::new();
+    let proxy = ProxyProcess::quick(&pki, pg.addr(), &[], &[]);
+    assert_eq!(probe_from("127.0.0.1", &proxy).await, Vec::<u8>::new());
+    proxy.wait_for_refusal("ip_not_allowed");
+}
