@@ -1,1 +1,3 @@
 //! pgmtls: a mutual-TLS proxy for PostgreSQL.
+
+pub mod pki;
