@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 
 use rustls_pki_types::pem::SectionKind;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
@@ -20,7 +21,9 @@ use x509_parser::x509::X509Name;
 use super::{read_pem, serial_to_hex, PkiError, Result};
 
 /// What a certificate says about itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Serializes to JSON with RFC 3339 dates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CertInfo {
     /// First common name of the subject, if any.
     pub subject_cn: Option<String>,
@@ -29,8 +32,10 @@ pub struct CertInfo {
     /// Serial number, lowercase hex without leading zeros (see [`super::Issued::serial`]).
     pub serial: String,
     /// Start of validity (UTC).
+    #[serde(with = "time::serde::rfc3339")]
     pub not_before: OffsetDateTime,
     /// End of validity (UTC).
+    #[serde(with = "time::serde::rfc3339")]
     pub not_after: OffsetDateTime,
     /// Whether basicConstraints says CA:TRUE.
     pub is_ca: bool,

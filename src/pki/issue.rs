@@ -23,7 +23,8 @@ const MAX_CN_CHARS: usize = 64;
 ///
 /// Each name that parses as an IP address becomes an IP SAN, every other
 /// one a DNS SAN (a leading `*.` wildcard is allowed). The subject CN is the
-/// first name, or [`DEFAULT_SERVER_CN`] when `names` is empty. Extended key
+/// first name, or [`DEFAULT_SERVER_CN`] when `names` is empty (or the first
+/// name is longer than the 64 characters a CN may have). Extended key
 /// usage serverAuth, key usage digitalSignature. Valid from five minutes
 /// ago ([`BACKDATE`]) for `validity` from now, but never beyond the CA's own
 /// expiry; [`super::DEFAULT_SERVER_VALIDITY`] is the usual choice.
@@ -40,7 +41,13 @@ pub fn issue_server(
             sans.push(san);
         }
     }
-    let cn = names.first().map_or(DEFAULT_SERVER_CN, String::as_str);
+    // The CN is informational (clients match SANs); DNS names longer than
+    // a CN may hold fall back to the default.
+    let cn = names
+        .first()
+        .map(String::as_str)
+        .filter(|n| n.chars().count() <= MAX_CN_CHARS)
+        .unwrap_or(DEFAULT_SERVER_CN);
 
     let now = OffsetDateTime::now_utc();
     let not_after = now

@@ -27,6 +27,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use rustls_pki_types::pem::{self, PemObject, SectionKind};
+use serde::{Deserialize, Serialize};
 use time::{Duration, Month, OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
 pub use ca::{create_ca, CaSigner};
@@ -38,8 +39,8 @@ pub use keys::{key_matches_cert, pem_key_to_pkcs8_der};
 /// Default lifetime of a CA certificate: ten years (including leap days).
 pub const DEFAULT_CA_VALIDITY: Duration = Duration::days(3653);
 
-/// Default lifetime of a server certificate: 397 days, the longest lifetime
-/// browsers accept for publicly trusted certificates.
+/// Default lifetime of a server certificate: 397 days (the public-CA limit
+/// browsers have enforced since 2020).
 pub const DEFAULT_SERVER_VALIDITY: Duration = Duration::days(397);
 
 /// Default lifetime of a client certificate, in calendar months.
@@ -115,16 +116,24 @@ pub enum PkiError {
 pub type Result<T, E = PkiError> = std::result::Result<T, E>;
 
 /// Kind of key pair to generate for a new certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+///
+/// Written as `p256`, `p384`, `rsa2048`, `rsa4096` by [`Display`](fmt::Display),
+/// [`FromStr`] (case-insensitive) and serde.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum KeyType {
     /// ECDSA on NIST P-256, signing with SHA-256.
     #[default]
+    #[serde(rename = "p256")]
     EcdsaP256,
     /// ECDSA on NIST P-384, signing with SHA-384.
+    #[serde(rename = "p384")]
     EcdsaP384,
     /// RSA, 2048-bit modulus, PKCS#1 v1.5 signatures with SHA-256.
+    #[serde(rename = "rsa2048")]
     Rsa2048,
     /// RSA, 4096-bit modulus, PKCS#1 v1.5 signatures with SHA-256.
+    /// Key generation takes about a second.
+    #[serde(rename = "rsa4096")]
     Rsa4096,
 }
 
@@ -186,7 +195,8 @@ impl FromStr for KeyType {
 pub struct Issued {
     /// The certificate, PEM ("CERTIFICATE").
     pub cert_pem: String,
-    /// The private key, PKCS#8 PEM ("PRIVATE KEY").
+    /// The private key, PKCS#8 PEM ("PRIVATE KEY"). Secret: store it with
+    /// owner-only permissions. `Debug` output omits it.
     pub key_pem: String,
     /// Serial number as lowercase hex without leading zeros or separators.
     pub serial: String,
@@ -276,6 +286,13 @@ pub(crate) fn time_window(
         )));
     }
     Ok((start, end))
+}
+
+/// Normalizes a serial number typed by a person or copied from another
+/// tool (`0A:BC`, `0xabc`, `000abc`) to the form used by [`Issued::serial`],
+/// [`CertInfo::serial`] and [`CrlInfo::revoked_serials`] (`abc`).
+pub fn normalize_serial(text: &str) -> Result<String> {
+    serial_from_hex(text).map(|bytes| serial_to_hex(&bytes))
 }
 
 /// Canonical serial text: lowercase hex of the big-endian magnitude, without

@@ -968,4 +968,51 @@ fn serial_hex_is_canonical() {
     assert_eq!(serial_from_hex("0A:BC").unwrap(), [0x0a, 0xbc]);
     assert_eq!(serial_from_hex(" 0xabc ").unwrap(), [0x0a, 0xbc]);
     assert_eq!(serial_from_hex("000abc").unwrap(), [0x0a, 0xbc]);
+    assert_eq!(normalize_serial("0A:BC").unwrap(), "abc");
+    assert!(matches!(normalize_serial("0"), Err(PkiError::BadSerial(_))));
+}
+
+#[test]
+fn server_cert_with_a_long_first_name_uses_the_default_cn() {
+    let (_, signer) = new_ca(KeyType::EcdsaP256);
+    let long = format!("{}.example.com", "a".repeat(60));
+    let server = issue_server(
+        &signer,
+        std::slice::from_ref(&long),
+        KeyType::EcdsaP256,
+        Duration::days(1),
+    )
+    .unwrap();
+    let info = inspect_cert_pem(&server.cert_pem).unwrap();
+    assert_eq!(info.subject_cn.as_deref(), Some(DEFAULT_SERVER_CN));
+    assert_eq!(info.sans, [long]);
+}
+
+#[test]
+fn signer_certificates_and_errors_can_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<CaSigner>();
+    send_sync::<Issued>();
+    send_sync::<PkiError>();
+    send_sync::<CertInfo>();
+    send_sync::<CrlInfo>();
+}
+
+#[test]
+fn cert_info_and_key_type_serialize_for_json_output() {
+    let (ca, _) = new_ca(KeyType::EcdsaP384);
+    let info = inspect_cert_pem(&ca.cert_pem).unwrap();
+    let json: serde_json::Value = serde_json::to_value(&info).unwrap();
+    assert_eq!(json["subject_cn"], "test CA");
+    assert_eq!(json["key_algorithm"], "p384");
+    let not_after = json["not_after"].as_str().unwrap();
+    assert_eq!(
+        OffsetDateTime::parse(not_after, &time::format_description::well_known::Rfc3339).unwrap(),
+        ca.not_after
+    );
+    for key_type in KeyType::ALL {
+        let json = serde_json::to_string(&key_type).unwrap();
+        assert_eq!(json, format!("\"{key_type}\""));
+        assert_eq!(serde_json::from_str::<KeyType>(&json).unwrap(), key_type);
+    }
 }
