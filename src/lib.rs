@@ -1,5 +1,13 @@
 //! pgmtls: a mutual-TLS proxy for PostgreSQL.
-#![doc = include_str!("../README.md")]
+//!
+//! Data plane, in the order a connection moves through it:
+//! [`listener`] accepts -> [`conn`] runs the lifecycle (admit by [`allowlist`], negotiate,
+//! TLS with [`tls_store`]'s config, startup, upstream, relay) using the parsers in [`wire`],
+//! reading one [`snapshot`] per connection and registering live [`sessions`].
+//!
+//! Control plane: [`config`] (process settings) and [`state`] (the per-database state
+//! directory) are read through one parser each; [`pki`] issues and revokes certificates;
+//! [`app`] builds the snapshot, binds listeners, reloads and drains; [`metrics`] counts.
 
 pub mod allowlist;
 pub mod app;
@@ -7,6 +15,7 @@ pub mod config;
 pub mod conn;
 pub mod listener;
 pub mod metrics;
+pub mod pki;
 pub mod sessions;
 pub mod snapshot;
 pub mod state;
