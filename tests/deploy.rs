@@ -73,7 +73,11 @@ fn check_manifest(name: &str) {
             .and_then(|p| p["containerPort"].as_u64())
             .unwrap_or_else(|| panic!("{name}: no port named {n}"))
     };
-    assert_eq!(port_of("admin"), u64::from(admin_port), "{name}: admin port");
+    assert_eq!(
+        port_of("admin"),
+        u64::from(admin_port),
+        "{name}: admin port"
+    );
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     for probe in ["readinessProbe", "livenessProbe"] {
@@ -103,9 +107,18 @@ fn check_manifest(name: &str) {
         .iter()
         .find(|v| v["name"] == state_mount["name"])
         .unwrap();
-    assert!(state_vol["secret"]["defaultMode"].is_number(), "{name}: key mode");
+    assert!(
+        state_vol["secret"]["defaultMode"].is_number(),
+        "{name}: key mode"
+    );
     let items = state_vol["secret"]["items"].as_array().unwrap();
-    for f in ["database.yaml", "server.crt", "server.key", "ca.crt", "ip-rules.yaml"] {
+    for f in [
+        "database.yaml",
+        "server.crt",
+        "server.key",
+        "ca.crt",
+        "ip-rules.yaml",
+    ] {
         assert!(
             items
                 .iter()
@@ -113,7 +126,9 @@ fn check_manifest(name: &str) {
             "{name}: state secret lacks {f}"
         );
     }
-    let grace = pod["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let grace = pod["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
     assert!(
         grace > cfg.timeouts.shutdown_grace.as_secs(),
         "{name}: pod grace must exceed shutdown_grace"
