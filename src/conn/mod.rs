@@ -153,6 +153,11 @@ async fn run(
         log.identity.serial.clone(),
         log.identity.not_after,
     );
+    ctx.sessions.recheck(
+        conn_id,
+        &ctx.snapshot.load(),
+        time::OffsetDateTime::now_utc(),
+    );
 
     // Stage: StartupMessage inside TLS.
     let startup = match tokio::time::timeout_at(deadline, startup::read(&mut client)).await {
