@@ -319,6 +319,10 @@ impl App {
         // Reading files and parsing certificates blocks: keep it off the async workers so
         // that accept loops and relays never wait behind a reload.
         let built = tokio::task::spawn_blocking(move || {
+            let _lock = match &source {
+                Source::StateDir(s) => crate::reload::read_lock(s.root()),
+                Source::Quick(_) => None,
+            };
             let mut errors = ConfigErrors::default();
             let config = config_file
                 .as_deref()

@@ -369,6 +369,32 @@ async fn fingerprint(plan: &Arc<WatchPlan>) -> String {
         .unwrap_or_default()
 }
 
+/// How long a reload waits for a CLI write in progress before reading anyway.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Takes a shared lock on `STATE/.lock`, the lock the CLI holds exclusively while it writes, so
+/// a change made of several files (a renewed certificate and its key, a revocation's CRL and
+/// record) is read whole. Best effort: a missing or unreadable lock file (a read-only mount
+/// has none) or a writer holding it past [`LOCK_WAIT`] means reading without it; every file
+/// is still replaced atomically, and the watch sees the writer's last file and reloads again.
+pub fn read_lock(state_root: &Path) -> Option<std::fs::File> {
+    let file = std::fs::File::open(state_root.join(LOCK_FILE)).ok()?;
+    let give_up = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock_shared() {
+            Ok(()) => return Some(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+                // flock has no timed wait; this runs on a blocking thread.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "state directory lock not taken; reading without it");
+                return None;
+            }
+        }
+    }
+}
+
 /// Settings of the config file that apply only at start-up. Everything in the file except
 /// `enforce_on_live_sessions` needs a restart: listeners, the admin socket, the connection
 /// limit's semaphore and the log subscriber are built once, and the timeouts are copied into
