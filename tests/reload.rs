@@ -15,7 +15,7 @@ use common::admin::{scrape, status, wait_status};
 use common::clients::{connect_from, free_port, load_certs, load_key};
 use common::pki::TestPki;
 use common::proxy::ProxyProcess;
-use common::state::{crl_pem, rules_yaml, write_database, TestState};
+use common::state::{crl_pem, rules_yaml, server_cert, write_database, TestState};
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -382,7 +382,7 @@ async fn rotated_server_certificate_is_served_to_the_next_connection() {
     assert_eq!(served_certificate(&pki, addr).await, pki.server.cert_der());
 
     // A new server certificate and key from the same CA, written key first.
-    let rotated = issue_server(&pki);
+    let rotated = server_cert(&pki);
     state.write_file("orders", "server.key", rotated.1.as_bytes(), 0o600);
     state.write_file("orders", "server.crt", rotated.0.as_bytes(), 0o644);
     proxy.wait_for_log(WAIT, |v| {
@@ -404,28 +404,6 @@ fn load_certs_from_pem(pem: &str) -> Vec<CertificateDer<'static>> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .unwrap()
-}
-
-/// A server certificate for `localhost` under the test CA: (chain PEM, key PEM).
-fn issue_server(pki: &TestPki) -> (String, String) {
-    let key = rcgen::KeyPair::from_pem(&pki.ca.key_pem).unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&pki.ca.cert_pem, key).unwrap();
-    let mut params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "rotated server");
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(90);
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = params.signed_by(&leaf_key, &issuer).unwrap();
-    (
-        format!("{}{}", cert.pem(), pki.ca.cert_pem),
-        leaf_key.serialize_pem(),
-    )
 }
 
 #[tokio::test]

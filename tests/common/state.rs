@@ -207,3 +207,25 @@ pub fn crl_pem(pki: &TestPki, revoked: &[&Role]) -> String {
 pub fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
+
+/// A fresh server certificate for `localhost` under the test CA: (chain PEM, key PEM).
+pub fn server_cert(pki: &TestPki) -> (String, String) {
+    let key = KeyPair::from_pem(&pki.ca.key_pem).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&pki.ca.cert_pem, key).unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "rotated server");
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::days(1);
+    params.not_after = now + Duration::days(90);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = params.signed_by(&leaf_key, &issuer).unwrap();
+    (
+        format!("{}{}", cert.pem(), pki.ca.cert_pem),
+        leaf_key.serialize_pem(),
+    )
+}
