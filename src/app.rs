@@ -498,8 +498,9 @@ impl App {
     /// Stops accepting, lets live sessions finish for up to `shutdown_grace`, then closes the
     /// rest. Returns once every connection is gone.
     pub async fn shutdown(&self) {
-        let _ = self.draining.send(true);
-        let _ = self.stop.send(true);
+        // `send` would not store the value while nobody subscribes; readiness reads it later.
+        self.draining.send_replace(true);
+        self.stop.send_replace(true);
         let live = self.ctx.sessions.count();
         tracing::info!(live_sessions = live, grace = ?self.config.timeouts.shutdown_grace, "draining");
         let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
