@@ -606,6 +606,86 @@ mod tests {
         assert_ne!(c, plan.fingerprint(), "content counts");
     }
 
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Trigger(ReloadKind),
+        Tick,
+    }
+
+    struct Fake(mpsc::UnboundedSender<Seen>);
+
+    impl Reloadable for Fake {
+        async fn on_trigger(&self, kind: ReloadKind) {
+            let _ = self.0.send(Seen::Trigger(kind));
+        }
+        fn on_tick(&self) {
+            let _ = self.0.send(Seen::Tick);
+        }
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn poll_catches_what_the_watch_could_not_see() {
+        // The state directory does not exist yet, so it cannot be watched.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        let plan = WatchPlan::new(Some(&root), &[]);
+        let baseline = plan.fingerprint();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _r = Reloader::start(
+            Arc::new(Fake(tx)),
+            plan,
+            baseline,
+            Duration::from_millis(30),
+        );
+        // Ticks while nothing changes trigger nothing.
+        assert_eq!(next(&mut rx).await, Seen::Tick);
+        assert_eq!(next(&mut rx).await, Seen::Tick);
+        std::fs::create_dir_all(root.join("databases/orders")).unwrap();
+        std::fs::write(root.join("databases/orders/ip-rules.yaml"), "rules: []\n").unwrap();
+        // The tick that sees it may be one already under way.
+        let mut ticks = 0;
+        loop {
+            match next(&mut rx).await {
+                Seen::Tick => {
+                    ticks += 1;
+                    assert!(ticks <= 2, "the poll did not notice the change");
+                }
+                other => {
+                    assert_eq!(other, Seen::Trigger(ReloadKind::poll));
+                    break;
+                }
+            }
+        }
+        // Reloaded once: the next ticks are quiet again.
+        assert_eq!(next(&mut rx).await, Seen::Tick);
+        assert_eq!(next(&mut rx).await, Seen::Tick);
+    }
+
+    #[tokio::test]
+    async fn watch_and_requests_trigger_reloads_and_burst_of_writes_is_one_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("databases/orders");
+        std::fs::create_dir_all(&db).unwrap();
+        let plan = WatchPlan::new(Some(dir.path()), &[]);
+        let baseline = plan.fingerprint();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let r = Reloader::start(Arc::new(Fake(tx)), plan, baseline, Duration::ZERO);
+        for i in 0..20 {
+            std::fs::write(db.join("ip-rules.yaml"), format!("# {i}\n")).unwrap();
+        }
+        assert_eq!(next(&mut rx).await, Seen::Trigger(ReloadKind::watch));
+        r.request(ReloadKind::sighup);
+        // Had the burst caused a second reload, it would arrive before the SIGHUP's.
+        assert_eq!(next(&mut rx).await, Seen::Trigger(ReloadKind::sighup));
+    }
+
     #[test]
     fn restart_needed_names_every_start_up_setting() {
         let a = Config::default();

@@ -466,3 +466,66 @@ async fn crl_change_is_described_in_the_reload_line() {
     assert!(!m.text.contains(r#"certificate="app-1""#));
     assert_eq!(m.value("pgmtls_crl_entries", r#"database="orders""#), 1.0);
 }
+
+/// Quick mode has no state directory: it watches the directories of its PEM files.
+#[tokio::test]
+async fn quick_mode_follows_its_crl_file() {
+    let pki = TestPki::new();
+    let crl = pki.dir().join("quick.crl.pem");
+    std::fs::write(&crl, crl_pem(&pki, &[])).unwrap();
+    let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let proxy = ProxyProcess::quick(
+        &pki,
+        upstream,
+        &["127.0.0.2/32"],
+        &["--crl", common::proxy::path(&crl)],
+    );
+    let addr = proxy.addr();
+    served_certificate(&pki, addr).await;
+
+    pgmtls::state::write_atomic(&crl, crl_pem(&pki, &[&pki.client]).as_bytes(), 0o644).unwrap();
+    let line = proxy.wait_for_log(WAIT, reloaded(2));
+    assert!(line["changes"]
+        .as_str()
+        .unwrap()
+        .contains("default: crl 0 -> 1 entries"));
+    // The revoked client now fails the handshake.
+    let _ = handshake_with(
+        &pki.ca.cert_path,
+        &pki.client.chain_path,
+        &pki.client.key_path,
+        addr,
+    )
+    .await;
+    proxy.wait_for_refusal("client_cert_revoked");
+}
+
+/// A TLS handshake plus one read: with TLS 1.3 a refused client certificate shows only when
+/// the server's alert arrives after the client's Finished.
+async fn handshake_with(
+    ca: &std::path::Path,
+    chain: &std::path::Path,
+    key: &std::path::Path,
+    addr: SocketAddr,
+) -> std::io::Result<usize> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca) {
+        roots.add(c).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(load_certs(chain), load_key(key))
+        .unwrap();
+    let mut tcp = connect_from("127.0.0.2".parse().unwrap(), addr).await?;
+    tcp.write_all(&ssl_request()).await?;
+    let mut s = [0u8; 1];
+    tcp.read_exact(&mut s).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    let mut b = [0u8; 1];
+    tls.read(&mut b).await
+}
