@@ -1,5 +1,15 @@
 //! pgmtls: a mutual-TLS proxy for PostgreSQL.
-#![doc = include_str!("../README.md")]
+//!
+//! Data plane, in the order a connection moves through it:
+//! [`listener`] accepts -> [`conn`] runs the lifecycle (admit by [`allowlist`], negotiate,
+//! TLS with [`tls_store`]'s config, startup, upstream, relay) using the parsers in [`wire`],
+//! reading one [`snapshot`] per connection and registering live [`sessions`].
+//!
+//! Control plane: [`config`] (process settings) and [`state`] (the per-database state
+//! directory) are read through one parser each; [`pki`] issues and revokes certificates;
+//! [`app`] builds the snapshot, binds listeners, reloads and drains; [`reload`] watches the
+//! files and turns changes, SIGHUP and a poll into reloads; [`metrics`] and
+//! [`process_metrics`] count; [`admin`] serves metrics, health and status over HTTP.
 
 pub mod admin;
 pub mod allowlist;
@@ -8,6 +18,7 @@ pub mod config;
 pub mod conn;
 pub mod listener;
 pub mod metrics;
+pub mod pki;
 pub mod process_metrics;
 pub mod reload;
 pub mod sessions;

@@ -1,0 +1,73 @@
+//! Every example in `config/` loads, and `check-config` reports every error of a broken file
+//! with file, key and line.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use pgmtls::config::Config;
+
+#[test]
+fn every_example_config_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let c = Config::load(&path).unwrap_or_else(|e| panic!("{}:\n{e}", path.display()));
+            assert!(c.state_dir.is_some(), "{}", path.display());
+            n += 1;
+        }
+    }
+    assert!(
+        n >= 3,
+        "expected the standard, sidecar and gateway examples"
+    );
+}
+
+#[test]
+fn check_config_reports_all_errors_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        "state_dir: state\nhandshake_timeout: forever\nmax_conections: 5\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgmtls"))
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let f = file.display();
+    assert!(
+        err.contains(&format!("{f}:2: handshake_timeout: invalid duration")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{f}:3: max_conections: unknown key")),
+        "{err}"
+    );
+    assert!(err.contains("2 error(s)"), "{err}");
+}
+
+#[test]
+fn check_config_accepts_a_valid_file_with_an_empty_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ok.yaml");
+    std::fs::write(&file, "state_dir: state\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgmtls"))
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (0 databases)"));
+}
