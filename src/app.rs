@@ -290,25 +290,29 @@ impl App {
     /// config says so. An unchanged configuration is not swapped and keeps its generation.
     pub async fn reload(&self, trigger: ReloadKind) -> Result<ReloadReport, ConfigErrors> {
         let _serial = self.reload_lock.lock().await;
-        let result = self.reload_locked(trigger).await;
+        self.reload_locked(trigger).await
+    }
+
+    /// Makes the outcome visible in `/status` and the metrics. Called before the outcome's log
+    /// line, so whoever reacts to the line finds status and metrics already agreeing with it.
+    fn record_outcome(&self, trigger: ReloadKind, error: Option<&ConfigErrors>) {
         let now = OffsetDateTime::now_utc();
         self.ctx
             .metrics
-            .record_reload(trigger, result.is_ok(), now.unix_timestamp());
+            .record_reload(trigger, error.is_none(), now.unix_timestamp());
         // Also after a rejected reload: building it may have created series for databases
         // that are not served.
         self.ctx.snapshot.load().publish_metrics(&self.ctx.metrics);
         let mut st = lock(&self.reload_status);
         st.last_attempt = Some(now);
         st.last_trigger = Some(trigger);
-        match &result {
-            Ok(_) => {
+        match error {
+            None => {
                 st.last_success = Some(now);
                 st.last_error = None;
             }
-            Err(e) => st.last_error = Some(e.to_string()),
+            Some(e) => st.last_error = Some(e.to_string()),
         }
-        result
     }
 
     async fn reload_locked(&self, trigger: ReloadKind) -> Result<ReloadReport, ConfigErrors> {
@@ -353,6 +357,7 @@ impl App {
         let (file_config, snapshot) = match built {
             Ok(b) => b,
             Err(e) => {
+                self.record_outcome(trigger, Some(&e));
                 tracing::warn!(
                     trigger = trigger.as_str(),
                     errors = %e,
@@ -368,6 +373,7 @@ impl App {
         if snapshot.content_hash() == old.content_hash() {
             // Still enforce: a certificate may have expired since the last look.
             let closed = self.enforce(&old);
+            self.record_outcome(trigger, None);
             tracing::info!(
                 trigger = trigger.as_str(),
                 generation = old.generation,
@@ -441,6 +447,7 @@ impl App {
             }
         }
         report.sessions_closed = self.enforce(&snapshot);
+        self.record_outcome(trigger, None);
         tracing::info!(
             trigger = trigger.as_str(),
             generation = next_gen,

@@ -205,6 +205,11 @@ fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
 }
 
 async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
+    // Handlers first: until they exist, SIGHUP and SIGTERM keep their default action, which
+    // kills the process, and "ready" invites both.
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     // Fingerprint before the first load, so that a change racing start-up is caught by the
     // first poll even though the watch starts after the load.
     let plan = source.watch_plan(config.source.as_deref());
@@ -230,9 +235,6 @@ async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
         println!("pgmtls: admin addr={bound}");
     }
     println!("pgmtls: ready");
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     loop {
         tokio::select! {
             // Same path as the file watch: serialised, counted, shown in /status.

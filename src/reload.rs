@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use crate::config::Config;
 pub use crate::metrics::ReloadKind;
 use crate::snapshot::{DatabaseRuntime, Snapshot};
-use crate::state::{ARCHIVE_DIR, AUDIT_LOG, DATABASES_DIR, LOCK_FILE};
+use crate::state::{ARCHIVE_DIR, AUDIT_LOG, LOCK_FILE};
 
 /// How long the debouncer holds an event before passing it on.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -50,7 +50,8 @@ pub trait Reloadable: Send + Sync + 'static {
 /// What to watch and fingerprint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WatchPlan {
-    /// The state directory, watched recursively; its `databases/` tree is fingerprinted.
+    /// The state directory, watched recursively and fingerprinted (but for the audit log, the
+    /// archive and dot-files).
     pub state_dir: Option<PathBuf>,
     /// Single files (the config file, quick mode's PEM files); their directories are watched.
     pub files: Vec<PathBuf>,
@@ -98,12 +99,7 @@ impl WatchPlan {
         let mut h = Sha256::new();
         if let Some(root) = &self.state_dir {
             let mut files = BTreeMap::new();
-            collect_tree(
-                &root.join(DATABASES_DIR),
-                Path::new(DATABASES_DIR),
-                0,
-                &mut files,
-            );
+            collect_tree(root, Path::new(""), 0, &mut files);
             for (rel, entry) in files {
                 h.update(rel.as_os_str().as_encoded_bytes());
                 h.update(entry);
@@ -157,8 +153,11 @@ fn collect_tree(dir: &Path, rel: &Path, depth: usize, out: &mut BTreeMap<PathBuf
     for entry in entries.flatten() {
         let name = entry.file_name();
         // Dot-files are temporaries of atomic writes and Kubernetes' `..data` machinery, whose
-        // content is reached through the ordinary names that link into it.
-        if name.to_string_lossy().starts_with('.') {
+        // content is reached through the ordinary names that link into it. At the top, the
+        // audit log and the archive are written by the CLI but never read by a reload.
+        let top_level_noise =
+            depth == 0 && (name == AUDIT_LOG || name == ARCHIVE_DIR || name == LOCK_FILE);
+        if name.to_string_lossy().starts_with('.') || top_level_noise {
             continue;
         }
         let path = entry.path();
@@ -333,10 +332,21 @@ async fn run<R: Reloadable>(
                 ReloadKind::poll
             }
         };
-        // Whatever else arrived so far is covered by the reload about to read everything.
+        // Whatever else arrived so far is covered by the reload about to read everything; an
+        // explicit request among it names the reload.
+        let mut kind = kind;
         fs_rx.borrow_and_update();
-        while req_rx.try_recv().is_ok() {}
-        seen = fingerprint(&plan).await;
+        while let Ok(k) = req_rx.try_recv() {
+            kind = k;
+        }
+        let now = fingerprint(&plan).await;
+        if kind == ReloadKind::watch && now == seen {
+            // Late or duplicate events of a change already read, or a file touched without
+            // changing: reading everything again would only repeat the last outcome.
+            tracing::debug!("watch event changed nothing a reload reads; not reloading");
+            continue;
+        }
+        seen = now;
         target.on_trigger(kind).await;
     }
 }

@@ -94,19 +94,23 @@ async fn rules_written_in_place_are_applied_to_new_connections() {
         rules_yaml(&[("r2", "127.0.0.2/32"), ("r3", "127.0.0.3/32")]),
     )
     .unwrap();
-    let line = proxy.wait_for_log(WAIT, reloaded(2));
+    // An in-place write is a truncate then a write; the settle window makes one reload of
+    // both the rule, but a writer stalled between the two could show an empty file first.
+    let line = proxy.wait_for_log(WAIT, |v| {
+        v["message"] == "configuration reloaded" && v["ip_rules"] == 2
+    });
     eprintln!(
         "reload latency, in-place write -> applied: {:?}",
         written.elapsed()
     );
     assert_eq!(line["trigger"], "watch");
     let changes = line["changes"].as_str().unwrap();
-    assert!(changes.contains("orders: ip rules 1 -> 2 (+r3)"), "{line}");
-    assert_eq!(line["ip_rules"], 2);
+    assert!(changes.contains("orders: ip rules"), "{line}");
+    assert!(changes.contains("+r3"), "{line}");
 
     assert!(admits("127.0.0.3", addr).await);
     let s = status(proxy.admin()).await;
-    assert_eq!(s["generation"], 2);
+    assert_eq!(s["generation"], line["generation"]);
     assert_eq!(rule_ids(&s, "orders"), ["r2", "r3"]);
     assert_eq!(s["last_reload"]["trigger"], "watch");
     assert_eq!(s["last_reload"]["ok"], true);
@@ -241,7 +245,7 @@ async fn broken_changes_keep_the_previous_rules_and_show_in_status_and_metrics()
             "ip-rules.yaml",
             b"rules: [\n  - id: x\n",
             0o644,
-            "ip-rules.yaml",
+            "ip-rules.yaml: error: line 2",
         ),
         (
             "key readable by others",
@@ -253,9 +257,9 @@ async fn broken_changes_keep_the_previous_rules_and_show_in_status_and_metrics()
     ];
     for (n, (what, file, bytes, mode, expect)) in steps.into_iter().enumerate() {
         state.write_file("orders", file, bytes, mode);
-        let line = proxy.wait_for_nth_log(n + 1, WAIT, rejected);
-        let errors = line["errors"].as_str().unwrap();
-        assert!(errors.contains(expect), "{what}: {errors}");
+        proxy.wait_for_log(WAIT, |v| {
+            rejected(v) && v["errors"].as_str().is_some_and(|e| e.contains(expect))
+        });
         let s = status(admin).await;
         assert_eq!(s["generation"], 1, "{what}");
         assert_eq!(s["last_reload"]["ok"], false, "{what}");
@@ -263,10 +267,12 @@ async fn broken_changes_keep_the_previous_rules_and_show_in_status_and_metrics()
         assert!(shown.contains(expect), "{what}: {shown}");
         assert_eq!(rule_ids(&s, "orders"), ["r2"], "{what}");
         let m = scrape(admin).await;
+        // One rejection per step: the watch does not reload content it has already read.
         assert_eq!(
             m.value("pgmtls_reloads_total", r#"kind="watch",result="error""#),
             (n + 1) as f64,
-            "{what}"
+            "{what}: {}",
+            proxy.log_text()
         );
         assert_eq!(m.value("pgmtls_config_last_reload_successful", ""), 0.0);
         assert!(
@@ -275,8 +281,13 @@ async fn broken_changes_keep_the_previous_rules_and_show_in_status_and_metrics()
         );
         assert!(!admits("127.0.0.3", addr).await, "{what}");
     }
-    let first = proxy.wait_for_nth_log(2, WAIT, rejected);
-    let text = first["errors"].as_str().unwrap();
+    let cidr = proxy.wait_for_log(WAIT, |v| {
+        rejected(v)
+            && v["errors"]
+                .as_str()
+                .is_some_and(|e| e.contains("rules[0].cidr"))
+    });
+    let text = cidr["errors"].as_str().unwrap();
     assert!(
         text.contains("ip-rules.yaml:"),
         "file and line named: {text}"
