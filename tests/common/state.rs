@@ -10,10 +10,7 @@ use pgmtls::state::{
     UpstreamTls, CA_CERT, CERTIFICATES_DIR, CERTIFICATE_YAML, DATABASE_YAML, IP_RULES, SERVER_CERT,
     SERVER_KEY,
 };
-use rcgen::{
-    CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, RevocationReason,
-    RevokedCertParams, SerialNumber,
-};
+use rcgen::{Issuer, KeyPair};
 use tempfile::TempDir;
 use time::{Duration, OffsetDateTime};
 
@@ -178,29 +175,23 @@ pub fn certificate_record(id: &str, role: &Role) -> CertificateRecord {
     }
 }
 
-/// A PEM CRL signed by the test CA listing `revoked`.
+/// A PEM CRL signed by the test CA listing `revoked`, made by `pgmtls::pki::build_crl`, the
+/// function the CLI revokes with.
 pub fn crl_pem(pki: &TestPki, revoked: &[&Role]) -> String {
-    let key = KeyPair::from_pem(&pki.ca.key_pem).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(&pki.ca.cert_pem, key).unwrap();
+    let signer = pgmtls::pki::CaSigner::from_pem(&pki.ca.cert_pem, &pki.ca.key_pem).unwrap();
     let now = OffsetDateTime::now_utc();
-    let revoked_certs = revoked
+    let entries: Vec<(String, OffsetDateTime)> = revoked
         .iter()
-        .map(|r| RevokedCertParams {
-            serial_number: SerialNumber::from_slice(&hex::decode(serial_of(r)).unwrap()),
-            revocation_time: now - Duration::minutes(1),
-            reason_code: Some(RevocationReason::KeyCompromise),
-            invalidity_date: None,
-        })
+        .map(|r| (serial_of(r), now - Duration::minutes(1)))
         .collect();
-    let params = CertificateRevocationListParams {
-        this_update: now - Duration::minutes(1),
-        next_update: now + Duration::days(7),
-        crl_number: SerialNumber::from(1u64),
-        issuing_distribution_point: None,
-        revoked_certs,
-        key_identifier_method: KeyIdMethod::Sha256,
-    };
-    params.signed_by(&issuer).unwrap().pem().unwrap()
+    pgmtls::pki::build_crl(
+        &signer,
+        &entries,
+        1,
+        now - Duration::minutes(1),
+        now + Duration::days(7),
+    )
+    .unwrap()
 }
 
 /// Mode bits of a file, for assertions.
