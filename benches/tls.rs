@@ -3,6 +3,8 @@
 //! certificate verified against the CA and CRL), and record encryption + decryption of 16 KiB
 //! relay chunks. Run with `cargo bench --bench tls`; compare with `openssl speed` figures.
 
+#![allow(clippy::expect_used)] // set-up failures in a benchmark are bugs to see at once
+
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
