@@ -7,10 +7,12 @@
 //!
 //! Control plane: [`config`] (process settings) and [`state`] (the per-database state
 //! directory) are read through one parser each; [`pki`] issues and revokes certificates;
-//! [`app`] builds the snapshot, binds listeners, reloads and drains; [`metrics`] counts.
+//! [`app`] builds the snapshot, binds listeners, reloads and drains; [`metrics`] counts;
+//! [`cli`] holds the control commands that write the state directory.
 
 pub mod allowlist;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod listener;

@@ -288,9 +288,8 @@ impl AuditLog {
     /// Appends one JSON line and syncs it. One `write` of a whole line on an `O_APPEND` file
     /// keeps lines whole even if a writer ignored the lock.
     pub fn append(&mut self, entry: &AuditEntry) -> Result<(), StateError> {
-        let mut line = serde_json::to_string(entry).map_err(|e| {
-            StateError::io(&self.path, std::io::Error::other(e))
-        })?;
+        let mut line = serde_json::to_string(entry)
+            .map_err(|e| StateError::io(&self.path, std::io::Error::other(e)))?;
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
