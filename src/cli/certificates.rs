@@ -789,29 +789,7 @@ fn renew(args: RenewArgs) -> anyhow::Result<ExitCode> {
     let mut failed = !report.errors.is_empty();
     if let Some(cmd) = &args.notify_command {
         for r in &report.renewed {
-            let env = [
-                ("PGMTLS_EVENT", "certificate.renew".to_owned()),
-                ("PGMTLS_DATABASE", r.database.clone()),
-                ("PGMTLS_CERTIFICATE_ID", r.id.clone()),
-                ("PGMTLS_SERIAL", r.serial.clone()),
-                ("PGMTLS_COMMON_NAME", r.common_name.clone()),
-                ("PGMTLS_EXPIRES_AT", state::rfc3339(r.expires_at)),
-                ("PGMTLS_PREVIOUS_CERTIFICATE_ID", r.previous_id.clone()),
-                (
-                    "PGMTLS_PREVIOUS_EXPIRES_AT",
-                    state::rfc3339(r.previous_expires_at),
-                ),
-                ("PGMTLS_STATE_DIR", ctx.state.root().display().to_string()),
-                (
-                    "PGMTLS_DOWNLOAD_COMMAND",
-                    format!(
-                        "pgmtls certificates download {} --id {} --state-dir {}",
-                        r.database,
-                        r.id,
-                        ctx.state.root().display()
-                    ),
-                ),
-            ];
+            let env = notify_env(r, ctx.state.root());
             if let Err(e) = notify(cmd, &env) {
                 report
                     .errors
@@ -1036,6 +1014,43 @@ fn renew_database(
         });
     }
     Ok(())
+}
+
+/// Names of the variables `--notify-command` gets (documented in docs/CLI.md).
+pub const NOTIFY_ENV: [&str; 10] = [
+    "PGMTLS_EVENT",
+    "PGMTLS_DATABASE",
+    "PGMTLS_CERTIFICATE_ID",
+    "PGMTLS_SERIAL",
+    "PGMTLS_COMMON_NAME",
+    "PGMTLS_EXPIRES_AT",
+    "PGMTLS_PREVIOUS_CERTIFICATE_ID",
+    "PGMTLS_PREVIOUS_EXPIRES_AT",
+    "PGMTLS_STATE_DIR",
+    "PGMTLS_DOWNLOAD_COMMAND",
+];
+
+/// The details of one renewal for the notify command, in [`NOTIFY_ENV`] order.
+fn notify_env(r: &Renewal, state_dir: &Path) -> Vec<(&'static str, String)> {
+    // An array of the same length as NOTIFY_ENV: a missing value does not compile.
+    let values: [String; NOTIFY_ENV.len()] = [
+        "certificate.renew".to_owned(),
+        r.database.clone(),
+        r.id.clone(),
+        r.serial.clone(),
+        r.common_name.clone(),
+        state::rfc3339(r.expires_at),
+        r.previous_id.clone(),
+        state::rfc3339(r.previous_expires_at),
+        state_dir.display().to_string(),
+        format!(
+            "pgmtls certificates download {} --id {} --state-dir {}",
+            r.database,
+            r.id,
+            state_dir.display()
+        ),
+    ];
+    NOTIFY_ENV.into_iter().zip(values).collect()
 }
 
 /// Runs the notify command with `sh -c`; its stdout goes to our stderr so `--json` output
