@@ -1,0 +1,173 @@
+//! Deployment files cannot rot: every YAML under deploy/ parses, the Kubernetes manifests agree
+//! with the pgmtls config they embed (ports, probes, mount paths), and the systemd unit keeps
+//! its hardening and its reload hook.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use pgmtls::config::Config;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            out.push(p);
+        }
+    }
+}
+
+fn docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn every_yaml_under_deploy_parses() {
+    let mut files = Vec::new();
+    yaml_files(&root(), &mut files);
+    assert!(files.len() >= 2, "{files:?}");
+    for f in files {
+        assert!(!docs(&f).is_empty(), "{} is empty", f.display());
+    }
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn check_manifest(name: &str) {
+    let path = root().join("kubernetes").join(name);
+    let docs = docs(&path);
+    let cm = find(&docs, "ConfigMap")[0];
+    let cfg_text = cm["data"]["pgmtls.yaml"].as_str().unwrap();
+    let cfg = Config::parse(Path::new("pgmtls.yaml"), cfg_text)
+        .unwrap_or_else(|e| panic!("{name}: embedded config: {e}"));
+    let admin_port = cfg.admin_listen.expect("admin enabled for probes").port();
+
+    let deploy = find(&docs, "Deployment")[0];
+    let pod = &deploy["spec"]["template"];
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/port"],
+        admin_port.to_string(),
+        "{name}: scrape port"
+    );
+    let containers = pod["spec"]["containers"].as_array().unwrap();
+    let c = containers
+        .iter()
+        .find(|c| c["name"] == "pgmtls")
+        .expect("a pgmtls container");
+    let ports = c["ports"].as_array().unwrap();
+    let port_of = |n: &str| {
+        ports
+            .iter()
+            .find(|p| p["name"] == n)
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("{name}: no port named {n}"))
+    };
+    assert_eq!(
+        port_of("admin"),
+        u64::from(admin_port),
+        "{name}: admin port"
+    );
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let p = c[probe]["httpGet"]["port"].as_str().unwrap();
+        port_of(p);
+    }
+    // The config the container reads is the ConfigMap's, and its state_dir is the Secret mount.
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let cfg_path = args[args.iter().position(|a| *a == "--config").unwrap() + 1];
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let mount_for = |path: &str| {
+        mounts
+            .iter()
+            .find(|m| m["mountPath"] == path)
+            .unwrap_or_else(|| panic!("{name}: nothing mounted at {path}"))
+    };
+    mount_for(cfg_path);
+    let state_dir = cfg.state_dir.unwrap();
+    let state_mount = mount_for(state_dir.to_str().unwrap());
+    let volumes = pod["spec"]["volumes"].as_array().unwrap();
+    let state_vol = volumes
+        .iter()
+        .find(|v| v["name"] == state_mount["name"])
+        .unwrap();
+    assert!(
+        state_vol["secret"]["defaultMode"].is_number(),
+        "{name}: key mode"
+    );
+    let items = state_vol["secret"]["items"].as_array().unwrap();
+    for f in [
+        "database.yaml",
+        "server.crt",
+        "server.key",
+        "ca.crt",
+        "ip-rules.yaml",
+    ] {
+        assert!(
+            items
+                .iter()
+                .any(|i| i["path"].as_str().unwrap().ends_with(&format!("/{f}"))),
+            "{name}: state secret lacks {f}"
+        );
+    }
+    let grace = pod["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        grace > cfg.timeouts.shutdown_grace.as_secs(),
+        "{name}: pod grace must exceed shutdown_grace"
+    );
+    for svc in find(&docs, "Service") {
+        for p in svc["spec"]["ports"].as_array().unwrap() {
+            port_of(p["targetPort"].as_str().unwrap());
+        }
+    }
+}
+
+#[test]
+fn sidecar_manifest_matches_its_config() {
+    check_manifest("sidecar.yaml");
+}
+
+#[test]
+fn gateway_manifest_matches_its_config_and_keeps_client_ips() {
+    check_manifest("gateway.yaml");
+    let docs = docs(&root().join("kubernetes/gateway.yaml"));
+    let svc = find(&docs, "Service")[0];
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert_eq!(svc["spec"]["externalTrafficPolicy"], "Local");
+    assert_eq!(find(&docs, "Deployment")[0]["spec"]["replicas"], 3);
+    assert_eq!(find(&docs, "PodDisruptionBudget").len(), 1);
+}
+
+#[test]
+fn systemd_unit_is_hardened_and_reloads_with_sighup() {
+    let unit = std::fs::read_to_string(root().join("systemd/pgmtls.service")).unwrap();
+    let has = |line: &str| unit.lines().any(|l| l.trim() == line);
+    for line in [
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "DynamicUser=yes",
+        "ReadWritePaths=/var/lib/pgmtls",
+        "CapabilityBoundingSet=",
+    ] {
+        assert!(has(line), "pgmtls.service lacks {line:?}");
+    }
+}
