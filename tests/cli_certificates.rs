@@ -119,6 +119,17 @@ fn download_to_the_default_directory_warns_about_unprefixed_files() {
     let env = Env::new();
     env.create_db("app", "127.0.0.1:0", "127.0.0.1:5432");
     let id = first_cert(&env);
+    let out = env.run(&[
+        "certificates",
+        "download",
+        "app",
+        "--id",
+        &id,
+        "--prefix",
+        "app_",
+    ]);
+    out.ok();
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
     let out = env.run(&["certificates", "download", "app", "--id", &id]);
     out.ok();
     assert!(
@@ -135,17 +146,6 @@ fn download_to_the_default_directory_warns_about_unprefixed_files() {
     ] {
         assert!(pgdir.join(f).is_file(), "{f}");
     }
-    let out = env.run(&[
-        "certificates",
-        "download",
-        "app",
-        "--id",
-        &id,
-        "--prefix",
-        "app_",
-    ]);
-    out.ok();
-    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
 }
 
 #[test]
@@ -501,4 +501,33 @@ fn renew_refreshes_a_crl_close_to_its_next_update() {
     // Fresh now: a second run leaves it alone.
     let report = env.run(&["certificates", "renew", "--json"]).json();
     assert!(report["crls_refreshed"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn prefixed_download_still_warns_about_unprefixed_files_left_in_the_default_directory() {
+    let env = Env::new();
+    env.create_db("app", "127.0.0.1:0", "127.0.0.1:5432");
+    let id = first_cert(&env);
+    let pgdir = env.home.join(".postgresql");
+    std::fs::create_dir(&pgdir).unwrap();
+    std::fs::write(pgdir.join("root.crt"), "someone else's root").unwrap();
+    let out = env.run(&[
+        "certificates",
+        "download",
+        "app",
+        "--id",
+        &id,
+        "--prefix",
+        "app_",
+    ]);
+    out.ok();
+    assert!(
+        out.stderr.contains("warning: unprefixed files"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(pgdir.join("root.crt")).unwrap(),
+        "someone else's root"
+    );
 }

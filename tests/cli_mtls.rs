@@ -337,13 +337,25 @@ fn status_words_come_from_the_running_proxy() {
     assert_eq!(by_id(&rule["id"]), "Authorized");
     assert_eq!(by_id(&pending_rule["id"]), "Authorizing");
     let certs = with(&["certificates", "app", "--json"]).json();
-    assert_eq!(certs[0]["status"], "ready");
-    assert_eq!(certs[0]["served"], true);
-    assert_eq!(certs[1]["id"], new_cert["id"]);
+    // Both were issued within a second: find them by id, not by position.
+    let cert = |id: &serde_json::Value| {
+        certs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == *id)
+            .unwrap()
+            .clone()
+    };
+    let loaded = cert(&json!(cert_id));
+    assert_eq!(loaded["status"], "ready");
+    assert_eq!(loaded["served"], true);
+    let fresh = cert(&new_cert["id"]);
     assert_eq!(
-        certs[1]["status"], "pending",
+        fresh["status"], "pending",
         "the proxy has not loaded it yet"
     );
+    assert_eq!(fresh["served"], false);
 
     // The same proxy found through --config's admin_listen.
     let config = env.dir.path().join("pgmtls.yaml");
@@ -463,4 +475,98 @@ fn unwritable_state_dir_is_a_one_line_error() {
         .to_owned();
     assert!(e.contains("Not a directory"), "{e}");
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}
+
+#[test]
+fn an_audit_log_that_cannot_be_opened_stops_the_change_before_it_is_made() {
+    let env = Env::new();
+    env.create_db("app", "127.0.0.1:0", "127.0.0.1:5432");
+    // A directory where the log should be: unwritable even for root.
+    std::fs::remove_file(env.state.join("audit.log")).unwrap();
+    std::fs::create_dir(env.state.join("audit.log")).unwrap();
+    let before = env.snapshot();
+    let e = env
+        .run(&["ip-rules", "create", "app", "--cidr", "10.0.0.0/8"])
+        .error()
+        .to_owned();
+    assert!(e.contains("audit.log"), "{e}");
+    let e = env
+        .run(&["certificates", "revoke", "app", "--id", "whatever"])
+        .error()
+        .to_owned();
+    assert!(e.contains("audit.log"), "{e}");
+    assert_eq!(env.snapshot(), before);
+}
+
+/// Answers the confirmation prompt on a pseudo-terminal made by util-linux `script`.
+fn with_tty(env: &Env, args: &[&str], answer: &str) -> cli_support::Out {
+    use std::io::Write;
+    let line = std::iter::once(cli_support::BIN)
+        .chain(args.iter().copied())
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    // The same environment the plain runs get, around `script`.
+    let base = env.command(&[]);
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"]);
+    for (k, v) in base.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{answer}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    cli_support::Out {
+        args: line,
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn the_prompt_on_a_terminal_takes_yes_and_refuses_anything_else() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping: util-linux `script` is not installed");
+        return;
+    }
+    let env = Env::new();
+    let create = [
+        "mtls",
+        "create",
+        "app",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:5432",
+    ];
+    let out = with_tty(&env, &create, "no");
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stdout.contains("This action will be logged. Continue?"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("aborted: nothing was changed"),
+        "{out:?}"
+    );
+    assert!(!env.db_dir("app").exists());
+    let out = with_tty(&env, &create, "yes");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(env.db_dir("app").is_dir());
 }

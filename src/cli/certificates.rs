@@ -600,10 +600,13 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let in_default = default_dir.ok().is_some_and(|d| same_dir(&d, &dir));
-    if args.prefix.is_empty() && in_default {
+    let unprefixed = download_names("");
+    let present = unprefixed[..3].iter().any(|n| dir.join(n).exists());
+    if in_default && present {
         eprintln!(
-            "pgmtls: warning: unprefixed files in {} are used by every libpq connection of this \
-             user, to any server; use --prefix to keep them apart",
+            "pgmtls: warning: unprefixed files in {} (postgresql.crt, postgresql.key, root.crt) \
+             are used by every libpq connection of this user, to any server; prefer --prefix \
+             and sslcert/sslkey/sslrootcert",
             dir.display()
         );
     }
