@@ -62,20 +62,28 @@ fn psql(pg: &PgServer, proxy: &ProxyProcess, files: &Download) -> Psql {
     .password(APP_PASSWORD)
 }
 
-/// SIGHUP, then wait for a reload newer than any logged so far.
-fn reload(proxy: &ProxyProcess) {
-    let seen = proxy
+/// The newest configuration generation the proxy has logged (1 after start-up).
+fn generation(proxy: &ProxyProcess) -> u64 {
+    proxy
         .log_text()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["message"] == "configuration reloaded")
         .filter_map(|v| v["generation"].as_u64())
         .max()
-        .unwrap_or(1);
+        .unwrap_or(1)
+}
+
+/// Runs a CLI change, sends SIGHUP, and waits until the proxy has applied a configuration
+/// newer than the one it had before the change (a file watch may get there first).
+fn change_and_reload<T>(proxy: &ProxyProcess, change: impl FnOnce() -> T) -> T {
+    let before = generation(proxy);
+    let out = change();
     proxy.signal("HUP");
     proxy.wait_for_log(Duration::from_secs(20), |v| {
-        v["message"] == "configuration reloaded" && v["generation"].as_u64() > Some(seen)
+        v["message"] == "configuration reloaded" && v["generation"].as_u64() > Some(before)
     });
+    out
 }
 
 fn config_file(env: &Env) -> PathBuf {
@@ -174,27 +182,30 @@ async fn cli_managed_database_admits_psql_until_revoked_or_its_rule_is_deleted()
     proxy.wait_for_refusal("ip_not_allowed");
 
     // Revoked: the same psql, with the same files, is refused once the proxy reloads.
-    env.run(&["certificates", "revoke", "app", "--id", &first])
-        .ok();
-    reload(&proxy);
+    change_and_reload(&proxy, || {
+        env.run(&["certificates", "revoke", "app", "--id", &first])
+            .ok();
+    });
     let out = psql(&pg, &proxy, &files).run_async("SELECT 1").await;
     assert!(!out.success(), "a revoked certificate connected");
     proxy.wait_for_refusal("client_cert_revoked");
 
     // A new certificate works again...
-    let second = env.run(&["certificates", "create", "app", "--json"]).json()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let second = change_and_reload(&proxy, || {
+        env.run(&["certificates", "create", "app", "--json"]).json()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    });
     let files2 = download(&env, &second, "second_");
-    reload(&proxy);
     let out = psql(&pg, &proxy, &files2).run_async("SELECT 'again'").await;
     assert_eq!(out.expect_ok(), "again");
 
     // ...until the rule for its address is deleted.
-    env.run(&["ip-rules", "delete", "app", "--cidr", "127.0.0.1/32"])
-        .ok();
-    reload(&proxy);
+    change_and_reload(&proxy, || {
+        env.run(&["ip-rules", "delete", "app", "--cidr", "127.0.0.1/32"])
+            .ok();
+    });
     let out = psql(&pg, &proxy, &files2).run_async("SELECT 1").await;
     assert!(!out.success(), "a deleted rule still admitted psql");
     let refusals = proxy
@@ -207,9 +218,10 @@ async fn cli_managed_database_admits_psql_until_revoked_or_its_rule_is_deleted()
     assert_eq!(select_from("127.0.0.2", &proxy, &files2).await, 7);
 
     // Disabling mTLS closes the listener on the next reload.
-    env.run(&["mtls", "destroy", "app", "--confirm", "app"])
-        .ok();
-    reload(&proxy);
+    change_and_reload(&proxy, || {
+        env.run(&["mtls", "destroy", "app", "--confirm", "app"])
+            .ok();
+    });
     proxy.wait_for_log(Duration::from_secs(10), |v| {
         v["message"] == "database disabled; listener closed"
     });
