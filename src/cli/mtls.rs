@@ -297,6 +297,14 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     )?;
     drop(change);
     done(&format!("Enabling mTLS on {name}"));
+    if names.is_empty() {
+        eprintln!(
+            "pgmtls: warning: the server certificate names no host (listen address {} is \
+             unspecified and no --server-name was given): clients can use sslmode=verify-ca, \
+             not verify-full",
+            args.listen
+        );
+    }
 
     let proxy = ctx.proxy();
     let tls_status = proxy.tls_status(name);
