@@ -82,6 +82,9 @@ struct QuickArgs {
     admin_listen: Option<String>,
     #[arg(long, env = "PGMTLS_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Threads serving connections (default: one per CPU).
+    #[arg(long, env = "PGMTLS_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     #[arg(long, env = "PGMTLS_SHUTDOWN_GRACE")]
     shutdown_grace: Option<humantime::Duration>,
     #[arg(long, env = "PGMTLS_HANDSHAKE_TIMEOUT")]
@@ -106,7 +109,11 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Serve(args) => {
             let (config, source) = serve_inputs(*args)?;
             init_logging(cli.log_format.unwrap_or(config.log_format));
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.worker_threads {
+                builder.worker_threads(n);
+            }
+            let rt = builder
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
@@ -182,6 +189,9 @@ fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
     }
     if let Some(m) = q.max_connections {
         config.max_connections = m;
+    }
+    if let Some(w) = q.worker_threads.filter(|w| *w > 0) {
+        config.worker_threads = Some(w);
     }
     if let Some(g) = q.shutdown_grace {
         config.timeouts.shutdown_grace = g.into();

@@ -40,6 +40,8 @@ pub struct Config {
     pub reload_poll_interval: Duration,
     pub enforce_on_live_sessions: bool,
     pub log_format: LogFormat,
+    /// Threads serving connections; `None` means one per CPU.
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +75,7 @@ impl Default for Config {
             reload_poll_interval: Duration::from_secs(30),
             enforce_on_live_sessions: true,
             log_format: LogFormat::Text,
+            worker_threads: None,
         }
     }
 }
@@ -88,6 +91,7 @@ pub const KEYS: &[&str] = &[
     "reload_poll_interval",
     "enforce_on_live_sessions",
     "log_format",
+    "worker_threads",
 ];
 
 impl Config {
@@ -150,6 +154,7 @@ impl Config {
             log_format: f
                 .optional_with("log_format", |v| convert::string(v)?.parse())
                 .unwrap_or_default(),
+            worker_threads: f.optional_with("worker_threads", convert::positive_usize),
         };
         f.finish().into_result(cfg)
     }
@@ -172,12 +177,14 @@ mod tests {
     fn all_keys_parse() {
         let text = "state_dir: /var/lib/pgmtls\nadmin_listen: \"off\"\nhandshake_timeout: 3s\n\
                     upstream_connect_timeout: 1s\nshutdown_grace: 1m\nmax_connections: 50\n\
-                    reload_poll_interval: 5s\nenforce_on_live_sessions: false\nlog_format: json\n";
+                    reload_poll_interval: 5s\nenforce_on_live_sessions: false\nlog_format: json\n\
+                    worker_threads: 1\n";
         let c = Config::parse(Path::new("p.yaml"), text).unwrap();
         assert_eq!(c.admin_listen, None);
         assert_eq!(c.timeouts.shutdown_grace, Duration::from_secs(60));
         assert_eq!(c.max_connections, 50);
         assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.worker_threads, Some(1));
         assert!(!c.enforce_on_live_sessions);
         for key in KEYS {
             assert!(text.contains(&format!("{key}:")), "{key} untested");

@@ -132,19 +132,23 @@ async fn run(
     let timed_out = || ConnError::new(ErrorKind::HandshakeTimeout, "handshake_timeout elapsed");
 
     // Stage: negotiate.
-    let negotiated = tokio::time::timeout_at(deadline, negotiate::negotiate(&mut stream))
+    let negotiated = tokio::time::timeout_at(deadline, Box::pin(negotiate::negotiate(&mut stream)))
         .await
         .map_err(|_| timed_out())??;
     log.negotiation = negotiated.mode();
     let direct = match negotiated {
-        Negotiated::Cancel(key) => return cancel::forward(ctx, db, key).await,
+        Negotiated::Cancel(key) => return Box::pin(cancel::forward(ctx, db, key)).await,
         Negotiated::Tls { direct } => direct,
     };
 
     // Stage: TLS with a required client certificate.
-    let (mut client, identity) = tokio::time::timeout_at(deadline, tls::accept(stream, db, direct))
-        .await
-        .map_err(|_| timed_out())??;
+    let (client, identity) =
+        tokio::time::timeout_at(deadline, Box::pin(tls::accept(stream, db, direct)))
+            .await
+            .map_err(|_| timed_out())??;
+    // One heap copy of the TLS state, moved by pointer: held inline, every future that takes
+    // it over would reserve room for it again in this task.
+    let mut client = Box::new(client);
     log.identity = identity;
     let mut guard = ctx.sessions.register(
         conn_id,
@@ -155,15 +159,16 @@ async fn run(
     );
 
     // Stage: StartupMessage inside TLS.
-    let startup = match tokio::time::timeout_at(deadline, startup::read(&mut client)).await {
-        Err(_) => return Err(timed_out()),
-        Ok(Err(e)) => return Err(notify(&mut client, e).await),
-        Ok(Ok(s)) => s,
-    };
+    let startup =
+        match tokio::time::timeout_at(deadline, Box::pin(startup::read(&mut client))).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Err(e)) => return Err(notify(&mut client, e).await),
+            Ok(Ok(s)) => s,
+        };
     let params = match startup {
         startup::Startup::Cancel(key) => {
             log.negotiation = "cancel";
-            return cancel::forward(ctx, db, key).await;
+            return Box::pin(cancel::forward(ctx, db, key)).await;
         }
         startup::Startup::Session(p) => p,
     };
@@ -171,11 +176,11 @@ async fn run(
     log.pg_database = params.database().map(str::to_owned);
 
     // Stage: upstream.
-    let mut up = match upstream::connect_timed(
+    let mut up = match Box::pin(upstream::connect_timed(
         &db.upstream,
         ctx.timeouts.upstream_connect,
         &db.metrics.upstream_connect_seconds,
-    )
+    ))
     .await
     {
         Ok(u) => u,
@@ -186,7 +191,7 @@ async fn run(
         return Err(notify(&mut client, e).await);
     }
     let is_tls = up.is_tls();
-    let outcome = match auth::relay_auth_phase(&mut client, &mut up, is_tls).await {
+    let outcome = match Box::pin(auth::relay_auth_phase(&mut client, &mut up, is_tls)).await {
         Ok(o) => o,
         Err(e) => return Err(notify(&mut client, e).await),
     };
@@ -231,6 +236,10 @@ async fn run(
     }
 }
 
+// The stages before the relay run once per connection while the relay state lives for the
+// whole session; boxing them keeps their (large) futures out of the per-session task, so an
+// idle session costs little memory.
+
 /// Tells a TLS client why it is refused, if the error has a fixed notice, then closes.
 async fn notify<S: AsyncWrite + Unpin>(client: &mut S, e: ConnError) -> ConnError {
     if let Some(n) = e.client_notice() {
@@ -241,4 +250,28 @@ async fn notify<S: AsyncWrite + Unpin>(client: &mut S, e: ConnError) -> ConnErro
     }
     let _ = client.shutdown().await;
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    /// Every idle session is one task holding this future: it must stay small (the TLS state
+    /// and any buffers live on the heap, once).
+    #[tokio::test]
+    async fn the_per_session_future_stays_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let ctx = Arc::new(super::Context::new(
+            crate::snapshot::Snapshot::default(),
+            Arc::new(crate::metrics::Metrics::new()),
+            crate::config::Timeouts::default(),
+        ));
+        let peer = s.local_addr().unwrap();
+        let fut = super::serve(ctx, "x".into(), s, peer);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 2048, "serve() future grew to {size} bytes");
+    }
 }
