@@ -72,6 +72,14 @@ impl QuickSpec {
             enabled_by: None,
             created_at: None,
         };
+        if self.upstream.unix_path().is_some() && self.upstream_tls != UpstreamTls::Disable {
+            errors.extend(ConfigErrors::one(
+                std::path::Path::new("--upstream-tls"),
+                "",
+                None,
+                "a unix: upstream is on this host; use --upstream-tls disable",
+            ));
+        }
         if self.upstream_tls == UpstreamTls::Disable
             && !self.upstream.is_loopback()
             && !self.allow_plaintext_remote_upstream

@@ -89,3 +89,51 @@ async fn database_without_rules_admits_nobody() {
     assert_eq!(probe_from("127.0.0.1", &proxy).await, Vec::<u8>::new());
     proxy.wait_for_refusal("ip_not_allowed");
 }
+
+#[tokio::test]
+async fn ipv4_peers_of_a_dual_stack_listener_are_matched_as_ipv4() {
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let pki = TestPki::new();
+    // On a [::] listener Linux reports IPv4 clients as ::ffff:a.b.c.d.
+    let proxy = ProxyProcess::quick(&pki, pg.addr(), &["127.0.0.2/32"], &["--listen", "[::]:0"]);
+    let v4_addr = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.addr().port()));
+    let stream = connect_from("127.0.0.2".parse().unwrap(), v4_addr)
+        .await
+        .unwrap();
+    let mut cfg = pg_config(
+        "127.0.0.1",
+        v4_addr.port(),
+        APP_USER,
+        APP_DB,
+        Some(APP_PASSWORD),
+    );
+    cfg.ssl_mode(SslMode::Require);
+    let tls = tls_client_config(
+        &pki.ca.cert_path,
+        Some((&pki.client.chain_path, &pki.client.key_path)),
+        false,
+    );
+    let (c, _conn) = pg_connect_tls_over(stream, &cfg, tls)
+        .await
+        .expect("::ffff:127.0.0.2 matches 127.0.0.2/32");
+    let v: i32 = c.query_one("SELECT 4", &[]).await.unwrap().get(0);
+    assert_eq!(v, 4);
+    let mut refused = connect_from("127.0.0.3".parse().unwrap(), v4_addr)
+        .await
+        .unwrap();
+    let _ = refused.write_all(&ssl_request()).await;
+    let mut out = Vec::new();
+    let _ = refused.read_to_end(&mut out).await;
+    assert!(out.is_empty());
+    let line = proxy.wait_for_refusal("ip_not_allowed");
+    assert!(
+        line["client_addr"]
+            .as_str()
+            .unwrap()
+            .contains("::ffff:127.0.0.3"),
+        "{line}"
+    );
+}

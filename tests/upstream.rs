@@ -201,3 +201,36 @@ async fn default_psql_with_scram_works_over_a_plaintext_loopback_upstream() {
     let method = pg.superuser_exec("SHOW password_encryption");
     assert_eq!(method, "scram-sha-256");
 }
+
+#[tokio::test]
+async fn a_unix_socket_upstream_serves_psql_with_scram() {
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::builder()
+        .hba("local all app scram-sha-256\nlocal all all trust\nhost all all 127.0.0.1/32 trust\n")
+        .start();
+    let pki = TestPki::new();
+    let socket = format!("unix:{}/.s.PGSQL.{}", pg.socket_dir().display(), pg.port());
+    let proxy = ProxyProcess::spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &socket,
+        "--cert",
+        path(&pki.server.chain_path),
+        "--key",
+        path(&pki.server.key_path),
+        "--client-ca",
+        path(&pki.ca.cert_path),
+        "--allow",
+        "127.0.0.1/32",
+        "--admin-listen",
+        "off",
+    ]);
+    let out = psql(&pg, &pki, &proxy, APP_USER)
+        .password(APP_PASSWORD)
+        .run_async("SELECT current_user || ' ' || coalesce(inet_client_addr()::text, 'local')")
+        .await;
+    assert_eq!(out.expect_ok().trim(), "app local");
+}

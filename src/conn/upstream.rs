@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -18,6 +18,7 @@ use crate::wire::frontend::SSL_REQUEST_CODE;
 /// A plaintext or TLS connection to the upstream.
 pub enum UpstreamStream {
     Plain(TcpStream),
+    Unix(UnixStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
@@ -54,6 +55,12 @@ pub async fn connect_timed(
 
 async fn dial(target: &UpstreamTarget) -> Result<UpstreamStream, ConnError> {
     let unavailable = |e: io::Error| ConnError::new(ErrorKind::UpstreamUnavailable, e.to_string());
+    if let Some(path) = target.addr.unix_path() {
+        return UnixStream::connect(path)
+            .await
+            .map(UpstreamStream::Unix)
+            .map_err(unavailable);
+    }
     let mut tcp = TcpStream::connect((target.addr.host.as_str(), target.addr.port))
         .await
         .map_err(unavailable)?;
@@ -89,6 +96,7 @@ impl AsyncRead for UpstreamStream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -102,6 +110,7 @@ impl AsyncWrite for UpstreamStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -109,6 +118,7 @@ impl AsyncWrite for UpstreamStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
@@ -116,6 +126,7 @@ impl AsyncWrite for UpstreamStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }

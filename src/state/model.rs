@@ -54,7 +54,9 @@ impl fmt::Display for UpstreamTls {
     }
 }
 
-/// `host:port` of the upstream Postgres; the host may be a name, resolved at connect time.
+/// Where the upstream Postgres listens: `host:port` (the host may be a name, resolved at
+/// connect time), or `unix:/path/.s.PGSQL.5432` for a server on the same host, which spares
+/// both sides the loopback TCP stack. For a Unix socket `host` holds the path and `port` is 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamAddr {
     pub host: String,
@@ -62,8 +64,14 @@ pub struct UpstreamAddr {
 }
 
 impl UpstreamAddr {
+    /// The socket path of a `unix:` upstream.
+    pub fn unix_path(&self) -> Option<&Path> {
+        (self.port == 0 && self.host.starts_with('/')).then(|| Path::new(&self.host))
+    }
+
     pub fn is_loopback(&self) -> bool {
-        self.host == "localhost"
+        self.unix_path().is_some()
+            || self.host == "localhost"
             || self
                 .host
                 .trim_matches(['[', ']'])
@@ -75,7 +83,24 @@ impl UpstreamAddr {
 impl std::str::FromStr for UpstreamAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid upstream {s:?}: expected HOST:PORT, e.g. 10.0.0.5:5432");
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') || path.len() < 2 {
+                return Err(format!(
+                    "invalid upstream {s:?}: a Unix socket needs an absolute path, e.g. \
+                     unix:/var/run/postgresql/.s.PGSQL.5432"
+                ));
+            }
+            return Ok(UpstreamAddr {
+                host: path.to_owned(),
+                port: 0,
+            });
+        }
+        let bad = || {
+            format!(
+                "invalid upstream {s:?}: expected HOST:PORT (e.g. 10.0.0.5:5432) or \
+                 unix:/path/.s.PGSQL.5432"
+            )
+        };
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
         let host = host.trim_matches(['[', ']']);
@@ -91,7 +116,9 @@ impl std::str::FromStr for UpstreamAddr {
 
 impl fmt::Display for UpstreamAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
+        if let Some(p) = self.unix_path() {
+            write!(f, "unix:{}", p.display())
+        } else if self.host.contains(':') {
             write!(f, "[{}]:{}", self.host, self.port)
         } else {
             write!(f, "{}:{}", self.host, self.port)
@@ -161,6 +188,14 @@ impl DatabaseSettings {
             );
         }
         if let Some(up) = &upstream {
+            if up.unix_path().is_some() && upstream_tls != UpstreamTls::Disable {
+                let line = f.line_of("upstream_tls");
+                f.push(
+                    "upstream_tls",
+                    line,
+                    "a unix: upstream is on this host; use upstream_tls: disable",
+                );
+            }
             if upstream_tls == UpstreamTls::Disable && !up.is_loopback() && !allow_remote {
                 let line = f.line_of("upstream");
                 f.push(
@@ -652,8 +687,33 @@ mod tests {
         assert_eq!(a.to_string(), "[::1]:5432");
         let b: UpstreamAddr = "db.example:6543".parse().unwrap();
         assert!(!b.is_loopback());
-        for bad in ["", "db", "db:0", "db:99999", ":5432", "a b:1"] {
+        for bad in [
+            "",
+            "db",
+            "db:0",
+            "db:99999",
+            ":5432",
+            "a b:1",
+            "unix:",
+            "unix:rel/sock",
+        ] {
             assert!(bad.parse::<UpstreamAddr>().is_err(), "{bad}");
         }
+        let u: UpstreamAddr = "unix:/run/postgresql/.s.PGSQL.5432".parse().unwrap();
+        assert!(u.is_loopback());
+        assert_eq!(
+            u.unix_path(),
+            Some(Path::new("/run/postgresql/.s.PGSQL.5432"))
+        );
+        assert_eq!(u.to_string(), "unix:/run/postgresql/.s.PGSQL.5432");
+        let e = DatabaseSettings::parse(
+            Path::new("d.yaml"),
+            "listen: 0.0.0.0:6432\nupstream: unix:/run/pg/.s.PGSQL.5432\nupstream_tls: require\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("upstream_tls: a unix: upstream"),
+            "{e}"
+        );
     }
 }

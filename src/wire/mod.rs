@@ -8,3 +8,6 @@ pub mod frontend;
 
 pub use backend::{error_response, AuthRequest, BackendMessage};
 pub use frontend::{FirstPacket, StartupParams, WireError, MAX_STARTUP_PACKET};
+
+#[cfg(test)]
+mod fuzz_tests;

@@ -95,9 +95,14 @@ impl ProxyProcess {
     /// Quick mode against `upstream`, server cert `pki.server`, client CA `pki.ca`.
     pub fn quick(pki: &TestPki, upstream: SocketAddr, allow: &[&str], extra: &[&str]) -> Self {
         let up = upstream.to_string();
-        let mut args: Vec<&str> = vec![
-            "--listen",
-            "127.0.0.1:0",
+        // `extra` may choose its own listen address.
+        let listen = if extra.contains(&"--listen") {
+            vec![]
+        } else {
+            vec!["--listen", "127.0.0.1:0"]
+        };
+        let mut args: Vec<&str> = listen;
+        args.extend_from_slice(&[
             "--upstream",
             &up,
             "--cert",
@@ -108,7 +113,7 @@ impl ProxyProcess {
             path(&pki.ca.cert_path),
             "--admin-listen",
             "off",
-        ];
+        ]);
         for a in allow {
             args.push("--allow");
             args.push(a);
