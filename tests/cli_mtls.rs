@@ -570,3 +570,31 @@ fn the_prompt_on_a_terminal_takes_yes_and_refuses_anything_else() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(env.db_dir("app").is_dir());
 }
+
+#[test]
+fn mtls_create_accepts_a_unix_socket_upstream() {
+    let env = Env::new();
+    let out = env.create_db(
+        "app",
+        "127.0.0.1:0",
+        "unix:/var/run/postgresql/.s.PGSQL.5432",
+    );
+    assert_eq!(out["upstream"], "unix:/var/run/postgresql/.s.PGSQL.5432");
+    let db = StateDir::new(&env.state).load_database("app").unwrap();
+    assert!(db.settings.upstream.unix_path().is_some());
+    let e = env
+        .run(&[
+            "mtls",
+            "create",
+            "two",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "unix:relative",
+            "--confirm",
+            "two",
+        ])
+        .error()
+        .to_owned();
+    assert!(e.contains("absolute path"), "{e}");
+}

@@ -69,7 +69,7 @@ pub struct CreateArgs {
     /// Address the proxy accepts clients on for this database (port 0: any free port).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: SocketAddr,
-    /// The PostgreSQL server behind the proxy.
+    /// The PostgreSQL server behind the proxy, or unix:/path/.s.PGSQL.5432 on the same host.
     #[arg(long, value_name = "HOST:PORT")]
     pub upstream: String,
     /// TLS to the upstream: disable (loopback only), require, verify-full.
