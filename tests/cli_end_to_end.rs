@@ -228,3 +228,113 @@ async fn cli_managed_database_admits_psql_until_revoked_or_its_rule_is_deleted()
     let refused = tokio::net::TcpStream::connect(proxy.addrs["app"]).await;
     assert!(refused.is_err(), "listener still open after destroy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_words_follow_the_running_proxys_status_endpoint() {
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let env = Env::new();
+    env.create_db("app", "127.0.0.1:0", &pg.addr().to_string());
+    let rule = env
+        .run(&[
+            "ip-rules",
+            "create",
+            "app",
+            "--cidr",
+            "127.0.0.1/32",
+            "--json",
+        ])
+        .json();
+    let admin = cli_support::free_listen();
+    let config = env.dir.path().join("pgmtls.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {}\nadmin_listen: {admin}\nlog_format: json\n",
+            env.state.display()
+        ),
+    )
+    .unwrap();
+    let proxy = ProxyProcess::spawn(&["--config", config.to_str().unwrap()]);
+    // The admin endpoint is built in parallel with the CLI; until this binary serves it, there
+    // is no /status to check the words against.
+    if std::net::TcpStream::connect(&admin).is_err() {
+        eprintln!("skipping: this build of pgmtls serves no admin endpoint on {admin}");
+        return;
+    }
+    let url = format!("http://{admin}");
+    let with = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["--admin-url", &url]);
+        env.run(&a)
+    };
+
+    let text = with(&["mtls", "app"]).ok().to_owned();
+    assert!(text.starts_with("TLS-status: Operational\n"), "{text}");
+    let rules = with(&["ip-rules", "app", "--json"]).json();
+    assert_eq!(rules[0]["id"], rule["id"]);
+    assert_eq!(rules[0]["status"], "Authorized");
+    let certs = with(&["certificates", "app", "--json"]).json();
+    assert_eq!(certs[0]["status"], "ready", "{certs}");
+    assert_eq!(certs[0]["served"], true);
+    let id = certs[0]["id"].as_str().unwrap().to_owned();
+
+    // A new rule is Authorized once the proxy has reloaded.
+    let second = change_and_reload(&proxy, || {
+        env.run(&[
+            "ip-rules",
+            "create",
+            "app",
+            "--cidr",
+            "10.0.0.0/8",
+            "--json",
+        ])
+        .json()
+    });
+    let got = with(&[
+        "ip-rules",
+        "get",
+        "app",
+        "--id",
+        second["id"].as_str().unwrap(),
+        "--json",
+    ])
+    .json();
+    assert_eq!(got["status"], "Authorized");
+
+    // Revoked, and the proxy agrees once it has reloaded.
+    change_and_reload(&proxy, || {
+        env.run(&["certificates", "revoke", "app", "--id", &id])
+            .ok();
+    });
+    let got = with(&["certificates", "get", "app", "--id", &id, "--json"]).json();
+    assert_eq!(got["status"], "revoked");
+    assert_eq!(got["served"], false);
+
+    // The same proxy, found through the config file's admin_listen.
+    let listen = admin.clone();
+    let cfg2 = env.dir.path().join("cli.yaml");
+    std::fs::write(
+        &cfg2,
+        format!(
+            "state_dir: {}\nadmin_listen: {listen}\n",
+            env.state.display()
+        ),
+    )
+    .unwrap();
+    let dbs = env
+        .run(&["databases", "--json", "--config", cfg2.to_str().unwrap()])
+        .json();
+    assert_eq!(dbs[0]["tls_status"], "Operational");
+
+    // Disabled: the proxy no longer serves it.
+    change_and_reload(&proxy, || {
+        env.run(&["mtls", "destroy", "app", "--confirm", "app"])
+            .ok();
+    });
+    let status: serde_json::Value =
+        serde_json::from_str(&with(&["databases", "--json"]).ok().to_owned()).unwrap();
+    assert_eq!(status, serde_json::json!([]));
+}
