@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,9 +12,11 @@ use time::OffsetDateTime;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::admin::{AdminSource, LastReload, Status};
 use crate::config::{Config, ConfigErrors};
 use crate::conn::Context;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReloadKind};
+use crate::reload::{describe_changes, restart_needed, Reloadable, WatchPlan};
 use crate::sessions::EndReason;
 use crate::snapshot::Snapshot;
 use crate::state::{
@@ -135,6 +137,23 @@ impl Source {
             Source::Quick(q) => q.load().map(|d| vec![d]),
         }
     }
+
+    /// What the reloader watches: the state directory (recursively) and the config file, or
+    /// in quick mode the PEM files named on the command line.
+    pub fn watch_plan(&self, config_file: Option<&Path>) -> WatchPlan {
+        match self {
+            Source::StateDir(s) => {
+                let files: Vec<&Path> = config_file.into_iter().collect();
+                WatchPlan::new(Some(s.root()), &files)
+            }
+            Source::Quick(q) => {
+                let mut files: Vec<&Path> = vec![&q.cert, &q.key, &q.client_ca];
+                files.extend(q.crl.as_deref());
+                files.extend(q.upstream_ca.as_deref());
+                WatchPlan::new(None, &files)
+            }
+        }
+    }
 }
 
 /// The outcome of the last reload, for logs and `/status`.
@@ -143,6 +162,7 @@ pub struct ReloadStatus {
     pub last_attempt: Option<OffsetDateTime>,
     pub last_success: Option<OffsetDateTime>,
     pub last_error: Option<String>,
+    pub last_trigger: Option<ReloadKind>,
 }
 
 /// What a successful reload changed.
@@ -186,7 +206,14 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let states = source.load()?;
         let snapshot = Snapshot::build(1, &states, &metrics)?;
+        snapshot.publish_metrics(&metrics);
+        metrics.record_reload(
+            ReloadKind::startup,
+            true,
+            OffsetDateTime::now_utc().unix_timestamp(),
+        );
         let ctx = Arc::new(Context::new(snapshot, metrics, config.timeouts));
+        ctx.sessions.set_enforcing(config.enforce_on_live_sessions);
         let (stop, _) = watch::channel(false);
         let (draining, _) = watch::channel(false);
         let max = config.max_connections.min(Semaphore::MAX_PERMITS);
@@ -204,6 +231,7 @@ impl App {
                 last_attempt: Some(OffsetDateTime::now_utc()),
                 last_success: Some(OffsetDateTime::now_utc()),
                 last_error: None,
+                last_trigger: Some(ReloadKind::startup),
             }),
             draining,
         });
@@ -265,26 +293,108 @@ impl App {
         self.draining.subscribe()
     }
 
-    /// Re-reads the source, validates all of it, and swaps it in; on any error the previous
-    /// snapshot stays. Live sessions no longer admitted are closed when the config says so.
-    pub async fn reload(&self, trigger: &str) -> Result<ReloadReport, ConfigErrors> {
+    /// Re-reads the config file and the source, validates all of it, and swaps it in; on any
+    /// error the previous snapshot stays. Live sessions no longer admitted are closed when the
+    /// config says so. An unchanged configuration is not swapped and keeps its generation.
+    pub async fn reload(&self, trigger: ReloadKind) -> Result<ReloadReport, ConfigErrors> {
         let _serial = self.reload_lock.lock().await;
-        lock(&self.reload_status).last_attempt = Some(OffsetDateTime::now_utc());
+        self.reload_locked(trigger).await
+    }
+
+    /// Makes the outcome visible in `/status` and the metrics. Called before the outcome's log
+    /// line, so whoever reacts to the line finds status and metrics already agreeing with it.
+    fn record_outcome(&self, trigger: ReloadKind, error: Option<&ConfigErrors>) {
+        let now = OffsetDateTime::now_utc();
+        self.ctx
+            .metrics
+            .record_reload(trigger, error.is_none(), now.unix_timestamp());
+        // Also after a rejected reload: building it may have created series for databases
+        // that are not served.
+        self.ctx.snapshot.load().publish_metrics(&self.ctx.metrics);
+        let mut st = lock(&self.reload_status);
+        st.last_attempt = Some(now);
+        st.last_trigger = Some(trigger);
+        match error {
+            None => {
+                st.last_success = Some(now);
+                st.last_error = None;
+            }
+            Some(e) => st.last_error = Some(e.to_string()),
+        }
+    }
+
+    async fn reload_locked(&self, trigger: ReloadKind) -> Result<ReloadReport, ConfigErrors> {
         let next_gen = self.generation() + 1;
-        let built = self
-            .source
-            .load()
-            .and_then(|states| Snapshot::build(next_gen, &states, &self.ctx.metrics));
-        let snapshot = match built {
-            Ok(s) => s,
+        let source = self.source.clone();
+        let config_file = self.config.source.clone();
+        let metrics = Arc::clone(&self.ctx.metrics);
+        // Reading files and parsing certificates blocks: keep it off the async workers so
+        // that accept loops and relays never wait behind a reload.
+        let built = tokio::task::spawn_blocking(move || {
+            let _lock = match &source {
+                Source::StateDir(s) => crate::reload::read_lock(s.root()),
+                Source::Quick(_) => None,
+            };
+            let mut errors = ConfigErrors::default();
+            let config = config_file
+                .as_deref()
+                .map(Config::load)
+                .transpose()
+                .map_err(|e| errors.extend(e))
+                .ok()
+                .flatten();
+            let snapshot = source
+                .load()
+                .and_then(|states| Snapshot::build(next_gen, &states, &metrics))
+                .map_err(|e| errors.extend(e))
+                .ok();
+            match snapshot {
+                Some(s) if errors.is_empty() => Ok((config, s)),
+                _ => Err(errors),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ConfigErrors::one(
+                Path::new("."),
+                "",
+                None,
+                format!("reload task failed: {e}"),
+            ))
+        });
+        let (file_config, snapshot) = match built {
+            Ok(b) => b,
             Err(e) => {
-                let text = e.to_string();
-                tracing::warn!(trigger, errors = %text, "reload rejected; keeping the previous configuration");
-                lock(&self.reload_status).last_error = Some(text);
+                self.record_outcome(trigger, Some(&e));
+                tracing::warn!(
+                    trigger = trigger.as_str(),
+                    errors = %e,
+                    "reload rejected; keeping the previous configuration"
+                );
                 return Err(e);
             }
         };
+        if let Some(fc) = &file_config {
+            self.apply_file_config(fc);
+        }
         let old = self.ctx.snapshot.load_full();
+        if snapshot.content_hash() == old.content_hash() {
+            // Still enforce: a certificate may have expired since the last look.
+            let closed = self.enforce(&old);
+            self.record_outcome(trigger, None);
+            tracing::info!(
+                trigger = trigger.as_str(),
+                generation = old.generation,
+                sessions_closed = closed,
+                "configuration unchanged"
+            );
+            return Ok(ReloadReport {
+                generation: old.generation,
+                sessions_closed: closed,
+                ..Default::default()
+            });
+        }
+        let changes = describe_changes(&old, &snapshot);
         let mut report = ReloadReport {
             generation: next_gen,
             ..Default::default()
@@ -307,6 +417,13 @@ impl App {
             .values()
             .map(|d| (d.name.to_string(), d.settings.listen))
             .collect();
+        let ip_rules: usize = snapshot.databases.values().map(|d| d.rules.len()).sum();
+        let crl_entries: usize = snapshot
+            .databases
+            .values()
+            .map(|d| d.tls.revoked_serials.len())
+            .sum();
+        let database_count = snapshot.databases.len();
         let snapshot = Arc::new(snapshot);
         self.ctx.snapshot.store(Arc::clone(&snapshot));
         self.generation.store(next_gen, Ordering::Relaxed);
@@ -337,42 +454,68 @@ impl App {
                 Some(_) => {}
             }
         }
-        if self.config.enforce_on_live_sessions {
-            let ended = self
-                .ctx
-                .sessions
-                .enforce(&snapshot, OffsetDateTime::now_utc());
-            for (conn_id, reason) in &ended {
-                tracing::info!(
-                    conn_id,
-                    reason = reason.as_str(),
-                    "closing live session: no longer admitted"
-                );
-            }
-            report.sessions_closed = ended.len();
-        }
-        {
-            let mut st = lock(&self.reload_status);
-            st.last_success = Some(OffsetDateTime::now_utc());
-            st.last_error = None;
-        }
+        report.sessions_closed = self.enforce(&snapshot);
+        self.record_outcome(trigger, None);
         tracing::info!(
-            trigger,
+            trigger = trigger.as_str(),
             generation = next_gen,
             added = ?report.added,
             removed = ?report.removed,
             changed = ?report.changed,
+            changes = %changes.join("; "),
+            databases = database_count,
+            ip_rules,
+            crl_entries,
             sessions_closed = report.sessions_closed,
             "configuration reloaded"
         );
         Ok(report)
     }
 
+    /// Applies what can change at run time from a re-read config file and says what cannot.
+    fn apply_file_config(&self, file: &Config) {
+        let enforce = file.enforce_on_live_sessions;
+        if self.ctx.sessions.enforcing() != enforce {
+            self.ctx.sessions.set_enforcing(enforce);
+            tracing::info!(
+                enforce_on_live_sessions = enforce,
+                "enforce_on_live_sessions changed"
+            );
+        }
+        let pending = restart_needed(&self.config, file);
+        if !pending.is_empty() {
+            tracing::warn!(
+                file = %file.source.as_deref().unwrap_or(Path::new("")).display(),
+                keys = ?pending,
+                "config file changed; restart pgmtls to apply these keys"
+            );
+        }
+    }
+
+    /// Closes the live sessions `snap` no longer admits, when enforcement is on; returns how
+    /// many were told to close.
+    fn enforce(&self, snap: &Snapshot) -> usize {
+        if !self.ctx.sessions.enforcing() {
+            return 0;
+        }
+        let ended = self.ctx.sessions.enforce(snap, OffsetDateTime::now_utc());
+        for (conn_id, reason) in &ended {
+            tracing::info!(
+                conn_id,
+                reason = reason.as_str(),
+                error_kind = reason.kind().as_str(),
+                "closing live session: no longer admitted"
+            );
+        }
+        ended.len()
+    }
+
     /// Stops accepting, lets live sessions finish for up to `shutdown_grace`, then closes the
     /// rest. Returns once every connection is gone.
     pub async fn shutdown(&self) {
-        let _ = self.draining.send(true);
-        let _ = self.stop.send(true);
+        // `send` would not store the value while nobody subscribes; readiness reads it later.
+        self.draining.send_replace(true);
+        self.stop.send_replace(true);
         let live = self.ctx.sessions.count();
         tracing::info!(live_sessions = live, grace = ?self.config.timeouts.shutdown_grace, "draining");
         let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
@@ -395,5 +538,57 @@ impl App {
             .await;
         }
         tracing::info!("stopped");
+    }
+}
+
+impl Reloadable for App {
+    async fn on_trigger(&self, kind: ReloadKind) {
+        // The outcome is logged, counted and kept for /status by `reload` itself.
+        let _ = self.reload(kind).await;
+    }
+
+    fn on_tick(&self) {
+        // Certificates expire without any file changing.
+        self.enforce(&self.ctx.snapshot.load());
+    }
+}
+
+impl AdminSource for App {
+    fn metrics_text(&self) -> String {
+        self.ctx.metrics.encode()
+    }
+
+    /// Ready from the end of start-up (every listener bound, a valid snapshot loaded) until
+    /// SIGTERM. A database added later that cannot bind shows as not operational in /status
+    /// but does not take the whole process out of a load balancer.
+    fn readiness(&self) -> Result<(), &'static str> {
+        if *self.draining.borrow() {
+            Err("draining")
+        } else {
+            Ok(())
+        }
+    }
+
+    fn status(&self) -> Status {
+        let snap = self.ctx.snapshot.load();
+        let st = lock(&self.reload_status).clone();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ready: self.readiness().is_ok(),
+            draining: *self.draining.borrow(),
+            generation: self.generation(),
+            content_hash: snap.content_hash(),
+            last_reload: LastReload {
+                at: st.last_attempt.unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                trigger: st
+                    .last_trigger
+                    .map_or("startup", ReloadKind::as_str)
+                    .to_owned(),
+                ok: st.last_error.is_none(),
+                error: st.last_error,
+                last_success_at: st.last_success,
+            },
+            databases: Status::databases_of(&snap, &self.bound_addrs()),
+        }
     }
 }

@@ -7,9 +7,12 @@
 //!
 //! Control plane: [`config`] (process settings) and [`state`] (the per-database state
 //! directory) are read through one parser each; [`pki`] issues and revokes certificates;
-//! [`app`] builds the snapshot, binds listeners, reloads and drains; [`metrics`] counts;
-//! [`cli`] holds the control commands that write the state directory.
+//! [`app`] builds the snapshot, binds listeners, reloads and drains; [`reload`] watches the
+//! files and turns changes, SIGHUP and a poll into reloads; [`metrics`] and
+//! [`process_metrics`] count; [`admin`] serves metrics, health and status over HTTP;
+//! [`cli`] holds the control commands that write the state directory and reads `/status`.
 
+pub mod admin;
 pub mod allowlist;
 pub mod app;
 pub mod cli;
@@ -18,6 +21,8 @@ pub mod conn;
 pub mod listener;
 pub mod metrics;
 pub mod pki;
+pub mod process_metrics;
+pub mod reload;
 pub mod sessions;
 pub mod snapshot;
 pub mod state;

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -10,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use pgmtls::app::{App, QuickSpec, Source};
 use pgmtls::config::{Config, LogFormat};
+use pgmtls::reload::{ReloadKind, Reloader};
 use pgmtls::state::{StateDir, UpstreamAddr, UpstreamTls};
 
 #[derive(Parser, Debug)]
@@ -216,23 +218,46 @@ fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
 }
 
 async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
+    // Handlers first: until they exist, SIGHUP and SIGTERM keep their default action, which
+    // kills the process, and "ready" invites both.
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    // Fingerprint before the first load, so that a change racing start-up is caught by the
+    // first poll even though the watch starts after the load.
+    let plan = source.watch_plan(config.source.as_deref());
+    let baseline = plan.fingerprint();
     let app = App::start(config, source).await?;
+    let reloader = Reloader::start(
+        Arc::clone(&app),
+        plan,
+        baseline,
+        app.config.reload_poll_interval,
+    );
     // Machine-readable readiness lines: tests and scripts wait for these, not for time.
     for (db, addr) in app.bound_addrs() {
         println!("pgmtls: listening database={db} addr={addr}");
     }
+    if let Some(addr) = app.config.admin_listen {
+        let listener = pgmtls::admin::bind(addr)
+            .await
+            .with_context(|| format!("admin_listen: cannot listen on {addr}"))?;
+        let bound = listener.local_addr().context("admin socket address")?;
+        pgmtls::admin::spawn(listener, Arc::clone(&app));
+        tracing::info!(addr = %bound, "admin endpoint listening");
+        println!("pgmtls: admin addr={bound}");
+    }
     println!("pgmtls: ready");
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     loop {
         tokio::select! {
-            _ = hup.recv() => { let _ = app.reload("sighup").await; }
+            // Same path as the file watch: serialised, counted, shown in /status.
+            _ = hup.recv() => reloader.request(ReloadKind::sighup),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     app.shutdown().await;
+    drop(reloader);
     Ok(())
 }
 

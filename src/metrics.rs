@@ -5,7 +5,9 @@
 //! Per-database handles are resolved once per snapshot ([`DbMetrics`]) so the data path does no
 //! label hashing or allocation per connection or per byte.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -59,6 +61,83 @@ pub struct CancelLabels {
     pub result: CancelResult,
 }
 
+/// What started a reload: the `kind` label of `pgmtls_reloads_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReloadKind {
+    /// The first load, when the process starts.
+    startup,
+    /// A change seen by the directory watch.
+    watch,
+    /// SIGHUP.
+    sighup,
+    /// The periodic content-hash poll found a change the watch missed.
+    poll,
+}
+
+impl ReloadKind {
+    pub const ALL: &'static [ReloadKind] = &[
+        ReloadKind::startup,
+        ReloadKind::watch,
+        ReloadKind::sighup,
+        ReloadKind::poll,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadKind::startup => "startup",
+            ReloadKind::watch => "watch",
+            ReloadKind::sighup => "sighup",
+            ReloadKind::poll => "poll",
+        }
+    }
+}
+
+impl std::fmt::Display for ReloadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReloadResult {
+    ok,
+    error,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub kind: ReloadKind,
+    pub result: ReloadResult,
+}
+
+/// One client certificate of one database. Bounded by the certificates in the state
+/// directory; series of certificates that disappear are removed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct CertLabels {
+    pub database: String,
+    pub certificate: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+}
+
+/// What one served database looks like after a successful load, for the gauges that describe
+/// configuration rather than traffic. Times are Unix seconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatabaseFigures {
+    pub name: String,
+    pub ip_rules: usize,
+    pub crl_entries: usize,
+    pub server_cert_expiry: Option<i64>,
+    pub ca_cert_expiry: Option<i64>,
+    /// (certificate id, expiry) of client certificates still in service.
+    pub client_certs: Vec<(String, i64)>,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub accepted: Family<DbLabel, Counter>,
@@ -69,6 +148,24 @@ pub struct Metrics {
     pub tls_handshake_seconds: Histogram,
     pub upstream_connect_seconds: Family<DbLabel, Histogram>,
     pub session_seconds: Family<DbLabel, Histogram>,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub config_generation: Gauge,
+    pub config_last_reload_successful: Gauge,
+    pub config_last_reload_success_seconds: Gauge,
+    pub ip_rules: Family<DbLabel, Gauge>,
+    pub crl_entries: Family<DbLabel, Gauge>,
+    pub client_cert_expiry: Family<CertLabels, Gauge>,
+    pub server_cert_expiry: Family<DbLabel, Gauge>,
+    pub ca_cert_expiry: Family<DbLabel, Gauge>,
+    pub build_info: Family<BuildLabels, Gauge>,
+    /// Databases and certificates that have series, so the ones that disappear can be removed.
+    known: Mutex<Known>,
+}
+
+#[derive(Default)]
+struct Known {
+    databases: BTreeSet<String>,
+    certs: BTreeSet<CertLabels>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -140,6 +237,77 @@ impl Metrics {
             "Duration of relayed sessions",
             session_seconds.clone(),
         );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        let config_generation = Gauge::default();
+        let config_last_reload_successful = Gauge::default();
+        let config_last_reload_success_seconds = Gauge::default();
+        let ip_rules = Family::<DbLabel, Gauge>::default();
+        let crl_entries = Family::<DbLabel, Gauge>::default();
+        let client_cert_expiry = Family::<CertLabels, Gauge>::default();
+        let server_cert_expiry = Family::<DbLabel, Gauge>::default();
+        let ca_cert_expiry = Family::<DbLabel, Gauge>::default();
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        registry.register(
+            "reloads",
+            "Configuration reloads, by what started them and whether they were applied",
+            reloads.clone(),
+        );
+        registry.register(
+            "config_generation",
+            "Generation of the configuration being served; goes up by one per applied change",
+            config_generation.clone(),
+        );
+        registry.register(
+            "config_last_reload_successful",
+            "1 if the last reload was applied, 0 if it was rejected",
+            config_last_reload_successful.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully (Unix time)",
+            config_last_reload_success_seconds.clone(),
+        );
+        registry.register(
+            "ip_rules",
+            "IP rules in force per database",
+            ip_rules.clone(),
+        );
+        registry.register(
+            "crl_entries",
+            "Revoked certificates listed in the database's CRL",
+            crl_entries.clone(),
+        );
+        registry.register(
+            "client_certificate_expiry_timestamp_seconds",
+            "Expiry of each client certificate in service (not revoked, not renewed), Unix time",
+            client_cert_expiry.clone(),
+        );
+        registry.register(
+            "server_certificate_expiry_timestamp_seconds",
+            "Expiry of the certificate the proxy presents, Unix time",
+            server_cert_expiry.clone(),
+        );
+        registry.register(
+            "ca_certificate_expiry_timestamp_seconds",
+            "Expiry of the database's client CA certificate, Unix time",
+            ca_cert_expiry.clone(),
+        );
+        registry.register(
+            "build_info",
+            "Always 1; the version label says which build is running",
+            build_info.clone(),
+        );
+        registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+        for &kind in ReloadKind::ALL {
+            for result in [ReloadResult::ok, ReloadResult::error] {
+                let _ = reloads.get_or_create(&ReloadLabels { kind, result });
+            }
+        }
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
         Metrics {
             registry,
             accepted,
@@ -150,11 +318,127 @@ impl Metrics {
             tls_handshake_seconds,
             upstream_connect_seconds,
             session_seconds,
+            reloads,
+            config_generation,
+            config_last_reload_successful,
+            config_last_reload_success_seconds,
+            ip_rules,
+            crl_entries,
+            client_cert_expiry,
+            server_cert_expiry,
+            ca_cert_expiry,
+            build_info,
+            known: Mutex::new(Known::default()),
+        }
+    }
+
+    /// Counts one reload attempt and keeps the last-reload gauges current.
+    pub fn record_reload(&self, kind: ReloadKind, ok: bool, now_unix: i64) {
+        let result = if ok {
+            ReloadResult::ok
+        } else {
+            ReloadResult::error
+        };
+        self.reloads
+            .get_or_create(&ReloadLabels { kind, result })
+            .inc();
+        self.config_last_reload_successful.set(i64::from(ok));
+        if ok {
+            self.config_last_reload_success_seconds.set(now_unix);
+        }
+    }
+
+    /// Sets the configuration gauges from the snapshot being served and removes every series
+    /// of a database or certificate it no longer has, so label sets stay bounded by what the
+    /// state directory holds.
+    pub fn publish_config(&self, generation: u64, databases: &[DatabaseFigures]) {
+        self.config_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let mut certs = BTreeSet::new();
+        for d in databases {
+            let db = DbLabel {
+                database: d.name.clone(),
+            };
+            let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.ip_rules.get_or_create(&db).set(count(d.ip_rules));
+            self.crl_entries
+                .get_or_create(&db)
+                .set(count(d.crl_entries));
+            for (family, value) in [
+                (&self.server_cert_expiry, d.server_cert_expiry),
+                (&self.ca_cert_expiry, d.ca_cert_expiry),
+            ] {
+                match value {
+                    Some(t) => {
+                        family.get_or_create(&db).set(t);
+                    }
+                    None => {
+                        family.remove(&db);
+                    }
+                }
+            }
+            for (id, expiry) in &d.client_certs {
+                let labels = CertLabels {
+                    database: d.name.clone(),
+                    certificate: id.clone(),
+                };
+                self.client_cert_expiry.get_or_create(&labels).set(*expiry);
+                certs.insert(labels);
+            }
+        }
+        for gone in known.certs.difference(&certs) {
+            self.client_cert_expiry.remove(gone);
+        }
+        known.certs = certs;
+        let served: BTreeSet<String> = databases.iter().map(|d| d.name.clone()).collect();
+        // `for_database` also runs for snapshots that were rejected, so a database that was
+        // never served can have series too; this removes those as well.
+        for gone in known.databases.difference(&served) {
+            self.forget_database(gone);
+        }
+        known.databases = served;
+    }
+
+    fn forget_database(&self, database: &str) {
+        let db = DbLabel {
+            database: database.to_owned(),
+        };
+        self.accepted.remove(&db);
+        self.sessions_active.remove(&db);
+        self.upstream_connect_seconds.remove(&db);
+        self.session_seconds.remove(&db);
+        self.ip_rules.remove(&db);
+        self.crl_entries.remove(&db);
+        self.server_cert_expiry.remove(&db);
+        self.ca_cert_expiry.remove(&db);
+        for &reason in ErrorKind::ALL {
+            self.refused.remove(&RefusedLabels {
+                database: database.to_owned(),
+                reason,
+            });
+        }
+        for direction in [Direction::to_upstream, Direction::to_client] {
+            self.bytes.remove(&BytesLabels {
+                database: database.to_owned(),
+                direction,
+            });
+        }
+        for result in [CancelResult::forwarded, CancelResult::refused] {
+            self.cancels.remove(&CancelLabels {
+                database: database.to_owned(),
+                result,
+            });
         }
     }
 
     /// Resolves (and pre-creates at zero) every series of one database.
     pub fn for_database(&self, database: &str) -> DbMetrics {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .databases
+            .insert(database.to_owned());
         let db = DbLabel {
             database: database.to_owned(),
         };
@@ -255,5 +539,60 @@ mod tests {
         }
         assert!(text
             .contains("pgmtls_relayed_bytes_total{database=\"orders\",direction=\"to_client\"} 0"));
+    }
+}
+
+#[cfg(test)]
+mod config_gauge_tests {
+    use super::*;
+
+    fn figures(name: &str, certs: &[(&str, i64)]) -> DatabaseFigures {
+        DatabaseFigures {
+            name: name.into(),
+            ip_rules: 2,
+            crl_entries: 1,
+            server_cert_expiry: Some(2_000_000_000),
+            ca_cert_expiry: None,
+            client_certs: certs.iter().map(|(i, t)| (i.to_string(), *t)).collect(),
+        }
+    }
+
+    #[test]
+    fn configuration_gauges_follow_the_snapshot_and_forget_what_disappears() {
+        let m = Metrics::new();
+        let _ = m.for_database("orders");
+        let _ = m.for_database("billing");
+        m.publish_config(
+            4,
+            &[
+                figures("orders", &[("c1", 1_900_000_000), ("c2", 1_950_000_000)]),
+                figures("billing", &[]),
+            ],
+        );
+        m.record_reload(ReloadKind::watch, false, 0);
+        let text = m.encode();
+        for line in [
+            "pgmtls_config_generation 4",
+            "pgmtls_ip_rules{database=\"orders\"} 2",
+            "pgmtls_crl_entries{database=\"orders\"} 1",
+            "pgmtls_client_certificate_expiry_timestamp_seconds{database=\"orders\",certificate=\"c2\"} 1950000000",
+            "pgmtls_server_certificate_expiry_timestamp_seconds{database=\"billing\"} 2000000000",
+            "pgmtls_reloads_total{kind=\"watch\",result=\"error\"} 1",
+            "pgmtls_reloads_total{kind=\"poll\",result=\"ok\"} 0",
+            "pgmtls_config_last_reload_successful 0",
+            "pgmtls_build_info{version=\"",
+        ] {
+            assert!(text.contains(line), "missing {line:?}");
+        }
+        assert!(!text.contains("pgmtls_ca_certificate_expiry_timestamp_seconds{"));
+
+        m.publish_config(5, &[figures("orders", &[("c2", 1_950_000_000)])]);
+        let text = m.encode();
+        assert!(!text.contains("certificate=\"c1\""), "{text}");
+        assert!(!text.contains("database=\"billing\""), "{text}");
+        assert!(text.contains("certificate=\"c2\""));
+        assert!(text.contains(
+            "pgmtls_connections_refused_total{database=\"orders\",reason=\"revoked_live\"} 0"
+        ));
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use time::OffsetDateTime;
@@ -49,10 +50,27 @@ struct Entry {
     kill: watch::Sender<Option<EndReason>>,
 }
 
+impl Entry {
+    /// Why this session may no longer run under `snap`, if it may not.
+    fn verdict(&self, snap: &Snapshot, now: OffsetDateTime) -> Option<EndReason> {
+        match snap.databases.get(&*self.database) {
+            None => Some(EndReason::DatabaseDisabled),
+            Some(db) if db.allowlist.check(self.ip).is_none() => Some(EndReason::RuleRemoved),
+            Some(db) if db.is_revoked(&self.serial) => Some(EndReason::CertificateRevoked),
+            Some(_) if self.not_after.is_some_and(|t| t < now) => {
+                Some(EndReason::CertificateExpired)
+            }
+            Some(_) => None,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Sessions {
     live: Mutex<HashMap<u64, Entry>>,
     cancel_keys: Mutex<HashMap<CancelKey, Arc<str>>>,
+    /// `enforce_on_live_sessions: false`. Stored negated so that `Default` enforces.
+    keep_live: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -124,22 +142,43 @@ impl Sessions {
         lock(&self.live).len()
     }
 
+    /// Whether reloads close live sessions that are no longer admitted
+    /// (`enforce_on_live_sessions`).
+    pub fn enforcing(&self) -> bool {
+        !self.keep_live.load(Ordering::Relaxed)
+    }
+
+    pub fn set_enforcing(&self, on: bool) {
+        self.keep_live.store(!on, Ordering::Relaxed);
+    }
+
+    /// Checks one session just registered against the snapshot published now. A reload that
+    /// swapped the snapshot while this connection was still handshaking under the previous
+    /// one has already run `enforce` without seeing it; registering first and checking second
+    /// means every session is checked against every snapshot published after it started.
+    pub fn recheck(&self, conn_id: u64, snap: &Snapshot, now: OffsetDateTime) {
+        if !self.enforcing() {
+            return;
+        }
+        let live = lock(&self.live);
+        if let Some(e) = live.get(&conn_id) {
+            if let Some(r) = e.verdict(snap, now) {
+                let _ = e.kill.send(Some(r));
+            }
+        }
+    }
+
     /// Signals every session whose admission `snap` no longer grants; returns how many, by
     /// reason. Sessions still allowed are not touched.
     pub fn enforce(&self, snap: &Snapshot, now: OffsetDateTime) -> Vec<(u64, EndReason)> {
         let live = lock(&self.live);
         let mut ended = Vec::new();
         for (id, e) in live.iter() {
-            let reason = match snap.databases.get(&*e.database) {
-                None => Some(EndReason::DatabaseDisabled),
-                Some(db) if db.allowlist.check(e.ip).is_none() => Some(EndReason::RuleRemoved),
-                Some(db) if db.is_revoked(&e.serial) => Some(EndReason::CertificateRevoked),
-                Some(_) if e.not_after.is_some_and(|t| t < now) => {
-                    Some(EndReason::CertificateExpired)
-                }
-                Some(_) => None,
-            };
-            if let Some(r) = reason {
+            // A session already told to end is not counted twice.
+            if e.kill.borrow().is_some() {
+                continue;
+            }
+            if let Some(r) = e.verdict(snap, now) {
                 if e.kill.send(Some(r)).is_ok() {
                     ended.push((*id, r));
                 }

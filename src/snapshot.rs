@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 
 use crate::allowlist::{AllowRule, Allowlist};
 use crate::config::ConfigErrors;
-use crate::metrics::{DbMetrics, Metrics};
+use crate::metrics::{DatabaseFigures, DbMetrics, Metrics};
 use crate::state::{CertificateRecord, DatabaseSettings, DatabaseState, IpRule, UpstreamTls};
 use crate::tls_store::{build_server_tls, build_upstream_tls, ServerTls, UpstreamVerify};
 
@@ -47,6 +47,56 @@ pub struct DatabaseRuntime {
     pub metrics: DbMetrics,
     /// SHA-256 over every input file, to tell what a reload changed.
     pub content_hash: String,
+    /// SHA-256 of each input on its own, to say in the reload log what changed.
+    pub inputs: InputDigests,
+}
+
+/// Hex SHA-256 of each input of one database. `crl` and `upstream_ca` are empty when absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InputDigests {
+    pub settings: String,
+    pub rules: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub ca: String,
+    pub crl: String,
+    pub certificates: String,
+    pub upstream_ca: String,
+}
+
+impl InputDigests {
+    fn of(state: &DatabaseState, upstream_ca: Option<&[u8]>) -> Self {
+        let digest = |bytes: &[u8]| hex::encode(Sha256::digest(bytes));
+        let certificates: String = state.certificates.iter().map(|c| c.to_yaml()).collect();
+        InputDigests {
+            settings: digest(state.settings.to_yaml().as_bytes()),
+            rules: digest(crate::state::ip_rules_to_yaml(&state.rules).as_bytes()),
+            server_cert: digest(&state.server_cert_pem),
+            server_key: digest(&state.server_key_pem),
+            ca: digest(&state.ca_pem),
+            crl: state.crl_pem.as_deref().map(digest).unwrap_or_default(),
+            certificates: digest(certificates.as_bytes()),
+            upstream_ca: upstream_ca.map(digest).unwrap_or_default(),
+        }
+    }
+
+    fn combined(&self) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            &self.settings,
+            &self.rules,
+            &self.server_cert,
+            &self.server_key,
+            &self.ca,
+            &self.crl,
+            &self.certificates,
+            &self.upstream_ca,
+        ] {
+            h.update(part.as_bytes());
+            h.update(b"\n");
+        }
+        hex::encode(h.finalize())
+    }
 }
 
 impl DatabaseRuntime {
@@ -59,8 +109,11 @@ impl DatabaseRuntime {
             state.crl_pem.as_deref(),
         );
         let upstream = build_upstream(&state.dir, &state.settings);
-        let (tls, upstream) = match (tls, upstream) {
-            (Ok(t), Ok(u)) => (t, u),
+        let (tls, upstream, inputs) = match (tls, upstream) {
+            (Ok(t), Ok((u, upstream_ca))) => {
+                let inputs = InputDigests::of(state, upstream_ca.as_deref());
+                (t, u, inputs)
+            }
             (t, u) => {
                 let mut errors = ConfigErrors::default();
                 if let Err(e) = t {
@@ -82,18 +135,6 @@ impl DatabaseRuntime {
                 })
                 .collect(),
         );
-        let mut h = Sha256::new();
-        h.update(state.settings.to_yaml());
-        h.update(crate::state::ip_rules_to_yaml(&state.rules));
-        h.update(&state.server_cert_pem);
-        h.update(&state.server_key_pem);
-        h.update(&state.ca_pem);
-        if let Some(c) = &state.crl_pem {
-            h.update(c);
-        }
-        for c in &state.certificates {
-            h.update(c.to_yaml());
-        }
         Ok(DatabaseRuntime {
             name: state.name.as_str().into(),
             settings: state.settings.clone(),
@@ -107,8 +148,31 @@ impl DatabaseRuntime {
                 .map(|c| (c.serial.clone(), c.clone()))
                 .collect(),
             metrics: metrics.for_database(&state.name),
-            content_hash: hex::encode(h.finalize()),
+            content_hash: inputs.combined(),
+            inputs,
         })
+    }
+
+    /// The configuration gauges of this database.
+    pub fn figures(&self) -> DatabaseFigures {
+        let unix = |t: OffsetDateTime| t.unix_timestamp();
+        let mut client_certs: Vec<(String, i64)> = self
+            .certificates
+            .values()
+            .filter(|c| {
+                c.revoked_at.is_none() && c.successor.is_none() && !self.is_revoked(&c.serial)
+            })
+            .map(|c| (c.id.clone(), unix(c.expires_at)))
+            .collect();
+        client_certs.sort();
+        DatabaseFigures {
+            name: self.name.to_string(),
+            ip_rules: self.rules.len(),
+            crl_entries: self.tls.revoked_serials.len(),
+            server_cert_expiry: self.tls.server_not_after.map(unix),
+            ca_cert_expiry: self.tls.ca_not_after.map(unix),
+            client_certs,
+        }
     }
 
     /// Whether a client certificate with this serial is on the CRL.
@@ -117,7 +181,13 @@ impl DatabaseRuntime {
     }
 }
 
-fn build_upstream(dir: &Path, s: &DatabaseSettings) -> Result<UpstreamTarget, ConfigErrors> {
+/// The upstream target, plus the bytes of the upstream CA file when one was read, so that a
+/// replaced upstream CA counts as a change.
+fn build_upstream(
+    dir: &Path,
+    s: &DatabaseSettings,
+) -> Result<(UpstreamTarget, Option<Vec<u8>>), ConfigErrors> {
+    let mut ca_bytes = None;
     let config = match s.upstream_tls {
         UpstreamTls::Disable => None,
         UpstreamTls::Require => Some(build_upstream_tls(UpstreamVerify::None)?),
@@ -128,10 +198,12 @@ fn build_upstream(dir: &Path, s: &DatabaseSettings) -> Result<UpstreamTarget, Co
             let ca_pem = std::fs::read(&ca_file).map_err(|e| {
                 ConfigErrors::one(&ca_file, "", None, format!("cannot read upstream CA: {e}"))
             })?;
-            Some(build_upstream_tls(UpstreamVerify::Full {
+            let config = build_upstream_tls(UpstreamVerify::Full {
                 ca_file: &ca_file,
                 ca_pem: &ca_pem,
-            })?)
+            })?;
+            ca_bytes = Some(ca_pem);
+            Some(config)
         }
     };
     let tls = match config {
@@ -152,10 +224,13 @@ fn build_upstream(dir: &Path, s: &DatabaseSettings) -> Result<UpstreamTarget, Co
             Some((c, server_name))
         }
     };
-    Ok(UpstreamTarget {
-        addr: s.upstream.clone(),
-        tls,
-    })
+    Ok((
+        UpstreamTarget {
+            addr: s.upstream.clone(),
+            tls,
+        },
+        ca_bytes,
+    ))
 }
 
 /// Every served database at one point in time.
@@ -211,5 +286,12 @@ impl Snapshot {
             h.update(&db.content_hash);
         }
         hex::encode(h.finalize())
+    }
+
+    /// Sets the configuration gauges (generation, rules, CRL size, expiry times) from this
+    /// snapshot and drops the series of databases and certificates it no longer has.
+    pub fn publish_metrics(&self, metrics: &Metrics) {
+        let figures: Vec<DatabaseFigures> = self.databases.values().map(|d| d.figures()).collect();
+        metrics.publish_config(self.generation, &figures);
     }
 }

@@ -157,6 +157,11 @@ async fn run(
         log.identity.serial.clone(),
         log.identity.not_after,
     );
+    ctx.sessions.recheck(
+        conn_id,
+        &ctx.snapshot.load(),
+        time::OffsetDateTime::now_utc(),
+    );
 
     // Stage: StartupMessage inside TLS.
     let startup =

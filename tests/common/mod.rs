@@ -10,7 +10,9 @@
 // The harness panics with context on setup failures; that is the test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod admin;
 pub mod clients;
 pub mod pg;
 pub mod pki;
 pub mod proxy;
+pub mod state;

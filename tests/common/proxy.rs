@@ -20,6 +20,8 @@ pub struct ProxyProcess {
     child: Child,
     /// Listener address per database name.
     pub addrs: BTreeMap<String, SocketAddr>,
+    /// The admin endpoint, from the `pgmtls: admin addr=` line; `None` when it is off.
+    pub admin: Option<SocketAddr>,
     log_rx: Receiver<String>,
     log: Arc<Mutex<Vec<String>>>,
     stdout_rx: Receiver<String>,
@@ -65,6 +67,7 @@ impl ProxyProcess {
         let mut p = ProxyProcess {
             child,
             addrs: BTreeMap::new(),
+            admin: None,
             log_rx,
             log,
             stdout_rx,
@@ -75,6 +78,9 @@ impl ProxyProcess {
             match p.stdout_rx.recv_timeout(left) {
                 Ok(line) if line == "pgmtls: ready" => break,
                 Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("pgmtls: admin addr=") {
+                        p.admin = Some(addr.parse().expect("admin addr"));
+                    }
                     if let Some(rest) = line.strip_prefix("pgmtls: listening database=") {
                         let (db, addr) = rest.split_once(" addr=").expect("listening line");
                         p.addrs.insert(db.to_owned(), addr.parse().expect("addr"));
@@ -120,6 +126,64 @@ impl ProxyProcess {
         }
         args.extend_from_slice(extra);
         Self::spawn(&args)
+    }
+
+    /// `pgmtls serve --config FILE`.
+    pub fn with_config(config: &Path) -> Self {
+        Self::spawn(&["--config", path(config)])
+    }
+
+    /// The admin endpoint's address; panics when it is off.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin.expect("admin endpoint enabled")
+    }
+
+    /// Waits until at least `n` JSON log lines satisfy `pred`; returns the `n`-th.
+    pub fn wait_for_nth_log(
+        &self,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut seen = 0;
+        let mut found = 0;
+        loop {
+            {
+                let log = self.log.lock().unwrap();
+                for line in &log[seen..] {
+                    if let Ok(v) = serde_json::from_str::<Value>(line) {
+                        if pred(&v) {
+                            found += 1;
+                            if found == n {
+                                return v;
+                            }
+                        }
+                    }
+                }
+                seen = log.len();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) =
+                self.log_rx.recv_timeout(left)
+            {
+                panic!(
+                    "fewer than {n} matching log lines within {timeout:?}; log:\n{}",
+                    self.log_text()
+                )
+            }
+        }
+    }
+
+    /// How many JSON log lines so far satisfy `pred`.
+    pub fn count_logs(&self, pred: impl Fn(&Value) -> bool) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| pred(v))
+            .count()
     }
 
     /// The single listener's address (quick mode).
