@@ -470,17 +470,22 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
             Some(d)
         }
     };
-    let mut change = ctx.begin(Some(name), &args.change)?;
-    let db = ctx.load(name)?;
-    let signer = signer(&db)?;
+    // Sign before taking the lock: an RSA 4096 key takes seconds, and the proxy's reload
+    // waits for the lock. Only the CA matters here, and it is checked again under the lock.
+    let signed_with = ctx.load(name)?;
     let (record, issued) = issue(
-        &signer,
+        &signer(&signed_with)?,
         args.common_name.as_deref(),
         args.key_type,
         at,
         valid_for,
         None,
     )?;
+    let mut change = ctx.begin(Some(name), &args.change)?;
+    let db = ctx.load(name)?;
+    if db.ca_pem != signed_with.ca_pem {
+        bail!("the CA of database {name} changed while the certificate was issued; run again");
+    }
     let mut candidate = db.clone();
     candidate.certificates.push(reparse(&db, &record)?);
     validate(&candidate)?;
