@@ -3,6 +3,9 @@
 //! certificate verified against the CA and CRL), and record encryption + decryption of 16 KiB
 //! relay chunks. Run with `cargo bench --bench tls`; compare with `openssl speed` figures.
 
+// A benchmark's setup failing is a broken benchmark: panicking with the reason is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
