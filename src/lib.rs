@@ -9,11 +9,13 @@
 //! directory) are read through one parser each; [`pki`] issues and revokes certificates;
 //! [`app`] builds the snapshot, binds listeners, reloads and drains; [`reload`] watches the
 //! files and turns changes, SIGHUP and a poll into reloads; [`metrics`] and
-//! [`process_metrics`] count; [`admin`] serves metrics, health and status over HTTP.
+//! [`process_metrics`] count; [`admin`] serves metrics, health and status over HTTP;
+//! [`cli`] holds the control commands that write the state directory and reads `/status`.
 
 pub mod admin;
 pub mod allowlist;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod listener;

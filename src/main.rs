@@ -33,6 +33,8 @@ enum Command {
         #[arg(long, env = "PGMTLS_CONFIG")]
         config: PathBuf,
     },
+    #[command(flatten)]
+    Control(pgmtls::cli::Command),
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +107,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
+        Command::Control(c) => pgmtls::cli::run(c),
         Command::Serve(args) => {
             let (config, source) = serve_inputs(*args)?;
             init_logging(cli.log_format.unwrap_or(config.log_format));

@@ -18,9 +18,11 @@
 
 mod files;
 mod model;
+mod write;
 
 pub use files::{write_atomic, StateLock};
 pub use model::*;
+pub use write::*;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,1149 @@
+//! `pgmtls certificates DB|get|create|download|revoke|renew`: client certificates of one
+//! database's CA, the libpq file set for a client, the CRL, and the 75-day renewal.
+
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use serde_json::json;
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+use super::output::{self, human_time, Block, Table};
+use super::status::{CertificateSeen, ProxyView, UNKNOWN};
+use super::{done, now, validate, Change, ChangeArgs, Ctx, StateArgs};
+use crate::config::yaml::parse_doc;
+use crate::pki::{self, CaSigner, Issued, KeyType};
+use crate::state::{
+    self, certificate_dir, one_line, write_atomic, CertificateRecord, DatabaseState, PRIVATE_MODE,
+    PUBLIC_MODE,
+};
+
+/// A certificate this close to its expiry is `expiring` and gets a successor from `renew`.
+pub const RENEW_WINDOW: Duration = Duration::days(75);
+
+/// How far ahead a new CRL's nextUpdate is set.
+pub const CRL_VALIDITY: Duration = Duration::days(365);
+
+/// `renew` re-signs the CRL when its nextUpdate is this close.
+pub const CRL_REFRESH_WINDOW: Duration = Duration::days(90);
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct CertificatesArgs {
+    #[command(subcommand)]
+    pub command: Option<CertificatesCommand>,
+    #[command(flatten)]
+    pub list: ListArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertificatesCommand {
+    /// Issue another client certificate (13 months unless --valid-for is shorter).
+    Create(CreateArgs),
+    /// Show one certificate.
+    Get(GetArgs),
+    /// Write the libpq files of a certificate: PREFIXpostgresql.crt, .key, .pk8, PREFIXroot.crt.
+    Download(DownloadArgs),
+    /// Put a certificate on the database's CRL; the proxy refuses it from its next reload.
+    Revoke(RevokeArgs),
+    /// Issue a successor for every certificate within 75 days of expiry; safe from cron.
+    Renew(RenewArgs),
+    /// List certificates (same as `pgmtls certificates DB`).
+    List(ListArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Database name.
+    #[arg(value_name = "DATABASE", required = true)]
+    pub database: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Database name.
+    #[arg(value_name = "DATABASE")]
+    pub database: String,
+    /// Lifetime, e.g. 90d or "30days"; at most (and by default) 13 months.
+    #[arg(long, value_name = "DURATION")]
+    pub valid_for: Option<humantime::Duration>,
+    /// Subject common name [default: the certificate id].
+    #[arg(long, value_name = "CN")]
+    pub common_name: Option<String>,
+    /// Key type: p256, p384, rsa2048, rsa4096.
+    #[arg(long, value_name = "TYPE", default_value = "p256")]
+    pub key_type: KeyType,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    /// Database name.
+    #[arg(value_name = "DATABASE")]
+    pub database: String,
+    /// Certificate id.
+    #[arg(long)]
+    pub id: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DownloadArgs {
+    /// Database name.
+    #[arg(value_name = "DATABASE")]
+    pub database: String,
+    /// Certificate id.
+    #[arg(long)]
+    pub id: String,
+    /// Put in front of every file name, e.g. "demo_".
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// Directory to write to [default: ~/.postgresql].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RevokeArgs {
+    /// Database name.
+    #[arg(value_name = "DATABASE")]
+    pub database: String,
+    /// Certificate id.
+    #[arg(long)]
+    pub id: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RenewArgs {
+    /// Only this database [default: all].
+    #[arg(value_name = "DATABASE")]
+    pub database: Option<String>,
+    /// Run through `sh -c` once per renewal, with the details in PGMTLS_* environment variables.
+    #[arg(long, value_name = "CMD")]
+    pub notify_command: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+pub fn run(args: CertificatesArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Some(CertificatesCommand::Create(a)) => create(a),
+        Some(CertificatesCommand::Get(a)) => get(a),
+        Some(CertificatesCommand::Download(a)) => download(a),
+        Some(CertificatesCommand::Revoke(a)) => revoke(a),
+        Some(CertificatesCommand::Renew(a)) => renew(a),
+        Some(CertificatesCommand::List(a)) => list(a),
+        None => list(args.list),
+    }
+}
+
+/// Issues a client certificate and its record. The CN defaults to the new id; the lifetime
+/// to 13 calendar months. `not_before` is backdated a little for clients with slow clocks.
+pub(crate) fn issue(
+    signer: &CaSigner,
+    common_name: Option<&str>,
+    key_type: KeyType,
+    at: OffsetDateTime,
+    valid_for: Option<Duration>,
+    successor_of: Option<String>,
+) -> anyhow::Result<(CertificateRecord, Issued)> {
+    let id = Uuid::new_v4().to_string();
+    let cn = common_name.map(str::to_owned).unwrap_or_else(|| id.clone());
+    let not_after = match valid_for {
+        Some(d) => at + d,
+        None => pki::client_validity(at).1,
+    };
+    let issued = pki::issue_client(signer, &cn, key_type, at - pki::BACKDATE, not_after)?;
+    let record = CertificateRecord {
+        id,
+        common_name: cn,
+        serial: issued.serial.clone(),
+        key_type: key_type.as_str().to_owned(),
+        created_at: at,
+        not_before: issued.not_before,
+        expires_at: issued.not_after,
+        revoked_at: None,
+        successor_of,
+        successor: None,
+    };
+    Ok((record, issued))
+}
+
+/// One certificate as shown by every command.
+#[derive(Debug, Clone, Serialize)]
+pub struct CertView {
+    pub id: String,
+    pub common_name: String,
+    pub serial: String,
+    pub key_type: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+    pub successor_of: Option<String>,
+    pub successor: Option<String>,
+    /// pending, ready, expiring, expired or revoked.
+    pub status: &'static str,
+    /// Whether a reachable proxy accepts the certificate; null when no proxy was reachable.
+    pub served: Option<bool>,
+    #[serde(skip)]
+    pub status_text: String,
+}
+
+impl CertView {
+    /// `on_crl` comes from the database's CRL, the file the proxy enforces; `seen` from the
+    /// running proxy, if one answered.
+    pub fn new(
+        r: &CertificateRecord,
+        at: OffsetDateTime,
+        on_crl: bool,
+        seen: Option<CertificateSeen>,
+    ) -> CertView {
+        let revoked = r.revoked_at.is_some() || on_crl;
+        let status = if revoked {
+            "revoked"
+        } else if r.expires_at <= at {
+            "expired"
+        } else if seen.is_some_and(|s| !s.loaded) {
+            "pending"
+        } else if r.expires_at - at <= RENEW_WINDOW {
+            "expiring"
+        } else {
+            "ready"
+        };
+        let served = seen.map(|s| s.loaded && !s.revoked && r.expires_at > at);
+        let status_text = match (revoked, served, &r.successor) {
+            (true, Some(true), _) => "revoked (proxy has not reloaded yet)".to_owned(),
+            (false, _, Some(_)) if status == "expiring" => "expiring (renewed)".to_owned(),
+            _ => status.to_owned(),
+        };
+        CertView {
+            id: r.id.clone(),
+            common_name: r.common_name.clone(),
+            serial: r.serial.clone(),
+            key_type: r.key_type.clone(),
+            created_at: r.created_at,
+            not_before: r.not_before,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
+            successor_of: r.successor_of.clone(),
+            successor: r.successor.clone(),
+            status,
+            served,
+            status_text,
+        }
+    }
+
+    pub fn block(&self) -> Block {
+        let mut b = Block::new()
+            .row("common_name", &self.common_name)
+            .row("created_at", human_time(self.created_at))
+            .row("expires_at", human_time(self.expires_at))
+            .row("id", &self.id)
+            .row("key_type", &self.key_type);
+        if let Some(t) = self.revoked_at {
+            b = b.row("revoked_at", human_time(t));
+        }
+        b = b
+            .row("serial", &self.serial)
+            .row("status", &self.status_text);
+        if let Some(s) = &self.successor {
+            b = b.row("successor", s);
+        }
+        if let Some(s) = &self.successor_of {
+            b = b.row("successor_of", s);
+        }
+        b
+    }
+}
+
+/// Views of every certificate of a database.
+pub(crate) fn views(db: &DatabaseState, proxy: &ProxyView, at: OffsetDateTime) -> Vec<CertView> {
+    let on_crl = crl_serials(db);
+    db.certificates
+        .iter()
+        .map(|r| {
+            CertView::new(
+                r,
+                at,
+                on_crl.contains(&r.serial),
+                proxy.certificate(&db.name, &r.id),
+            )
+        })
+        .collect()
+}
+
+fn crl_serials(db: &DatabaseState) -> Vec<String> {
+    db.crl_pem
+        .as_deref()
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .and_then(|p| pki::parse_crl_pem(p).ok())
+        .map(|i| i.revoked_serials)
+        .unwrap_or_default()
+}
+
+/// The certificates table: ID, Created At, Expires At, Status.
+pub(crate) fn table(views: &[CertView]) -> Table {
+    let mut t = Table::new(&["ID", "Created At", "Expires At", "Status"]);
+    for v in views {
+        t.row(vec![
+            v.id.clone(),
+            human_time(v.created_at),
+            human_time(v.expires_at),
+            v.status_text.clone(),
+        ]);
+    }
+    t
+}
+
+/// Says what the statuses rest on when no proxy answered, or that its last reload failed.
+pub(crate) fn footer(proxy: &ProxyView) {
+    if !proxy.is_reachable() {
+        println!("proxy: {UNKNOWN}; statuses describe the certificates, not what a proxy serves");
+    } else if let Some(e) = proxy.reload_error() {
+        println!("proxy: last reload failed: {}", output::clean(e));
+    }
+}
+
+fn find<'a>(db: &'a DatabaseState, id: &str) -> anyhow::Result<&'a CertificateRecord> {
+    db.certificates
+        .iter()
+        .find(|r| r.id == id)
+        .ok_or_else(|| anyhow!("no certificate with id {id:?} for database {}", db.name))
+}
+
+/// Loads the database's CA for signing; its key is read with the same permission check the
+/// proxy applies to server keys.
+fn signer(db: &DatabaseState) -> anyhow::Result<CaSigner> {
+    let key = state::read_private_key(&db.dir.join(state::CA_KEY))
+        .map_err(|e| anyhow!("{}", one_line(&e)))?;
+    let cert = std::str::from_utf8(&db.ca_pem).context("ca.crt is not text")?;
+    let key = std::str::from_utf8(&key).context("ca.key is not text")?;
+    Ok(CaSigner::from_pem(cert, key)?)
+}
+
+/// Re-reads a record through the proxy's parser, so what is written is what loads.
+fn reparse(db: &DatabaseState, r: &CertificateRecord) -> anyhow::Result<CertificateRecord> {
+    let file = certificate_dir(&db.dir, &r.id).join(state::CERTIFICATE_YAML);
+    parse_doc::<CertificateRecord>(&file, &r.to_yaml()).map_err(|e| anyhow!("{}", one_line(&e)))
+}
+
+/// A new CRL listing everything already on the current one plus every revoked record, so an
+/// entry can never drop off (even if a crash once left a record and the CRL out of step).
+/// Its number is one more than the current CRL's.
+fn next_crl(
+    db: &DatabaseState,
+    signer: &CaSigner,
+    records: &[CertificateRecord],
+    at: OffsetDateTime,
+) -> anyhow::Result<(String, u64)> {
+    let current = match db.crl_pem.as_deref() {
+        Some(pem) => Some(
+            pki::parse_crl_pem(std::str::from_utf8(pem).context("crl.pem is not text")?)
+                .context("the current crl.pem does not parse")?,
+        ),
+        None => None,
+    };
+    let mut entries: Vec<(String, OffsetDateTime)> = current
+        .as_ref()
+        .map(|c| c.revoked.clone())
+        .unwrap_or_default();
+    for r in records {
+        if let Some(t) = r.revoked_at {
+            if !entries.iter().any(|(s, _)| *s == r.serial) {
+                entries.push((r.serial.clone(), t));
+            }
+        }
+    }
+    let number = current
+        .and_then(|c| c.crl_number)
+        .unwrap_or(0)
+        .checked_add(1)
+        .context("CRL number overflow")?;
+    let pem = pki::build_crl(signer, &entries, number, at, at + CRL_VALIDITY)?;
+    Ok((pem, number))
+}
+
+fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let name = args.database.unwrap_or_default();
+    let ctx = Ctx::new(&args.state)?;
+    let db = ctx.load(&name)?;
+    let proxy = ctx.proxy();
+    let views = views(&db, &proxy, now());
+    if args.json {
+        print!("{}", output::json(&views));
+    } else if views.is_empty() {
+        println!("No certificates for database {name}. Create one with `pgmtls certificates create {name}`.");
+    } else {
+        print!("{}", table(&views).render());
+        footer(&proxy);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+    let ctx = Ctx::new(&args.state)?;
+    let db = ctx.load(&args.database)?;
+    find(&db, &args.id)?;
+    let proxy = ctx.proxy();
+    let views = views(&db, &proxy, now());
+    let Some(view) = views.into_iter().find(|v| v.id == args.id) else {
+        bail!(
+            "no certificate with id {:?} for database {}",
+            args.id,
+            db.name
+        );
+    };
+    print_one(&view, &proxy, args.json);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_one(view: &CertView, proxy: &ProxyView, json: bool) {
+    if json {
+        print!("{}", output::json(view));
+    } else {
+        print!("{}", view.block().render());
+        footer(proxy);
+    }
+}
+
+fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
+    let ctx = Ctx::new(&args.state)?;
+    let name = args.database.as_str();
+    let at = now();
+    let valid_for = match args.valid_for {
+        None => None,
+        Some(d) => {
+            let d = Duration::try_from(std::time::Duration::from(d))
+                .map_err(|_| anyhow!("--valid-for is too long"))?;
+            if d <= Duration::ZERO {
+                bail!("--valid-for must be longer than zero");
+            }
+            if at + d > pki::client_validity(at).1 {
+                bail!("--valid-for may be at most 13 months");
+            }
+            Some(d)
+        }
+    };
+    // Sign before taking the lock: an RSA 4096 key takes seconds, and the proxy's reload
+    // waits for the lock. Only the CA matters here, and it is checked again under the lock.
+    let signed_with = ctx.load(name)?;
+    let (record, issued) = issue(
+        &signer(&signed_with)?,
+        args.common_name.as_deref(),
+        args.key_type,
+        at,
+        valid_for,
+        None,
+    )?;
+    let mut change = ctx.begin(Some(name), &args.change)?;
+    let db = ctx.load(name)?;
+    if db.ca_pem != signed_with.ca_pem {
+        bail!("the CA of database {name} changed while the certificate was issued; run again");
+    }
+    let mut candidate = db.clone();
+    candidate.certificates.push(reparse(&db, &record)?);
+    validate(&candidate)?;
+    ctx.state.add_certificate(
+        name,
+        &record,
+        issued.cert_pem.as_bytes(),
+        issued.key_pem.as_bytes(),
+    )?;
+    change.record(
+        "certificate.create",
+        Some(name),
+        json!({
+            "id": record.id,
+            "serial": record.serial,
+            "common_name": record.common_name,
+            "key_type": record.key_type,
+            "expires_at": state::rfc3339(record.expires_at),
+        }),
+    )?;
+    drop(change);
+    done(&format!("Creating certificate for database {name}"));
+    let proxy = ctx.proxy();
+    let view = CertView::new(&record, at, false, proxy.certificate(name, &record.id));
+    print_one(&view, &proxy, args.json);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The four files `download` writes, in order: chain, key, root, PKCS-8 key.
+pub fn download_names(prefix: &str) -> [String; 4] {
+    [
+        format!("{prefix}postgresql.crt"),
+        format!("{prefix}postgresql.key"),
+        format!("{prefix}root.crt"),
+        format!("{prefix}postgresql.pk8"),
+    ]
+}
+
+fn default_download_dir() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .context("HOME is not set; give --dir")?;
+    Ok(PathBuf::from(home).join(".postgresql"))
+}
+
+fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
+    if args.prefix.contains('/') || args.prefix.chars().any(char::is_control) {
+        bail!("--prefix must not contain '/' or control characters");
+    }
+    let ctx = Ctx::new(&args.state)?;
+    let db = ctx.load(&args.database)?;
+    let record = find(&db, &args.id)?;
+    if record.revoked_at.is_some() || crl_serials(&db).contains(&record.serial) {
+        bail!(
+            "certificate {} is revoked; issue a new one with `pgmtls certificates create {}`",
+            record.id,
+            db.name
+        );
+    }
+    let at = now();
+    if record.expires_at <= at {
+        eprintln!(
+            "pgmtls: warning: certificate {} expired at {}",
+            record.id,
+            human_time(record.expires_at)
+        );
+    }
+    let default_dir = default_download_dir();
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => default_dir.as_ref().map_err(|e| anyhow!("{e}"))?.clone(),
+    };
+    let names = download_names(&args.prefix);
+    if !args.force {
+        for n in &names {
+            let p = dir.join(n);
+            if p.exists() {
+                bail!("{} already exists; use --force to overwrite", p.display());
+            }
+        }
+    }
+    let cert_dir = certificate_dir(&db.dir, &record.id);
+    let cert_pem = std::fs::read(cert_dir.join(state::CLIENT_CERT)).with_context(|| {
+        format!(
+            "cannot read {}",
+            cert_dir.join(state::CLIENT_CERT).display()
+        )
+    })?;
+    let key_pem = state::read_private_key(&cert_dir.join(state::CLIENT_KEY))
+        .map_err(|e| anyhow!("{}", one_line(&e)))?;
+    let pk8 = pki::pem_key_to_pkcs8_der(
+        std::str::from_utf8(&key_pem).context("client.key is not text")?,
+    )?;
+    let mut chain = cert_pem.clone();
+    if !chain.ends_with(b"\n") {
+        chain.push(b'\n');
+    }
+    chain.extend_from_slice(&db.ca_pem);
+
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(state::PRIVATE_DIR_MODE)
+            .create(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let contents: [(&[u8], u32); 4] = [
+        (&chain, PUBLIC_MODE),
+        (&key_pem, PRIVATE_MODE),
+        // The database CA signs the proxy's server certificate: it is what verify-ca needs.
+        (&db.ca_pem, PUBLIC_MODE),
+        (&pk8, PRIVATE_MODE),
+    ];
+    let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    for (path, (bytes, mode)) in paths.iter().zip(contents) {
+        write_atomic(path, bytes, mode)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let in_default = default_dir.ok().is_some_and(|d| same_dir(&d, &dir));
+    let unprefixed = download_names("");
+    let present = unprefixed[..3].iter().any(|n| dir.join(n).exists());
+    if in_default && present {
+        eprintln!(
+            "pgmtls: warning: unprefixed files in {} (postgresql.crt, postgresql.key, root.crt) \
+             are used by every libpq connection of this user, to any server; prefer --prefix \
+             and sslcert/sslkey/sslrootcert",
+            dir.display()
+        );
+    }
+    // Downloading copies key material out of the state directory: worth a line in the log,
+    // but a read-only state directory must not stop a client from getting its files.
+    let logged = ctx.state.open_audit_log().and_then(|mut log| {
+        log.append(&state::AuditEntry {
+            time: at,
+            actor: super::actor(&args.change),
+            action: "certificate.download".into(),
+            database: Some(db.name.clone()),
+            details: json!({"id": record.id, "dir": dir.display().to_string(), "prefix": args.prefix}),
+        })
+    });
+    if let Err(e) = logged {
+        eprintln!("pgmtls: warning: not recorded in the audit log: {e}");
+    }
+    done(&format!(
+        "Downloading certificates for database {}",
+        db.name
+    ));
+    let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    if args.json {
+        print!(
+            "{}",
+            output::json(&json!({
+                "database": db.name,
+                "id": record.id,
+                "dir": dir.display().to_string(),
+                "sslcert": shown[0],
+                "sslkey": shown[1],
+                "sslrootcert": shown[2],
+                "pk8": shown[3],
+            }))
+        );
+    } else {
+        println!("your certificates are now in {}", dir.display());
+        print!(
+            "{}",
+            Block::new()
+                .row("sslcert", &shown[0])
+                .row("sslkey", &shown[1])
+                .row("sslrootcert", &shown[2])
+                .row("sslkey_pk8", &shown[3])
+                .row("sslmode", "verify-ca")
+                .render()
+        );
+        println!(
+            "connect with: psql \"host=HOST port={} dbname=DB user=USER sslmode=verify-ca \
+             sslcert={} sslkey={} sslrootcert={}\"",
+            db.settings.listen.port(),
+            shown[0],
+            shown[1],
+            shown[2]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
+    let ctx = Ctx::new(&args.state)?;
+    let name = args.database.as_str();
+    let mut change = ctx.begin(Some(name), &args.change)?;
+    let db = ctx.load(name)?;
+    let mut record = find(&db, &args.id)?.clone();
+    if let Some(t) = record.revoked_at {
+        bail!(
+            "certificate {} was already revoked at {}",
+            record.id,
+            human_time(t)
+        );
+    }
+    let at = now();
+    record.revoked_at = Some(at);
+    let signer = signer(&db)?;
+    let mut records = db.certificates.clone();
+    for r in records.iter_mut().filter(|r| r.id == record.id) {
+        *r = reparse(&db, &record)?;
+    }
+    let (crl, number) = next_crl(&db, &signer, &records, at)?;
+    let mut candidate = db.clone();
+    candidate.certificates = records;
+    candidate.crl_pem = Some(crl.clone().into_bytes());
+    validate(&candidate)?;
+    // The CRL is what the proxy enforces: write it first, so a crash in between leaves the
+    // certificate refused rather than merely marked.
+    ctx.state
+        .write_database_file(name, state::CRL, crl.as_bytes(), PUBLIC_MODE)?;
+    ctx.state.save_certificate_record(name, &record)?;
+    change.record(
+        "certificate.revoke",
+        Some(name),
+        json!({"id": record.id, "serial": record.serial, "crl_number": number}),
+    )?;
+    drop(change);
+    done(&format!(
+        "Revoking certificate {} for database {name}",
+        record.id
+    ));
+    let proxy = ctx.proxy();
+    let view = CertView::new(&record, at, true, proxy.certificate(name, &record.id));
+    print_one(&view, &proxy, args.json);
+    if !args.json {
+        println!(
+            "The proxy refuses this certificate from its next reload (file change or SIGHUP)."
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A successor issued by `renew`.
+#[derive(Debug, Serialize)]
+struct Renewal {
+    database: String,
+    previous_id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    previous_expires_at: OffsetDateTime,
+    id: String,
+    serial: String,
+    common_name: String,
+    #[serde(with = "time::serde::rfc3339")]
+    expires_at: OffsetDateTime,
+}
+
+/// A server certificate re-issued by `renew`.
+#[derive(Debug, Serialize)]
+struct ServerRenewal {
+    database: String,
+    serial: String,
+    #[serde(with = "time::serde::rfc3339")]
+    previous_expires_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    expires_at: OffsetDateTime,
+}
+
+/// A CRL re-signed by `renew` because its nextUpdate was near.
+#[derive(Debug, Serialize)]
+struct CrlRefresh {
+    database: String,
+    crl_number: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    next_update: OffsetDateTime,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct RenewReport {
+    renewed: Vec<Renewal>,
+    server_certificates: Vec<ServerRenewal>,
+    crls_refreshed: Vec<CrlRefresh>,
+    errors: Vec<String>,
+}
+
+fn renew(args: RenewArgs) -> anyhow::Result<ExitCode> {
+    let ctx = Ctx::new(&args.state)?;
+    let names = match &args.database {
+        Some(db) => {
+            ctx.require(db)?;
+            vec![db.clone()]
+        }
+        None => ctx
+            .state
+            .database_names()
+            .map_err(|e| anyhow!("{}", one_line(&e)))?,
+    };
+    let mut report = RenewReport::default();
+    if !names.is_empty() {
+        // One lock for the whole run; the notify command runs after it is released.
+        let mut change = ctx.begin(None, &args.change)?;
+        let at = now();
+        for name in &names {
+            if let Err(e) = renew_database(&ctx, &mut change, name, at, &mut report) {
+                report.errors.push(format!("database {name}: {e:#}"));
+            }
+        }
+    }
+    let mut failed = !report.errors.is_empty();
+    if let Some(cmd) = &args.notify_command {
+        for r in &report.renewed {
+            let env = notify_env(r, ctx.state.root());
+            if let Err(e) = notify(cmd, &env) {
+                report
+                    .errors
+                    .push(format!("notify command for certificate {}: {e:#}", r.id));
+                failed = true;
+            }
+        }
+    }
+    if args.json {
+        print!("{}", output::json(&report));
+    } else {
+        print_report(&report);
+    }
+    for e in &report.errors {
+        eprintln!("pgmtls: error: {e}");
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_report(report: &RenewReport) {
+    if report.renewed.is_empty() {
+        println!("No client certificates need renewal.");
+    } else {
+        let mut t = Table::new(&[
+            "Database",
+            "Previous ID",
+            "Expires At",
+            "New ID",
+            "New Expires At",
+        ]);
+        for r in &report.renewed {
+            t.row(vec![
+                r.database.clone(),
+                r.previous_id.clone(),
+                human_time(r.previous_expires_at),
+                r.id.clone(),
+                human_time(r.expires_at),
+            ]);
+        }
+        print!("{}", t.render());
+        println!(
+            "Download each new certificate with `pgmtls certificates download DATABASE --id NEW_ID` \
+             and switch clients to it before the previous one expires."
+        );
+    }
+    for s in &report.server_certificates {
+        println!(
+            "Server certificate of {} renewed: serial {}, expires {}",
+            s.database,
+            s.serial,
+            human_time(s.expires_at)
+        );
+    }
+    for c in &report.crls_refreshed {
+        println!(
+            "CRL of {} re-signed: number {}, next update {}",
+            c.database,
+            c.crl_number,
+            human_time(c.next_update)
+        );
+    }
+}
+
+/// Renews what is due in one database: client certificates without a successor, the server
+/// certificate, and the CRL's nextUpdate. Everything is validated together before any write.
+fn renew_database(
+    ctx: &Ctx,
+    change: &mut Change,
+    name: &str,
+    at: OffsetDateTime,
+    report: &mut RenewReport,
+) -> anyhow::Result<()> {
+    let db = ctx.load(name)?;
+    let signer = signer(&db)?;
+    let on_crl = crl_serials(&db);
+    let mut records = db.certificates.clone();
+    let mut new: Vec<(CertificateRecord, Issued)> = Vec::new();
+    for i in 0..records.len() {
+        let old = &records[i];
+        // A successor that points back counts even if this record lost its link (a crash
+        // between the two writes), so a rerun never issues a second one.
+        let has_successor = old.successor.is_some()
+            || records
+                .iter()
+                .any(|r| r.successor_of.as_deref() == Some(old.id.as_str()));
+        let due = old.revoked_at.is_none()
+            && !on_crl.contains(&old.serial)
+            && !has_successor
+            && old.expires_at - at <= RENEW_WINDOW;
+        if !due {
+            continue;
+        }
+        let key_type: KeyType = old.key_type.parse().unwrap_or_default();
+        let (rec, issued) = issue(
+            &signer,
+            Some(&old.common_name),
+            key_type,
+            at,
+            None,
+            Some(old.id.clone()),
+        )?;
+        records[i].successor = Some(rec.id.clone());
+        new.push((rec, issued));
+    }
+    let mut candidate = db.clone();
+    candidate.certificates = records
+        .iter()
+        .chain(new.iter().map(|(r, _)| r))
+        .map(|r| reparse(&db, r))
+        .collect::<anyhow::Result<_>>()?;
+
+    let server_due = std::str::from_utf8(&db.server_cert_pem)
+        .ok()
+        .and_then(|p| pki::inspect_cert_pem(p).ok())
+        .filter(|i| i.not_after - at <= RENEW_WINDOW);
+    let server = match &server_due {
+        Some(info) => {
+            let key_type: KeyType = info.key_algorithm.parse().unwrap_or_default();
+            let names = super::mtls::server_names(&db.settings.server_names, db.settings.listen);
+            let issued =
+                pki::issue_server(&signer, &names, key_type, pki::DEFAULT_SERVER_VALIDITY)?;
+            let chain = format!("{}{}", issued.cert_pem, String::from_utf8_lossy(&db.ca_pem));
+            candidate.server_cert_pem = chain.clone().into_bytes();
+            candidate.server_key_pem = issued.key_pem.clone().into_bytes();
+            Some((issued, chain, info.not_after))
+        }
+        None => None,
+    };
+
+    let crl_due = db
+        .crl_pem
+        .as_deref()
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .and_then(|p| pki::parse_crl_pem(p).ok())
+        .and_then(|c| c.next_update)
+        .is_none_or(|next| next - at <= CRL_REFRESH_WINDOW);
+    let crl = if crl_due {
+        let (pem, number) = next_crl(&db, &signer, &records, at)?;
+        candidate.crl_pem = Some(pem.clone().into_bytes());
+        Some((pem, number))
+    } else {
+        None
+    };
+    if new.is_empty() && server.is_none() && crl.is_none() {
+        return Ok(());
+    }
+    validate(&candidate)?;
+
+    for (rec, issued) in &new {
+        ctx.state.add_certificate(
+            name,
+            rec,
+            issued.cert_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+        )?;
+        // Only now link the predecessor: its `successor` must never name a missing folder.
+        if let Some(old) = records
+            .iter()
+            .find(|r| Some(r.id.as_str()) == rec.successor_of.as_deref())
+        {
+            ctx.state.save_certificate_record(name, old)?;
+            report.renewed.push(Renewal {
+                database: name.to_owned(),
+                previous_id: old.id.clone(),
+                previous_expires_at: old.expires_at,
+                id: rec.id.clone(),
+                serial: rec.serial.clone(),
+                common_name: rec.common_name.clone(),
+                expires_at: rec.expires_at,
+            });
+            change.record(
+                "certificate.renew",
+                Some(name),
+                json!({
+                    "id": rec.id,
+                    "serial": rec.serial,
+                    "previous_id": old.id,
+                    "expires_at": state::rfc3339(rec.expires_at),
+                }),
+            )?;
+        }
+    }
+    if let Some((issued, chain, previous)) = server {
+        // Key first, then certificate: a reload in between fails as a mismatch and keeps the
+        // previous snapshot; the certificate write triggers the next, good, reload.
+        ctx.state.write_database_file(
+            name,
+            state::SERVER_KEY,
+            issued.key_pem.as_bytes(),
+            PRIVATE_MODE,
+        )?;
+        ctx.state
+            .write_database_file(name, state::SERVER_CERT, chain.as_bytes(), PUBLIC_MODE)?;
+        change.record(
+            "server_certificate.renew",
+            Some(name),
+            json!({"serial": issued.serial, "expires_at": state::rfc3339(issued.not_after)}),
+        )?;
+        report.server_certificates.push(ServerRenewal {
+            database: name.to_owned(),
+            serial: issued.serial,
+            previous_expires_at: previous,
+            expires_at: issued.not_after,
+        });
+    }
+    if let Some((pem, number)) = crl {
+        ctx.state
+            .write_database_file(name, state::CRL, pem.as_bytes(), PUBLIC_MODE)?;
+        change.record(
+            "crl.refresh",
+            Some(name),
+            json!({"crl_number": number, "next_update": state::rfc3339(at + CRL_VALIDITY)}),
+        )?;
+        report.crls_refreshed.push(CrlRefresh {
+            database: name.to_owned(),
+            crl_number: number,
+            next_update: at + CRL_VALIDITY,
+        });
+    }
+    Ok(())
+}
+
+/// Names of the variables `--notify-command` gets (documented in docs/CLI.md).
+pub const NOTIFY_ENV: [&str; 10] = [
+    "PGMTLS_EVENT",
+    "PGMTLS_DATABASE",
+    "PGMTLS_CERTIFICATE_ID",
+    "PGMTLS_SERIAL",
+    "PGMTLS_COMMON_NAME",
+    "PGMTLS_EXPIRES_AT",
+    "PGMTLS_PREVIOUS_CERTIFICATE_ID",
+    "PGMTLS_PREVIOUS_EXPIRES_AT",
+    "PGMTLS_STATE_DIR",
+    "PGMTLS_DOWNLOAD_COMMAND",
+];
+
+/// The details of one renewal for the notify command, in [`NOTIFY_ENV`] order.
+fn notify_env(r: &Renewal, state_dir: &Path) -> Vec<(&'static str, String)> {
+    // An array of the same length as NOTIFY_ENV: a missing value does not compile.
+    let values: [String; NOTIFY_ENV.len()] = [
+        "certificate.renew".to_owned(),
+        r.database.clone(),
+        r.id.clone(),
+        r.serial.clone(),
+        r.common_name.clone(),
+        state::rfc3339(r.expires_at),
+        r.previous_id.clone(),
+        state::rfc3339(r.previous_expires_at),
+        state_dir.display().to_string(),
+        format!(
+            "pgmtls certificates download {} --id {} --state-dir {}",
+            r.database,
+            r.id,
+            state_dir.display()
+        ),
+    ];
+    NOTIFY_ENV.into_iter().zip(values).collect()
+}
+
+/// Runs the notify command with `sh -c`; its stdout goes to our stderr so `--json` output
+/// stays parseable.
+fn notify(cmd: &str, env: &[(&str, String)]) -> anyhow::Result<()> {
+    use std::os::fd::AsFd as _;
+    let stderr = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("cannot duplicate stderr")?;
+    let mut c = std::process::Command::new("sh");
+    c.arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(stderr));
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let status = c.status().context("cannot run the notify command")?;
+    if !status.success() {
+        bail!("exited with {status}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(expires_in: Duration, at: OffsetDateTime) -> CertificateRecord {
+        CertificateRecord {
+            id: "c1".into(),
+            common_name: "c1".into(),
+            serial: "4a".into(),
+            key_type: "p256".into(),
+            created_at: at - Duration::days(300),
+            not_before: at - Duration::days(300),
+            expires_at: at + expires_in,
+            revoked_at: None,
+            successor_of: None,
+            successor: None,
+        }
+    }
+
+    #[test]
+    fn status_words_follow_expiry_revocation_and_the_proxy() {
+        let at = now();
+        let st = |r: &CertificateRecord, crl: bool, seen: Option<CertificateSeen>| {
+            CertView::new(r, at, crl, seen).status
+        };
+        let loaded = Some(CertificateSeen {
+            loaded: true,
+            revoked: false,
+        });
+        let missing = Some(CertificateSeen {
+            loaded: false,
+            revoked: false,
+        });
+        assert_eq!(st(&record(Duration::days(100), at), false, None), "ready");
+        assert_eq!(st(&record(Duration::days(100), at), false, loaded), "ready");
+        assert_eq!(
+            st(&record(Duration::days(100), at), false, missing),
+            "pending"
+        );
+        assert_eq!(st(&record(Duration::days(70), at), false, None), "expiring");
+        assert_eq!(st(&record(Duration::days(-1), at), false, None), "expired");
+        assert_eq!(st(&record(Duration::days(100), at), true, None), "revoked");
+        let mut r = record(Duration::days(100), at);
+        r.revoked_at = Some(at);
+        let v = CertView::new(&r, at, false, loaded);
+        assert_eq!(v.status, "revoked");
+        assert_eq!(v.served, Some(true));
+        assert_eq!(v.status_text, "revoked (proxy has not reloaded yet)");
+    }
+
+    #[test]
+    fn download_names_carry_the_prefix() {
+        assert_eq!(
+            download_names("demo_"),
+            [
+                "demo_postgresql.crt",
+                "demo_postgresql.key",
+                "demo_root.crt",
+                "demo_postgresql.pk8"
+            ]
+        );
+    }
+}

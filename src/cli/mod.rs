@@ -1,0 +1,273 @@
+//! The Heroku-style control commands (`mtls`, `ip-rules`, `certificates`, `databases`): flags
+//! in, changes to the state directory and human or JSON output out.
+//!
+//! Every change follows one path: take the writers' lock, load the database through the same
+//! parsers the proxy uses, build the new content, check it with
+//! [`DatabaseRuntime::build`](crate::snapshot::DatabaseRuntime::build) (what the proxy runs on
+//! reload), write it atomically, append one audit line. A check that fails changes nothing.
+//! Status words (`Operational`, `Authorized`, `ready`, ...) that describe the running proxy
+//! come from its `/status` endpoint ([`status`]), never from the files alone.
+
+pub mod certificates;
+pub mod ip_rules;
+pub mod mtls;
+pub mod output;
+pub mod status;
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, Subcommand};
+use time::OffsetDateTime;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::snapshot::DatabaseRuntime;
+use crate::state::{
+    one_line, validate_database_name, AuditEntry, AuditLog, DatabaseState, StateDir, StateLock,
+};
+use status::{AdminUrl, ProxyView};
+
+/// The control commands, flattened into `pgmtls`'s own subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Enable (`create`), show (`mtls DB`) or disable (`destroy`) mutual TLS for a database.
+    Mtls(Box<mtls::MtlsArgs>),
+    /// Manage the IP allowlist of a database (at most 60 rules).
+    #[command(name = "ip-rules")]
+    IpRules(Box<ip_rules::IpRulesArgs>),
+    /// Manage client certificates: list, create, download, revoke, renew.
+    Certificates(Box<certificates::CertificatesArgs>),
+    /// List the databases with mutual TLS enabled.
+    Databases(mtls::DatabasesArgs),
+}
+
+/// Runs one control command.
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Mtls(a) => mtls::run(*a),
+        Command::IpRules(a) => ip_rules::run(*a),
+        Command::Certificates(a) => certificates::run(*a),
+        Command::Databases(a) => mtls::databases(a),
+    }
+}
+
+/// Where the state is, and where the proxy that serves it answers.
+#[derive(Args, Debug, Clone, Default)]
+pub struct StateArgs {
+    /// State directory [default: the config file's state_dir].
+    #[arg(long, env = "PGMTLS_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// pgmtls.yaml; its state_dir and admin_listen are used unless given directly.
+    #[arg(long, env = "PGMTLS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Admin endpoint of the running proxy (http://HOST:PORT), for status words.
+    #[arg(long, env = "PGMTLS_ADMIN_URL", value_name = "URL")]
+    pub admin_url: Option<String>,
+}
+
+/// Options of every command that changes something.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ChangeArgs {
+    /// Who makes the change, for the audit log [default: the OS user].
+    #[arg(long, env = "PGMTLS_ACTOR", value_name = "NAME")]
+    pub actor: Option<String>,
+}
+
+/// A resolved state directory plus the way to reach the proxy.
+pub(crate) struct Ctx {
+    pub state: StateDir,
+    admin: Option<AdminUrl>,
+}
+
+impl Ctx {
+    pub fn new(args: &StateArgs) -> anyhow::Result<Ctx> {
+        let config = match &args.config {
+            Some(path) => Some(Config::load(path).map_err(|e| anyhow!("{}", one_line(&e)))?),
+            None => None,
+        };
+        let state_dir = match (
+            &args.state_dir,
+            config.as_ref().and_then(|c| c.state_dir.clone()),
+        ) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(dir)) => dir,
+            (None, None) => bail!(
+                "no state directory: give --state-dir DIR (or PGMTLS_STATE_DIR), or --config FILE"
+            ),
+        };
+        let admin = match &args.admin_url {
+            Some(url) => Some(url.parse::<AdminUrl>().map_err(|e| anyhow!("{e}"))?),
+            None => config
+                .as_ref()
+                .and_then(|c| c.admin_listen)
+                .map(AdminUrl::from_listen),
+        };
+        Ok(Ctx {
+            state: StateDir::new(state_dir),
+            admin,
+        })
+    }
+
+    /// Asks the running proxy what it serves (one request, short timeout).
+    pub fn proxy(&self) -> ProxyView {
+        ProxyView::query(self.admin.as_ref())
+    }
+
+    /// Loads one database through the proxy's own loader.
+    pub fn load(&self, name: &str) -> anyhow::Result<DatabaseState> {
+        self.require(name)?;
+        self.state
+            .load_database(name)
+            .map_err(|e| anyhow!("database {name} does not load: {}", one_line(&e)))
+    }
+
+    /// Fails with a one-line error for an invalid or unknown database name.
+    pub fn require(&self, name: &str) -> anyhow::Result<()> {
+        validate_database_name(name).map_err(|e| anyhow!("{e}"))?;
+        if !self.state.has_database(name) {
+            bail!(
+                "unknown database {name:?} in {} (`pgmtls databases` lists them)",
+                self.state.root().display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts a change: checks the database exists (before touching anything, so a typo
+    /// creates no files), takes the lock, opens the audit log.
+    pub fn begin(&self, database: Option<&str>, change: &ChangeArgs) -> anyhow::Result<Change> {
+        if let Some(db) = database {
+            self.require(db)?;
+        }
+        let lock = self
+            .state
+            .lock()
+            .with_context(|| format!("cannot lock {}", self.state.root().display()))?;
+        // Another writer may have removed it while we waited for the lock.
+        if let Some(db) = database {
+            self.require(db)?;
+        }
+        let audit = self.state.open_audit_log()?;
+        Ok(Change {
+            _lock: lock,
+            audit,
+            actor: actor(change),
+        })
+    }
+}
+
+/// An open change: the lock is held until it is dropped.
+pub(crate) struct Change {
+    _lock: StateLock,
+    audit: AuditLog,
+    pub actor: String,
+}
+
+impl Change {
+    /// Appends the audit line of a change that has been written.
+    pub fn record(
+        &mut self,
+        action: &str,
+        database: Option<&str>,
+        details: serde_json::Value,
+    ) -> anyhow::Result<()> {
+        self.audit.append(&AuditEntry {
+            time: now(),
+            actor: self.actor.clone(),
+            action: action.to_owned(),
+            database: database.map(str::to_owned),
+            details,
+        })?;
+        Ok(())
+    }
+}
+
+/// Checks that the proxy would accept `state` on its next reload.
+pub(crate) fn validate(state: &DatabaseState) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    DatabaseRuntime::build(state, &metrics)
+        .map(|_| ())
+        .map_err(|e| {
+            anyhow!(
+                "refusing to write a state the proxy would reject: {}",
+                one_line(&e)
+            )
+        })
+}
+
+/// The current time in whole seconds (the precision of certificates and the YAML files).
+pub(crate) fn now() -> OffsetDateTime {
+    let t = OffsetDateTime::now_utc();
+    t.replace_nanosecond(0).unwrap_or(t)
+}
+
+/// `--actor`, else the person behind sudo, else the OS user.
+pub(crate) fn actor(change: &ChangeArgs) -> String {
+    if let Some(a) = change.actor.as_deref().filter(|a| !a.trim().is_empty()) {
+        return output::clean(a.trim());
+    }
+    for var in ["SUDO_USER", "USER", "LOGNAME"] {
+        if let Ok(v) = std::env::var(var) {
+            if !v.is_empty() {
+                return output::clean(&v);
+            }
+        }
+    }
+    // No login variables (cron, systemd, containers): name the effective uid.
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .unwrap_or_else(|| "?".into());
+    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|p| {
+        p.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let (name, _, id) = (f.next()?, f.next()?, f.next()?);
+            (id == uid).then(|| name.to_owned())
+        })
+    });
+    match name {
+        Some(n) => output::clean(&n),
+        None => format!("uid:{uid}"),
+    }
+}
+
+/// Asks before a change that opens or closes access. `--confirm DB` answers without a prompt;
+/// without it and without a terminal the command refuses rather than assuming yes.
+pub(crate) fn confirm(database: &str, given: Option<&str>, question: &str) -> anyhow::Result<()> {
+    match given {
+        Some(g) if g == database => return Ok(()),
+        Some(g) => bail!("--confirm {g:?} does not match the database name {database:?}"),
+        None => {}
+    }
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        bail!(
+            "confirmation required and stdin is not a terminal: re-run with --confirm {database}"
+        );
+    }
+    eprint!("{question} (yes/no): ");
+    let mut answer = String::new();
+    stdin
+        .read_line(&mut answer)
+        .context("cannot read the answer")?;
+    let answer = answer.trim();
+    if answer.eq_ignore_ascii_case("yes") || answer.eq_ignore_ascii_case("y") || answer == database
+    {
+        Ok(())
+    } else {
+        bail!("aborted: nothing was changed")
+    }
+}
+
+/// Prints a progress line the way the reference does (`Doing X... done`), on stderr so that
+/// stdout carries only the result.
+pub(crate) fn done(what: &str) {
+    eprintln!("{what}... done");
+}
