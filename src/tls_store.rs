@@ -181,11 +181,14 @@ fn crl_serials(der: &CertificateRevocationListDer<'_>) -> Result<Vec<String>, St
         .collect())
 }
 
-/// Lowercase hex of a certificate serial without leading zero bytes, the one format used in
-/// logs, CRL lookups and `certificate.yaml`.
+/// Lowercase hex of a certificate serial without leading zeros ("0" for zero): the one format
+/// used in logs, CRL lookups, `/status`, `certificate.yaml` and the CLI.
 pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
-    hex::encode(&raw[start..])
+    let hex = hex::encode(raw);
+    match hex.trim_start_matches('0') {
+        "" => "0".to_string(),
+        s => s.to_string(),
+    }
 }
 
 /// How pgmtls verifies a TLS upstream.
@@ -290,9 +293,15 @@ mod tests {
     }
 
     #[test]
-    fn serial_hex_strips_leading_zero_bytes() {
+    fn serial_hex_strips_leading_zeros() {
         assert_eq!(serial_hex(&[0, 0x8f, 0x01]), "8f01");
+        assert_eq!(serial_hex(&[0x0a, 0xbc]), "abc");
         assert_eq!(serial_hex(&[0x12]), "12");
-        assert_eq!(serial_hex(&[]), "");
+        assert_eq!(serial_hex(&[]), "0");
+        // The same text the PKI module writes into records and CRLs.
+        assert_eq!(
+            crate::pki::normalize_serial("0A:BC").unwrap(),
+            serial_hex(&[0x0a, 0xbc])
+        );
     }
 }

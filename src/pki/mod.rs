@@ -298,11 +298,7 @@ pub fn normalize_serial(text: &str) -> Result<String> {
 /// Canonical serial text: lowercase hex of the big-endian magnitude, without
 /// leading zeros ("0" for zero).
 pub(crate) fn serial_to_hex(bytes: &[u8]) -> String {
-    let hex = hex::encode(bytes);
-    match hex.trim_start_matches('0') {
-        "" => "0".to_string(),
-        s => s.to_string(),
-    }
+    crate::tls_store::serial_hex(bytes)
 }
 
 /// Parses a serial written as hex, with optional `:` separators and any
