@@ -1,28 +1,90 @@
-//! The docs cannot silently fall behind the code: every config key and every refusal reason
-//! that exists in code is documented.
+//! The docs cannot silently fall behind the code: every config key, every `serve` flag and
+//! environment variable, and every refusal reason that exists in code is documented, and the
+//! links between the documents resolve. (State-file fields and CLI commands are checked in
+//! `cli_docs.rs`, metrics in `metrics_docs.rs`.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use regex::Regex;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
 
 fn doc(name: &str) -> String {
-    std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("docs")
-            .join(name),
-    )
-    .unwrap_or_else(|e| panic!("docs/{name}: {e}"))
+    std::fs::read_to_string(root().join("docs").join(name))
+        .unwrap_or_else(|e| panic!("docs/{name}: {e}"))
+}
+
+/// README.md and every page under docs/.
+fn markdown_files() -> Vec<PathBuf> {
+    let mut files = vec![root().join("README.md")];
+    for entry in std::fs::read_dir(root().join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
 }
 
 #[test]
 fn every_process_config_key_is_documented() {
-    let text = doc("CONFIG.md");
+    let config = doc("CONFIG.md");
+    let reload = doc("RELOAD.md");
     for key in pgmtls::config::process::KEYS {
         assert!(
-            text.contains(&format!("`{key}`")),
-            "docs/CONFIG.md lacks `{key}`"
+            config.contains(&format!("| `{key}` |")),
+            "docs/CONFIG.md has no table row for `{key}`"
+        );
+        // Every key must say whether a reload applies it or a restart is needed.
+        assert!(
+            reload.contains(&format!("`{key}`")),
+            "docs/RELOAD.md does not say whether `{key}` reloads"
         );
     }
+}
+
+#[test]
+fn every_serve_flag_and_environment_variable_is_documented() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgmtls"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let config = doc("CONFIG.md");
+    let flags: BTreeSet<&str> = Regex::new(r"--[a-z][a-z0-9-]*")
+        .unwrap()
+        .find_iter(&help)
+        .map(|m| m.as_str())
+        .filter(|f| *f != "--help")
+        .collect();
+    let envs: BTreeSet<&str> = Regex::new(r"\[env: ([A-Z0-9_]+)=")
+        .unwrap()
+        .captures_iter(&help)
+        .map(|c| c.get(1).unwrap().as_str())
+        .collect();
+    assert!(flags.len() >= 15 && envs.len() >= 15, "{help}");
+    let mut missing: Vec<&str> = flags
+        .iter()
+        .filter(|f| !config.contains(&format!("`{f}")))
+        .copied()
+        .collect();
+    missing.extend(
+        envs.iter()
+            .filter(|e| !config.contains(&format!("`{e}`")))
+            .copied(),
+    );
+    assert!(
+        missing.is_empty(),
+        "`pgmtls serve` has these but docs/CONFIG.md does not: {missing:?}"
+    );
 }
 
 #[test]
@@ -42,4 +104,81 @@ fn every_refusal_reason_is_documented_in_the_lifecycle() {
             kind.as_str()
         );
     }
+}
+
+#[test]
+fn the_docs_index_lists_every_page() {
+    let index = doc("README.md");
+    for path in markdown_files() {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        if path.parent() == Some(&root().join("docs")) && name != "README.md" {
+            assert!(
+                index.contains(&format!("]({name})")),
+                "docs/README.md does not link {name}"
+            );
+        }
+    }
+}
+
+/// GitHub's anchor for a heading: lowercase, punctuation dropped, spaces to hyphens.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' | '-' => Some('-'),
+            '_' => Some('_'),
+            c if c.is_alphanumeric() => Some(c.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn anchors(text: &str) -> BTreeSet<String> {
+    let mut in_code = false;
+    let mut out = BTreeSet::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        } else if !in_code && line.starts_with('#') {
+            out.insert(slug(line.trim_start_matches('#')));
+        }
+    }
+    out
+}
+
+#[test]
+fn relative_links_in_the_docs_resolve() {
+    let link = Regex::new(r"\]\(([^)\s]+)\)").unwrap();
+    let mut broken = Vec::new();
+    for file in markdown_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let dir = file.parent().unwrap();
+        for cap in link.captures_iter(&text) {
+            let target = &cap[1];
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (path, anchor) = match target.split_once('#') {
+                Some((p, a)) => (p, Some(a)),
+                None => (target, None),
+            };
+            let resolved = if path.is_empty() {
+                file.clone()
+            } else {
+                dir.join(path)
+            };
+            if !resolved.exists() {
+                broken.push(format!("{}: {target}", file.display()));
+                continue;
+            }
+            if let Some(anchor) = anchor {
+                let body = std::fs::read_to_string(&resolved).unwrap_or_default();
+                if !anchors(&body).contains(anchor) {
+                    broken.push(format!("{}: {target} (no such heading)", file.display()));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links: {broken:#?}");
 }
