@@ -18,6 +18,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod demo;
 pub mod listener;
 pub mod metrics;
 pub mod pki;

@@ -33,6 +33,8 @@ enum Command {
         #[arg(long, env = "PGMTLS_CONFIG")]
         config: PathBuf,
     },
+    /// Start a throwaway PostgreSQL behind pgmtls and print how to connect (Ctrl-C cleans up).
+    Demo(pgmtls::demo::DemoArgs),
     #[command(flatten)]
     Control(pgmtls::cli::Command),
 }
@@ -108,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
         Command::Control(c) => pgmtls::cli::run(c),
+        Command::Demo(a) => pgmtls::demo::run(a),
         Command::Serve(args) => {
             let (config, source) = serve_inputs(*args)?;
             init_logging(cli.log_format.unwrap_or(config.log_format));

@@ -85,90 +85,19 @@ pub fn bin_dir() -> &'static Path {
     }
 }
 
-const INSTALL_HINT: &str = "Install PostgreSQL (Debian/Ubuntu: `apt-get install postgresql`) \
-     or set PGMTLS_PG_BINDIR to the directory holding initdb, pg_ctl, postgres and psql.\n\
-     On a developer laptop without PostgreSQL, set PGMTLS_SKIP_PG_TESTS=1 to skip \
-     the tests that need it.";
-
 fn find_bin_dir() -> Result<PathBuf, String> {
-    if let Some(dir) = std::env::var_os("PGMTLS_PG_BINDIR") {
-        let dir = PathBuf::from(dir);
-        return if has_server_bins(&dir) {
-            Ok(dir)
-        } else {
-            Err(format!(
-                "PGMTLS_PG_BINDIR={} lacks initdb/pg_ctl/postgres/psql.\n{INSTALL_HINT}",
-                dir.display()
-            ))
-        };
-    }
-    let candidates = [
-        bin_dir_from_pg_config(),
-        bin_dir_from_path(),
-        newest_debian_bin_dir(),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|d| has_server_bins(d))
-        .ok_or_else(|| format!("PostgreSQL server binaries not found.\n{INSTALL_HINT}"))
-}
-
-/// Debian ships `pg_config` with libpq-dev even without a server, hence the
-/// caller's `has_server_bins` check.
-fn bin_dir_from_pg_config() -> Option<PathBuf> {
-    let out = Command::new("pg_config").arg("--bindir").output().ok()?;
-    let dir = String::from_utf8(out.stdout).ok()?;
-    out.status.success().then(|| PathBuf::from(dir.trim()))
-}
-
-/// Resolves symlinks: e.g. `/usr/local/bin/initdb` may point into
-/// `/usr/lib/postgresql/15/bin`, where the other binaries live.
-fn bin_dir_from_path() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("initdb"))
-        .find(|p| p.is_file())
-        .and_then(|p| fs::canonicalize(p).ok())
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-}
-
-fn newest_debian_bin_dir() -> Option<PathBuf> {
-    let version_key =
-        |name: &str| -> Vec<u32> { name.split('.').map(|n| n.parse().unwrap_or(0)).collect() };
-    fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .max_by_key(|name| version_key(name))
-        .map(|v| Path::new("/usr/lib/postgresql").join(v).join("bin"))
-}
-
-fn has_server_bins(dir: &Path) -> bool {
-    ["initdb", "pg_ctl", "postgres", "psql"]
-        .iter()
-        .all(|b| dir.join(b).is_file())
-}
-
-/// Effective uid without `unsafe` (the crate forbids it, tests included):
-/// the second field of the `Uid:` line in /proc/self/status, or `id -u`.
-pub fn effective_uid() -> u32 {
-    static UID: OnceLock<u32> = OnceLock::new();
-    *UID.get_or_init(|| {
-        let from_proc = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1))
-                .and_then(|euid| euid.parse().ok())
-        });
-        from_proc.unwrap_or_else(|| {
-            let out = Command::new("id").arg("-u").output().expect("run `id -u`");
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .expect("parse `id -u`")
-        })
+    // The same discovery `pgmtls demo` uses, plus how to skip on a laptop without Postgres.
+    pgmtls::demo::postgres::find_bin_dir().map_err(|e| {
+        format!(
+            "{e}\nOn a developer laptop without PostgreSQL, set PGMTLS_SKIP_PG_TESTS=1 to skip \
+             the tests that need it."
+        )
     })
+}
+
+/// Effective uid, read without `unsafe` (shared with `pgmtls demo`).
+pub fn effective_uid() -> u32 {
+    pgmtls::demo::postgres::effective_uid().unwrap_or(u32::MAX)
 }
 
 /// PostgreSQL refuses to start as root, so root runs it as `postgres`.
