@@ -1,7 +1,7 @@
-//! The docs cannot silently fall behind the code: every config key, every `serve` flag and
-//! environment variable, and every refusal reason that exists in code is documented, and the
-//! links between the documents resolve. (State-file fields and CLI commands are checked in
-//! `cli_docs.rs`, metrics in `metrics_docs.rs`.)
+//! The docs cannot silently fall behind the code: every config key, every flag and environment
+//! variable of `serve`, `demo` and `check-config`, and every refusal reason that exists in code
+//! is documented, and the links between the documents resolve. (State-file fields and the
+//! control commands are checked in `cli_docs.rs`, metrics in `metrics_docs.rs`.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -50,41 +50,56 @@ fn every_process_config_key_is_documented() {
     }
 }
 
-#[test]
-fn every_serve_flag_and_environment_variable_is_documented() {
+fn help(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_pgmtls"))
-        .args(["serve", "--help"])
+        .args(args)
+        .arg("--help")
         .output()
         .unwrap();
-    assert!(out.status.success());
-    let help = String::from_utf8(out.stdout).unwrap();
-    let config = doc("CONFIG.md");
-    let flags: BTreeSet<&str> = Regex::new(r"--[a-z][a-z0-9-]*")
-        .unwrap()
-        .find_iter(&help)
-        .map(|m| m.as_str())
-        .filter(|f| *f != "--help")
-        .collect();
-    let envs: BTreeSet<&str> = Regex::new(r"\[env: ([A-Z0-9_]+)=")
-        .unwrap()
-        .captures_iter(&help)
-        .map(|c| c.get(1).unwrap().as_str())
-        .collect();
-    assert!(flags.len() >= 15 && envs.len() >= 15, "{help}");
-    let mut missing: Vec<&str> = flags
-        .iter()
-        .filter(|f| !config.contains(&format!("`{f}")))
-        .copied()
-        .collect();
-    missing.extend(
-        envs.iter()
-            .filter(|e| !config.contains(&format!("`{e}`")))
-            .copied(),
-    );
-    assert!(
-        missing.is_empty(),
-        "`pgmtls serve` has these but docs/CONFIG.md does not: {missing:?}"
-    );
+    assert!(out.status.success(), "pgmtls {args:?} --help failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Long flags (but `--help`) and `[env: ...]` variables of a `--help` text.
+fn flags_and_envs(help: &str) -> BTreeSet<String> {
+    let flags = Regex::new(r"--[a-z][a-z0-9-]*").unwrap();
+    let envs = Regex::new(r"\[env: ([A-Z0-9_]+)=").unwrap();
+    flags
+        .find_iter(help)
+        .map(|m| m.as_str().to_owned())
+        .filter(|f| f != "--help")
+        .chain(envs.captures_iter(help).map(|c| c[1].to_owned()))
+        .collect()
+}
+
+/// The subcommands defined by the binary itself rather than by `pgmtls::cli` (whose flags
+/// `cli_docs.rs` checks): `serve` in CONFIG.md, `demo` and `check-config` in CLI.md. Global
+/// flags (`--log-format`) are documented once, in CONFIG.md.
+#[test]
+fn every_binary_subcommand_flag_and_environment_variable_is_documented() {
+    let global = flags_and_envs(&help(&[]));
+    let mut missing = Vec::new();
+    for (command, page, min) in [
+        ("serve", "CONFIG.md", 30),
+        ("demo", "CLI.md", 3),
+        ("check-config", "CLI.md", 2),
+    ] {
+        let text = doc(page);
+        let found = flags_and_envs(&help(&[command]));
+        assert!(found.len() >= min, "pgmtls {command} --help: {found:?}");
+        for name in found {
+            let owned = command == "serve" || !global.contains(&name);
+            let documented = if name.starts_with("--") {
+                text.contains(&format!("`{name}"))
+            } else {
+                text.contains(&format!("`{name}`"))
+            };
+            if owned && !documented {
+                missing.push(format!("{command} {name} (docs/{page})"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "undocumented: {missing:?}");
 }
 
 #[test]
