@@ -12,7 +12,8 @@ RUN cargo build --release --locked --bin pgmtls \
 # so no HEALTHCHECK command can run inside it; orchestrators probe /healthz and /readyz instead.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/pgmtls /usr/local/bin/pgmtls
-COPY config/pgmtls.yaml /etc/pgmtls/pgmtls.yaml
+# The gateway profile: admin on 0.0.0.0:9480 so probes and Prometheus can reach it.
+COPY config/gateway.yaml /etc/pgmtls/pgmtls.yaml
 # 5433: the example database listener; 9480: admin (/metrics, /healthz, /readyz, /status).
 EXPOSE 5433 9480
 USER nonroot:nonroot

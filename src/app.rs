@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{AdminSource, LastReload, Status};
 use crate::config::{Config, ConfigErrors};
 use crate::conn::Context;
+use crate::listener::DataPlane;
 use crate::metrics::{Metrics, ReloadKind};
 use crate::reload::{describe_changes, restart_needed, Reloadable, WatchPlan};
 use crate::sessions::EndReason;
@@ -178,7 +179,7 @@ pub struct ReloadReport {
 struct ListenerHandle {
     configured: SocketAddr,
     bound: SocketAddr,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 pub struct App {
@@ -188,6 +189,7 @@ pub struct App {
     limit: Arc<Semaphore>,
     max_connections: usize,
     listeners: Mutex<BTreeMap<String, ListenerHandle>>,
+    data_plane: DataPlane,
     stop: watch::Sender<bool>,
     generation: AtomicU64,
     reload_lock: tokio::sync::Mutex<()>,
@@ -203,6 +205,15 @@ impl App {
     /// Loads and validates everything, binds every listener, and starts accepting. Any error
     /// here is fatal: a proxy that starts must serve what its state says.
     pub async fn start(config: Config, source: Source) -> anyhow::Result<Arc<App>> {
+        Self::start_on(config, source, DataPlane::default()).await
+    }
+
+    /// As [`App::start`], with connections served on `data_plane`'s threads.
+    pub async fn start_on(
+        config: Config,
+        source: Source,
+        data_plane: DataPlane,
+    ) -> anyhow::Result<Arc<App>> {
         let metrics = Arc::new(Metrics::new());
         let states = source.load()?;
         let snapshot = Snapshot::build(1, &states, &metrics)?;
@@ -224,6 +235,7 @@ impl App {
             config,
             source,
             listeners: Mutex::new(BTreeMap::new()),
+            data_plane,
             stop,
             generation: AtomicU64::new(1),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -251,22 +263,16 @@ impl App {
     }
 
     fn start_listener(&self, name: &str, addr: SocketAddr) -> std::io::Result<()> {
-        let listener = crate::listener::bind(addr)?;
-        let bound = listener.local_addr()?;
-        let task = tokio::spawn(crate::listener::run(
-            listener,
-            name.into(),
-            Arc::clone(&self.ctx),
-            Arc::clone(&self.limit),
-            self.stop.subscribe(),
-        ));
+        let (bound, tasks) =
+            self.data_plane
+                .listen(addr, name.into(), &self.ctx, &self.limit, &self.stop)?;
         tracing::info!(database = name, addr = %bound, "listening");
         lock(&self.listeners).insert(
             name.to_owned(),
             ListenerHandle {
                 configured: addr,
                 bound,
-                task,
+                tasks,
             },
         );
         Ok(())
@@ -430,7 +436,7 @@ impl App {
 
         for name in &report.removed {
             if let Some(h) = lock(&self.listeners).remove(name) {
-                h.task.abort();
+                h.tasks.iter().for_each(JoinHandle::abort);
                 tracing::info!(
                     database = name.as_str(),
                     "database disabled; listener closed"

@@ -13,6 +13,23 @@
 //! [`cli`] holds the control commands that write the state directory and reads `/status`.
 
 pub mod admin;
+/// `println!` for command output that treats a closed stdout (`pgmtls mtls db | head`) as the
+/// reader being done rather than a reason to panic; used by the CLI and the demo.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` with the same treatment of a closed stdout as [`say!`].
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod allowlist;
 pub mod app;
 pub mod cli;

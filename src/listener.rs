@@ -10,15 +10,102 @@ use tokio::sync::{watch, Semaphore};
 use crate::conn::error::ErrorKind;
 use crate::conn::{self, Context};
 
-/// Binds a listener with `SO_REUSEADDR`, so a restart does not wait out TIME_WAIT.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+/// The threads that run connections: one single-threaded tokio runtime per thread, each with
+/// its own accept socket on the shared port (`SO_REUSEPORT`), so the kernel spreads new
+/// connections and a connection never changes thread. That saves the work-stealing
+/// scheduler's cross-thread wake-ups on every message, which is most of a relay's CPU besides
+/// the syscalls themselves. An empty plane runs everything on the caller's runtime (tests).
+#[derive(Clone, Default)]
+pub struct DataPlane {
+    handles: Vec<tokio::runtime::Handle>,
+}
+
+impl DataPlane {
+    /// Starts `threads` data-plane threads. They live as long as the process.
+    pub fn start(threads: usize) -> std::io::Result<DataPlane> {
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("pgmtls-data-{i}"))
+                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+        }
+        Ok(DataPlane { handles })
+    }
+
+    /// How many accept sockets each listener gets.
+    pub fn width(&self) -> usize {
+        self.handles.len().max(1)
+    }
+
+    fn spawn<F>(&self, i: usize, fut: F) -> tokio::task::JoinHandle<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self.handles.get(i % self.width()) {
+            Some(h) => h.spawn(fut),
+            None => tokio::spawn(fut),
+        }
+    }
+
+    /// Binds `addr` once per data-plane thread and starts an accept loop on each; returns the
+    /// bound address (port 0 resolved) and the accept tasks.
+    pub fn listen(
+        &self,
+        addr: SocketAddr,
+        database: Arc<str>,
+        ctx: &Arc<Context>,
+        limit: &Arc<Semaphore>,
+        stop: &watch::Sender<bool>,
+    ) -> std::io::Result<(SocketAddr, Vec<tokio::task::JoinHandle<()>>)> {
+        let first = bind_std(addr, self.width() > 1)?;
+        let bound = first.local_addr()?;
+        let mut sockets = vec![first];
+        for _ in 1..self.width() {
+            sockets.push(bind_std(bound, true)?);
+        }
+        let tasks = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, socket)| {
+                let (database, ctx, limit) = (database.clone(), ctx.clone(), limit.clone());
+                let stop = stop.subscribe();
+                self.spawn(i, async move {
+                    // Registration must happen on the runtime that will drive the socket.
+                    match TcpListener::from_std(socket) {
+                        Ok(l) => run(l, database, ctx, limit, stop).await,
+                        Err(e) => tracing::error!(database = &*database, error = %e, "cannot register listener"),
+                    }
+                })
+            })
+            .collect();
+        Ok((bound, tasks))
+    }
+}
+
+/// Binds a non-blocking listening socket with `SO_REUSEADDR` (a restart does not wait out
+/// TIME_WAIT) and, when several threads share the port, `SO_REUSEPORT`.
+fn bind_std(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        // `[::]` serves IPv4 too (peers appear as ::ffff:a.b.c.d), as the default would.
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// Accepts until `stop` turns true. Each connection holds a permit of `limit` for its whole

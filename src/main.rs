@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use pgmtls::app::{App, QuickSpec, Source};
 use pgmtls::config::{Config, LogFormat};
+use pgmtls::listener::DataPlane;
 use pgmtls::reload::{ReloadKind, Reloader};
 use pgmtls::state::{StateDir, UpstreamAddr, UpstreamTls};
 
@@ -114,11 +115,9 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Serve(args) => {
             let (config, source) = serve_inputs(*args)?;
             init_logging(cli.log_format.unwrap_or(config.log_format));
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = config.worker_threads {
-                builder.worker_threads(n);
-            }
-            let rt = builder
+            // Connections run on the data-plane threads; this runtime keeps the control plane
+            // (signals, reloads, the admin endpoint) off their path.
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
@@ -230,7 +229,11 @@ async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
     // first poll even though the watch starts after the load.
     let plan = source.watch_plan(config.source.as_deref());
     let baseline = plan.fingerprint();
-    let app = App::start(config, source).await?;
+    let threads = config.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let data_plane = DataPlane::start(threads).context("cannot start the data-plane threads")?;
+    let app = App::start_on(config, source, data_plane).await?;
     let reloader = Reloader::start(
         Arc::clone(&app),
         plan,

@@ -439,6 +439,10 @@ pub fn restart_needed(running: &Config, file: &Config) -> Vec<&'static str> {
         "reload_poll_interval",
     );
     check(running.log_format != file.log_format, "log_format");
+    check(
+        running.worker_threads != file.worker_threads,
+        "worker_threads",
+    );
     out
 }
 
@@ -704,9 +708,10 @@ mod tests {
         assert!(restart_needed(&a, &b).is_empty());
         b.max_connections = 5;
         b.admin_listen = None;
+        b.worker_threads = Some(1);
         assert_eq!(
             restart_needed(&a, &b),
-            vec!["admin_listen", "max_connections"]
+            vec!["admin_listen", "max_connections", "worker_threads"]
         );
     }
 }

@@ -344,9 +344,9 @@ pub(crate) fn table(views: &[CertView]) -> Table {
 /// Says what the statuses rest on when no proxy answered, or that its last reload failed.
 pub(crate) fn footer(proxy: &ProxyView) {
     if !proxy.is_reachable() {
-        println!("proxy: {UNKNOWN}; statuses describe the certificates, not what a proxy serves");
+        say!("proxy: {UNKNOWN}; statuses describe the certificates, not what a proxy serves");
     } else if let Some(e) = proxy.reload_error() {
-        println!("proxy: last reload failed: {}", output::clean(e));
+        say!("proxy: last reload failed: {}", output::clean(e));
     }
 }
 
@@ -416,11 +416,11 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let proxy = ctx.proxy();
     let views = views(&db, &proxy, now());
     if args.json {
-        print!("{}", output::json(&views));
+        say_raw!("{}", output::json(&views));
     } else if views.is_empty() {
-        println!("No certificates for database {name}. Create one with `pgmtls certificates create {name}`.");
+        say!("No certificates for database {name}. Create one with `pgmtls certificates create {name}`.");
     } else {
-        print!("{}", table(&views).render());
+        say_raw!("{}", table(&views).render());
         footer(&proxy);
     }
     Ok(ExitCode::SUCCESS)
@@ -445,9 +445,9 @@ fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
 
 fn print_one(view: &CertView, proxy: &ProxyView, json: bool) {
     if json {
-        print!("{}", output::json(view));
+        say_raw!("{}", output::json(view));
     } else {
-        print!("{}", view.block().render());
+        say_raw!("{}", view.block().render());
         footer(proxy);
     }
 }
@@ -635,7 +635,7 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
     ));
     let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     if args.json {
-        print!(
+        say_raw!(
             "{}",
             output::json(&json!({
                 "database": db.name,
@@ -648,8 +648,8 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
             }))
         );
     } else {
-        println!("your certificates are now in {}", dir.display());
-        print!(
+        say!("your certificates are now in {}", dir.display());
+        say_raw!(
             "{}",
             Block::new()
                 .row("sslcert", &shown[0])
@@ -659,7 +659,7 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
                 .row("sslmode", "verify-ca")
                 .render()
         );
-        println!(
+        say!(
             "connect with: psql \"host=HOST port={} dbname=DB user=USER sslmode=verify-ca \
              sslcert={} sslkey={} sslrootcert={}\"",
             db.settings.listen.port(),
@@ -722,9 +722,7 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
     let view = CertView::new(&record, at, true, proxy.certificate(name, &record.id));
     print_one(&view, &proxy, args.json);
     if !args.json {
-        println!(
-            "The proxy refuses this certificate from its next reload (file change or SIGHUP)."
-        );
+        say!("The proxy refuses this certificate from its next reload (file change or SIGHUP).");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -807,7 +805,7 @@ fn renew(args: RenewArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if args.json {
-        print!("{}", output::json(&report));
+        say_raw!("{}", output::json(&report));
     } else {
         print_report(&report);
     }
@@ -823,7 +821,7 @@ fn renew(args: RenewArgs) -> anyhow::Result<ExitCode> {
 
 fn print_report(report: &RenewReport) {
     if report.renewed.is_empty() {
-        println!("No client certificates need renewal.");
+        say!("No client certificates need renewal.");
     } else {
         let mut t = Table::new(&[
             "Database",
@@ -841,14 +839,14 @@ fn print_report(report: &RenewReport) {
                 human_time(r.expires_at),
             ]);
         }
-        print!("{}", t.render());
-        println!(
+        say_raw!("{}", t.render());
+        say!(
             "Download each new certificate with `pgmtls certificates download DATABASE --id NEW_ID` \
              and switch clients to it before the previous one expires."
         );
     }
     for s in &report.server_certificates {
-        println!(
+        say!(
             "Server certificate of {} renewed: serial {}, expires {}",
             s.database,
             s.serial,
@@ -856,7 +854,7 @@ fn print_report(report: &RenewReport) {
         );
     }
     for c in &report.crls_refreshed {
-        println!(
+        say!(
             "CRL of {} re-signed: number {}, next update {}",
             c.database,
             c.crl_number,

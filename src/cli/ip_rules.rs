@@ -186,11 +186,11 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         .map(|r| RuleView::new(&name, r, &proxy))
         .collect();
     if args.json {
-        print!("{}", output::json(&views));
+        say_raw!("{}", output::json(&views));
         return Ok(ExitCode::SUCCESS);
     }
     if views.is_empty() {
-        println!(
+        say!(
             "No IP rules for database {name}: nobody can connect. Add one with `pgmtls ip-rules \
              create {name} --cidr CIDR`."
         );
@@ -206,9 +206,9 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             v.status_text.clone(),
         ]);
     }
-    print!("{}", t.render());
+    say_raw!("{}", t.render());
     if let Some(e) = proxy.reload_error() {
-        println!("proxy: last reload failed: {}", output::clean(e));
+        say!("proxy: last reload failed: {}", output::clean(e));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -228,9 +228,9 @@ fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
 
 fn print_one(view: &RuleView, json: bool) {
     if json {
-        print!("{}", output::json(view));
+        say_raw!("{}", output::json(view));
     } else {
-        print!("{}", view.block().render());
+        say_raw!("{}", view.block().render());
     }
 }
 
@@ -320,7 +320,7 @@ fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     drop(change);
     done(&format!("Deleting IP rule for database {name}"));
     if args.json {
-        print!(
+        say_raw!(
             "{}",
             output::json(&json!({
                 "id": removed.id,
@@ -330,14 +330,14 @@ fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
             }))
         );
     } else {
-        print!(
+        say_raw!(
             "{}",
             Block::new()
                 .row("cidr", removed.cidr.to_string())
                 .row("id", &removed.id)
                 .render()
         );
-        println!("The proxy stops admitting this block from its next reload.");
+        say!("The proxy stops admitting this block from its next reload.");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -309,7 +309,7 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     let proxy = ctx.proxy();
     let tls_status = proxy.tls_status(name);
     if args.json {
-        print!(
+        say_raw!(
             "{}",
             output::json(&json!({
                 "database": name,
@@ -332,7 +332,7 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
             .row("upstream", settings.upstream.to_string())
             .row("certificate", &record.id)
             .row("status", tls_status.to_string());
-        print!("{}", block.render());
+        say_raw!("{}", block.render());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -380,7 +380,7 @@ fn destroy(args: DestroyArgs) -> anyhow::Result<ExitCode> {
     drop(change);
     done(&format!("Disabling mTLS on {name}"));
     if args.json {
-        print!(
+        say_raw!(
             "{}",
             output::json(&json!({
                 "database": name,
@@ -388,7 +388,7 @@ fn destroy(args: DestroyArgs) -> anyhow::Result<ExitCode> {
             }))
         );
     } else {
-        print!(
+        say_raw!(
             "{}",
             Block::new()
                 .row("database", name)
@@ -448,7 +448,7 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         proxy: proxy.summary(),
     };
     if args.json {
-        print!("{}", output::json(&view));
+        say_raw!("{}", output::json(&view));
         return Ok(ExitCode::SUCCESS);
     }
     let opt_time = |t: Option<time::OffsetDateTime>| t.map(human_time).unwrap_or_default();
@@ -472,10 +472,10 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = proxy.reload_error() {
         block = block.row("proxy_reload_error", e);
     }
-    print!("{}", block.render());
-    println!();
-    println!("Certificates");
-    print!("{}", certificates::table(&view.certificates).render());
+    say_raw!("{}", block.render());
+    say!();
+    say!("Certificates");
+    say_raw!("{}", certificates::table(&view.certificates).render());
     certificates::footer(&proxy);
     Ok(ExitCode::SUCCESS)
 }
@@ -539,9 +539,9 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if args.json {
-        print!("{}", output::json(&rows));
+        say_raw!("{}", output::json(&rows));
     } else if rows.is_empty() {
-        println!(
+        say!(
             "No databases in {}. Enable one with `pgmtls mtls create`.",
             ctx.state.root().display()
         );
@@ -569,7 +569,7 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
                 },
             ]);
         }
-        print!("{}", t.render());
+        say_raw!("{}", t.render());
     }
     for r in &rows {
         if let Some(e) = &r.error {

@@ -16,15 +16,6 @@ use clap::Args;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 
-/// Prints to stdout, ignoring a closed stdout: the demo must still clean up when whoever
-/// watched its output has gone (`println!` would panic on a broken pipe).
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
-    }};
-}
-
 const DB: &str = "demo";
 const PREFIX: &str = "demo_";
 
