@@ -40,7 +40,7 @@ pub struct Config {
     pub reload_poll_interval: Duration,
     pub enforce_on_live_sessions: bool,
     pub log_format: LogFormat,
-    /// Threads serving connections; `None` means one per CPU.
+    /// Data-plane threads; `None` means one fewer than the CPUs, at least one.
     pub worker_threads: Option<usize>,
 }
 
