@@ -114,95 +114,23 @@ pub async fn serve(ctx: Arc<Context>, database: Arc<str>, stream: TcpStream, pee
 async fn run(
     ctx: &Context,
     db: &Arc<DatabaseRuntime>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
     log: &mut ConnLog,
 ) -> Result<(), ConnError> {
-    // Stage: admit. Before a byte is read or any crypto is done.
-    let Some(rule) = db.allowlist.check(peer.ip()) else {
-        return Err(ConnError::new(
-            ErrorKind::IpNotAllowed,
-            "no IP rule admits this address",
-        ));
+    // The stages before the relay run once; boxed, their state lives on the heap only while
+    // they run, and the task an idle session keeps holds just the relay's state.
+    let est = match Box::pin(establish(ctx, db, stream, peer, conn_id, log)).await? {
+        Prelude::Cancelled => return Ok(()),
+        Prelude::Relay(est) => est,
     };
-    log.rule_id = Some(rule.id.clone());
-    let _ = stream.set_nodelay(true);
-    let deadline = tokio::time::Instant::now() + ctx.timeouts.handshake;
-    let timed_out = || ConnError::new(ErrorKind::HandshakeTimeout, "handshake_timeout elapsed");
-
-    // Stage: negotiate.
-    let negotiated = tokio::time::timeout_at(deadline, Box::pin(negotiate::negotiate(&mut stream)))
-        .await
-        .map_err(|_| timed_out())??;
-    log.negotiation = negotiated.mode();
-    let direct = match negotiated {
-        Negotiated::Cancel(key) => return Box::pin(cancel::forward(ctx, db, key)).await,
-        Negotiated::Tls { direct } => direct,
-    };
-
-    // Stage: TLS with a required client certificate.
-    let (client, identity) =
-        tokio::time::timeout_at(deadline, Box::pin(tls::accept(stream, db, direct)))
-            .await
-            .map_err(|_| timed_out())??;
-    // One heap copy of the TLS state, moved by pointer: held inline, every future that takes
-    // it over would reserve room for it again in this task.
-    let mut client = Box::new(client);
-    log.identity = identity;
-    let mut guard = ctx.sessions.register(
-        conn_id,
-        db.name.clone(),
-        peer.ip(),
-        log.identity.serial.clone(),
-        log.identity.not_after,
-    );
-    ctx.sessions.recheck(
-        conn_id,
-        &ctx.snapshot.load(),
-        time::OffsetDateTime::now_utc(),
-    );
-
-    // Stage: StartupMessage inside TLS.
-    let startup =
-        match tokio::time::timeout_at(deadline, Box::pin(startup::read(&mut client))).await {
-            Err(_) => return Err(timed_out()),
-            Ok(Err(e)) => return Err(notify(&mut client, e).await),
-            Ok(Ok(s)) => s,
-        };
-    let params = match startup {
-        startup::Startup::Cancel(key) => {
-            log.negotiation = "cancel";
-            return Box::pin(cancel::forward(ctx, db, key)).await;
-        }
-        startup::Startup::Session(p) => p,
-    };
-    log.pg_user = params.user().map(str::to_owned);
-    log.pg_database = params.database().map(str::to_owned);
-
-    // Stage: upstream.
-    let mut up = match Box::pin(upstream::connect_timed(
-        &db.upstream,
-        ctx.timeouts.upstream_connect,
-        &db.metrics.upstream_connect_seconds,
-    ))
-    .await
-    {
-        Ok(u) => u,
-        Err(e) => return Err(notify(&mut client, e).await),
-    };
-    if let Err(e) = up.write_all(&params.encode()).await {
-        let e = ConnError::new(ErrorKind::UpstreamUnavailable, e.to_string());
-        return Err(notify(&mut client, e).await);
-    }
-    let is_tls = up.is_tls();
-    let outcome = match Box::pin(auth::relay_auth_phase(&mut client, &mut up, is_tls)).await {
-        Ok(o) => o,
-        Err(e) => return Err(notify(&mut client, e).await),
-    };
-    if let Some(key) = outcome.cancel_key {
-        guard.set_cancel_key(key, db.name.clone());
-    }
+    let Established {
+        client,
+        up,
+        outcome,
+        mut guard,
+    } = *est;
 
     // Stage: relay.
     log.relayed = true;
@@ -241,9 +169,124 @@ async fn run(
     }
 }
 
-// The stages before the relay run once per connection while the relay state lives for the
-// whole session; boxing them keeps their (large) futures out of the per-session task, so an
-// idle session costs little memory.
+/// What the stages before the relay hand on.
+enum Prelude {
+    /// A CancelRequest was forwarded; the connection is done.
+    Cancelled,
+    Relay(Box<Established>),
+}
+
+struct Established {
+    client: Box<tokio_rustls::server::TlsStream<TcpStream>>,
+    up: upstream::UpstreamStream,
+    outcome: auth::AuthOutcome,
+    guard: crate::sessions::SessionGuard,
+}
+
+/// Stages admit, negotiate, TLS, startup, upstream and authentication.
+async fn establish(
+    ctx: &Context,
+    db: &Arc<DatabaseRuntime>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    log: &mut ConnLog,
+) -> Result<Prelude, ConnError> {
+    // Stage: admit. Before a byte is read or any crypto is done.
+    let Some(rule) = db.allowlist.check(peer.ip()) else {
+        return Err(ConnError::new(
+            ErrorKind::IpNotAllowed,
+            "no IP rule admits this address",
+        ));
+    };
+    log.rule_id = Some(rule.id.clone());
+    let _ = stream.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + ctx.timeouts.handshake;
+    let timed_out = || ConnError::new(ErrorKind::HandshakeTimeout, "handshake_timeout elapsed");
+
+    // Stage: negotiate.
+    let negotiated = tokio::time::timeout_at(deadline, negotiate::negotiate(&mut stream))
+        .await
+        .map_err(|_| timed_out())??;
+    log.negotiation = negotiated.mode();
+    let direct = match negotiated {
+        Negotiated::Cancel(key) => {
+            return cancel::forward(ctx, db, key)
+                .await
+                .map(|()| Prelude::Cancelled)
+        }
+        Negotiated::Tls { direct } => direct,
+    };
+
+    // Stage: TLS with a required client certificate.
+    let (client, identity) = tokio::time::timeout_at(deadline, tls::accept(stream, db, direct))
+        .await
+        .map_err(|_| timed_out())??;
+    // Moved by pointer from here on: the relay keeps exactly one copy of the TLS state.
+    let mut client = Box::new(client);
+    log.identity = identity;
+    let guard = ctx.sessions.register(
+        conn_id,
+        db.name.clone(),
+        peer.ip(),
+        log.identity.serial.clone(),
+        log.identity.not_after,
+    );
+    ctx.sessions.recheck(
+        conn_id,
+        &ctx.snapshot.load(),
+        time::OffsetDateTime::now_utc(),
+    );
+
+    // Stage: StartupMessage inside TLS.
+    let startup = match tokio::time::timeout_at(deadline, startup::read(&mut client)).await {
+        Err(_) => return Err(timed_out()),
+        Ok(Err(e)) => return Err(notify(&mut client, e).await),
+        Ok(Ok(s)) => s,
+    };
+    let params = match startup {
+        startup::Startup::Cancel(key) => {
+            log.negotiation = "cancel";
+            return cancel::forward(ctx, db, key)
+                .await
+                .map(|()| Prelude::Cancelled);
+        }
+        startup::Startup::Session(p) => p,
+    };
+    log.pg_user = params.user().map(str::to_owned);
+    log.pg_database = params.database().map(str::to_owned);
+
+    // Stage: upstream.
+    let mut up = match upstream::connect_timed(
+        &db.upstream,
+        ctx.timeouts.upstream_connect,
+        &db.metrics.upstream_connect_seconds,
+    )
+    .await
+    {
+        Ok(u) => u,
+        Err(e) => return Err(notify(&mut client, e).await),
+    };
+    if let Err(e) = up.write_all(&params.encode()).await {
+        let e = ConnError::new(ErrorKind::UpstreamUnavailable, e.to_string());
+        return Err(notify(&mut client, e).await);
+    }
+    let is_tls = up.is_tls();
+    let outcome = match auth::relay_auth_phase(&mut client, &mut up, is_tls).await {
+        Ok(o) => o,
+        Err(e) => return Err(notify(&mut client, e).await),
+    };
+    let mut guard = guard;
+    if let Some(key) = outcome.cancel_key {
+        guard.set_cancel_key(key, db.name.clone());
+    }
+    Ok(Prelude::Relay(Box::new(Established {
+        client,
+        up,
+        outcome,
+        guard,
+    })))
+}
 
 /// Tells a TLS client why it is refused, if the error has a fixed notice, then closes.
 async fn notify<S: AsyncWrite + Unpin>(client: &mut S, e: ConnError) -> ConnError {
@@ -277,6 +320,6 @@ mod tests {
         let peer = s.local_addr().unwrap();
         let fut = super::serve(ctx, "x".into(), s, peer);
         let size = std::mem::size_of_val(&fut);
-        assert!(size <= 2048, "serve() future grew to {size} bytes");
+        assert!(size <= 1280, "serve() future grew to {size} bytes");
     }
 }
