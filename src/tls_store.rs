@@ -335,7 +335,7 @@ mod handshake_tests {
     /// A TLS 1.3 client that prefers AES-256 (as libpq/OpenSSL does) gets AES-128, and the
     /// handshake requires and verifies its certificate.
     #[test]
-    fn server_prefers_aes_128_and_requires_a_client_certificate() {
+    fn server_prefers_aes_128_requires_a_client_certificate_and_never_resumes() {
         let ca = create_ca("t ca", KeyType::EcdsaP256, Duration::days(2)).unwrap();
         let signer = CaSigner::from_issued(&ca).unwrap();
         let server = issue_server(
@@ -380,12 +380,13 @@ mod handshake_tests {
                 PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).unwrap(),
             )
             .unwrap();
+        let client_cfg = Arc::new(client_cfg);
         let mut c = ClientConnection::new(
-            Arc::new(client_cfg),
+            client_cfg.clone(),
             ServerName::try_from("localhost").unwrap(),
         )
         .unwrap();
-        let mut s = ServerConnection::new(tls.config).unwrap();
+        let mut s = ServerConnection::new(tls.config.clone()).unwrap();
         let mut buf = Vec::new();
         for _ in 0..10 {
             buf.clear();
@@ -396,6 +397,11 @@ mod handshake_tests {
             s.write_tls(&mut buf).unwrap();
             c.read_tls(&mut &buf[..]).unwrap();
             c.process_new_packets().unwrap();
+            // Drain anything the client still has to say (its Finished, tickets' acks).
+            buf.clear();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets().unwrap();
         }
         assert!(!s.is_handshaking());
         assert_eq!(
@@ -403,5 +409,25 @@ mod handshake_tests {
             Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
         );
         assert_eq!(s.peer_certificates().map(<[_]>::len), Some(1));
+
+        // A client that would resume (default rustls client cache) gets a full handshake
+        // again: no tickets, no session cache, so every connection re-verifies against the
+        // current CA and CRL.
+        let mut c2 =
+            ClientConnection::new(client_cfg, ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut s2 = ServerConnection::new(tls.config).unwrap();
+        for _ in 0..10 {
+            buf.clear();
+            c2.write_tls(&mut buf).unwrap();
+            s2.read_tls(&mut &buf[..]).unwrap();
+            s2.process_new_packets().unwrap();
+            buf.clear();
+            s2.write_tls(&mut buf).unwrap();
+            c2.read_tls(&mut &buf[..]).unwrap();
+            c2.process_new_packets().unwrap();
+        }
+        assert!(!s2.is_handshaking());
+        assert_eq!(c2.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        assert_eq!(s2.handshake_kind(), Some(rustls::HandshakeKind::Full));
     }
 }
