@@ -29,6 +29,19 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(2000);
+    // PGMTLS_BENCH_LOG=json|text: include the cost of the per-connection log line (to a sink).
+    match std::env::var("PGMTLS_BENCH_LOG").as_deref() {
+        Ok("json") => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::sink)
+            .init(),
+        Ok("text") => tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(std::io::sink)
+            .init(),
+        _ => {}
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
