@@ -34,10 +34,6 @@ impl Allowlist {
         self.rules.iter().find(|r| r.cidr.contains(&ip))
     }
 
-    pub fn rules(&self) -> &[AllowRule] {
-        &self.rules
-    }
-
     pub fn len(&self) -> usize {
         self.rules.len()
     }

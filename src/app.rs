@@ -294,11 +294,6 @@ impl App {
         self.generation.load(Ordering::Relaxed)
     }
 
-    /// True once shutdown has begun (for `/readyz`).
-    pub fn draining(&self) -> watch::Receiver<bool> {
-        self.draining.subscribe()
-    }
-
     /// Re-reads the config file and the source, validates all of it, and swaps it in; on any
     /// error the previous snapshot stays. Live sessions no longer admitted are closed when the
     /// config says so. An unchanged configuration is not swapped and keeps its generation.

@@ -332,6 +332,21 @@ mod handshake_tests {
     use rustls::{ClientConnection, ServerConnection};
     use time::Duration;
 
+    /// Moves handshake bytes between the two sides until neither has anything left to send.
+    fn complete(c: &mut ClientConnection, s: &mut ServerConnection) {
+        let mut buf = Vec::new();
+        while c.wants_write() || s.wants_write() {
+            buf.clear();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets().unwrap();
+            buf.clear();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+    }
+
     /// A TLS 1.3 client that prefers AES-256 (as libpq/OpenSSL does) gets AES-128, and the
     /// handshake requires and verifies its certificate.
     #[test]
@@ -387,22 +402,7 @@ mod handshake_tests {
         )
         .unwrap();
         let mut s = ServerConnection::new(tls.config.clone()).unwrap();
-        let mut buf = Vec::new();
-        for _ in 0..10 {
-            buf.clear();
-            c.write_tls(&mut buf).unwrap();
-            s.read_tls(&mut &buf[..]).unwrap();
-            s.process_new_packets().unwrap();
-            buf.clear();
-            s.write_tls(&mut buf).unwrap();
-            c.read_tls(&mut &buf[..]).unwrap();
-            c.process_new_packets().unwrap();
-            // Drain anything the client still has to say (its Finished, tickets' acks).
-            buf.clear();
-            c.write_tls(&mut buf).unwrap();
-            s.read_tls(&mut &buf[..]).unwrap();
-            s.process_new_packets().unwrap();
-        }
+        complete(&mut c, &mut s);
         assert!(!s.is_handshaking());
         assert_eq!(
             s.negotiated_cipher_suite().map(|cs| cs.suite()),
@@ -416,16 +416,7 @@ mod handshake_tests {
         let mut c2 =
             ClientConnection::new(client_cfg, ServerName::try_from("localhost").unwrap()).unwrap();
         let mut s2 = ServerConnection::new(tls.config).unwrap();
-        for _ in 0..10 {
-            buf.clear();
-            c2.write_tls(&mut buf).unwrap();
-            s2.read_tls(&mut &buf[..]).unwrap();
-            s2.process_new_packets().unwrap();
-            buf.clear();
-            s2.write_tls(&mut buf).unwrap();
-            c2.read_tls(&mut &buf[..]).unwrap();
-            c2.process_new_packets().unwrap();
-        }
+        complete(&mut c2, &mut s2);
         assert!(!s2.is_handshaking());
         assert_eq!(c2.handshake_kind(), Some(rustls::HandshakeKind::Full));
         assert_eq!(s2.handshake_kind(), Some(rustls::HandshakeKind::Full));

@@ -88,17 +88,6 @@ impl ErrorKind {
             ErrorKind::UpstreamIo => "upstream_io",
         }
     }
-
-    /// Kinds that end an established session rather than refuse a new one.
-    pub fn is_session_end(self) -> bool {
-        matches!(
-            self,
-            ErrorKind::RevokedLive
-                | ErrorKind::Shutdown
-                | ErrorKind::ClientIo
-                | ErrorKind::UpstreamIo
-        )
-    }
 }
 
 impl fmt::Display for ErrorKind {

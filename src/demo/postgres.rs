@@ -80,13 +80,22 @@ pub fn effective_uid() -> Option<u32> {
 /// PostgreSQL refuses to run as root; as root, its binaries run as the `postgres` user.
 pub fn server_command(program: &Path) -> Command {
     let mut cmd = if effective_uid() == Some(0) {
-        let mut c = Command::new("runuser");
+        let mut c = Command::new(runuser());
         c.args(["-u", "postgres", "--"]).arg(program);
         c
     } else {
         Command::new(program)
     };
     // The postgres user may not be allowed into the caller's directory.
-    cmd.current_dir("/");
+    cmd.current_dir("/").stdin(std::process::Stdio::null());
     cmd
+}
+
+/// `runuser` lives in /usr/sbin, which a non-login root PATH may lack.
+fn runuser() -> PathBuf {
+    ["/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("runuser"))
 }

@@ -2,8 +2,6 @@
 //! (`SSLRequest`, `GSSENCRequest`, `CancelRequest`, `StartupMessage`) and the typed
 //! `SASLInitialResponse` we inspect for channel binding.
 
-use std::collections::BTreeMap;
-
 /// Largest startup packet we accept. PostgreSQL's own limit is `MAX_STARTUP_PACKET_LENGTH`
 /// (10,000 bytes, src/include/libpq/pqcomm.h); a peer cannot make us buffer more.
 pub const MAX_STARTUP_PACKET: usize = 10_000;
@@ -117,14 +115,6 @@ impl StartupParams {
         }
         out.push(0);
         out
-    }
-
-    /// The parameters as a map, for logs and policy checks.
-    pub fn as_map(&self) -> BTreeMap<&str, &str> {
-        self.params
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect()
     }
 }
 

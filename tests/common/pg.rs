@@ -105,28 +105,9 @@ fn run_as_postgres_user() -> bool {
     effective_uid() == 0
 }
 
-/// A command for a server binary, wrapped in `runuser -u postgres --` when
-/// root. cwd is `/` because the postgres user may not be able to enter the
-/// test's cwd, and initdb complains about that.
+/// A command for a server binary, as `postgres` when root (shared with `pgmtls demo`).
 fn server_cmd(program: &Path) -> Command {
-    let mut cmd = if run_as_postgres_user() {
-        let mut c = Command::new(runuser());
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    };
-    cmd.current_dir("/").stdin(Stdio::null());
-    cmd
-}
-
-/// `runuser` lives in /usr/sbin, which a non-login root PATH may lack.
-fn runuser() -> PathBuf {
-    ["/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("runuser"))
+    pgmtls::demo::postgres::server_command(program)
 }
 
 /// Runs a command to completion, panicking only if it cannot be spawned.
