@@ -33,6 +33,7 @@ macro_rules! say_raw {
 pub mod allowlist;
 pub mod app;
 pub mod cli;
+pub mod client_verify;
 pub mod config;
 pub mod conn;
 pub mod demo;

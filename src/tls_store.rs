@@ -16,6 +16,7 @@ use rustls_pki_types::{
 };
 use time::OffsetDateTime;
 
+use crate::client_verify::CachingClientVerifier;
 use crate::config::ConfigErrors;
 use crate::state::MaterialPaths;
 
@@ -136,6 +137,8 @@ pub fn build_server_tls(
         .only_check_end_entity_revocation()
         .build()
         .map_err(|e| ConfigErrors::one(crl_file, "", None, format!("CA or CRL rejected: {e}")))?;
+    // One cache per build: a reload with a new CA or CRL starts from an empty one.
+    let verifier = Arc::new(CachingClientVerifier::new(verifier));
 
     let server_not_after = chain.first().and_then(|c| not_after(c));
     let ca_not_after = ca.first().and_then(|c| not_after(c));
