@@ -15,8 +15,12 @@ harness=${BENCH_HARNESS:-$repo/../shared/bench/run.sh}
 out=$repo/target/bench-results/compare-$(date -u +%Y%m%dT%H%M%SZ)
 targets=(--target plain,direct,pgbouncer,stunnel)
 for a in "$@"; do [[ $a == --target ]] && targets=(); done
+# pgmtls in front of a plaintext PgBouncer (benches/pgbouncer_behind.sh), where it is installed:
+# the deployment for clients that connect per request. PGMTLS_BENCH_PGB=0 leaves it out.
+ours=(--target 'pgmtls=cmd:target/release/pgmtls serve --listen $BENCH_LISTEN_ADDR --upstream $BENCH_UPSTREAM_ADDR --cert $BENCH_TLS_CERT --key $BENCH_TLS_KEY --client-ca $BENCH_TLS_CA --allow $BENCH_ALLOW_CIDR --admin-listen off')
+if [[ ${PGMTLS_BENCH_PGB:-1} != 0 ]] && command -v pgbouncer >/dev/null; then
+  ours+=(--target 'pgmtls_pgb=cmd:benches/pgbouncer_behind.sh')
+fi
 cd "$repo"
-bash "$harness" "${targets[@]}" \
-  --target 'pgmtls=cmd:target/release/pgmtls serve --listen $BENCH_LISTEN_ADDR --upstream $BENCH_UPSTREAM_ADDR --cert $BENCH_TLS_CERT --key $BENCH_TLS_KEY --client-ca $BENCH_TLS_CA --allow $BENCH_ALLOW_CIDR --admin-listen off' \
-  --out "$out" "$@"
+bash "$harness" "${targets[@]}" "${ours[@]}" --out "$out" "$@"
 cat "$out/summary.md"
