@@ -223,7 +223,10 @@ impl App {
             true,
             OffsetDateTime::now_utc().unix_timestamp(),
         );
-        let ctx = Arc::new(Context::new(snapshot, metrics, config.timeouts));
+        let ctx = Arc::new(
+            Context::new(snapshot, metrics, config.timeouts)
+                .with_proxy_protocol_from(config.proxy_protocol_from.clone()),
+        );
         ctx.sessions.set_enforcing(config.enforce_on_live_sessions);
         let (stop, _) = watch::channel(false);
         let (draining, _) = watch::channel(false);

@@ -94,6 +94,10 @@ struct QuickArgs {
     shutdown_grace: Option<humantime::Duration>,
     #[arg(long, env = "PGMTLS_HANDSHAKE_TIMEOUT")]
     handshake_timeout: Option<humantime::Duration>,
+    /// CIDR of a load balancer whose connections open with a PROXY protocol header naming the
+    /// client; repeat for more.
+    #[arg(long, env = "PGMTLS_PROXY_PROTOCOL_FROM", value_delimiter = ',')]
+    proxy_protocol_from: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -203,6 +207,14 @@ fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
     if let Some(h) = q.handshake_timeout {
         config.timeouts.handshake = h.into();
     }
+    config.proxy_protocol_from = q
+        .proxy_protocol_from
+        .iter()
+        .map(|c| {
+            pgmtls::allowlist::parse_cidr(c)
+                .map_err(|e| anyhow::anyhow!("--proxy-protocol-from: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<IpNet>>>()?;
     let spec = QuickSpec {
         name: q.name,
         listen,

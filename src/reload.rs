@@ -443,6 +443,10 @@ pub fn restart_needed(running: &Config, file: &Config) -> Vec<&'static str> {
         running.worker_threads != file.worker_threads,
         "worker_threads",
     );
+    check(
+        running.proxy_protocol_from != file.proxy_protocol_from,
+        "proxy_protocol_from",
+    );
     out
 }
 
@@ -709,9 +713,15 @@ mod tests {
         b.max_connections = 5;
         b.admin_listen = None;
         b.worker_threads = Some(1);
+        b.proxy_protocol_from = vec!["10.0.0.0/8".parse().unwrap()];
         assert_eq!(
             restart_needed(&a, &b),
-            vec!["admin_listen", "max_connections", "worker_threads"]
+            vec![
+                "admin_listen",
+                "max_connections",
+                "worker_threads",
+                "proxy_protocol_from"
+            ]
         );
     }
 }

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
+
 use super::yaml::{convert, ConfigErrors, Fields};
 
 /// Default admin endpoint: loopback only, so metrics and status are never exposed by accident.
@@ -42,6 +44,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Data-plane threads; `None` means one fewer than the CPUs, at least one.
     pub worker_threads: Option<usize>,
+    /// Load balancers whose connections open with a PROXY protocol header naming the client.
+    pub proxy_protocol_from: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +80,7 @@ impl Default for Config {
             enforce_on_live_sessions: true,
             log_format: LogFormat::Text,
             worker_threads: None,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -92,6 +97,7 @@ pub const KEYS: &[&str] = &[
     "enforce_on_live_sessions",
     "log_format",
     "worker_threads",
+    "proxy_protocol_from",
 ];
 
 impl Config {
@@ -155,6 +161,9 @@ impl Config {
                 .optional_with("log_format", |v| convert::string(v)?.parse())
                 .unwrap_or_default(),
             worker_threads: f.optional_with("worker_threads", convert::positive_usize),
+            proxy_protocol_from: f
+                .optional_with("proxy_protocol_from", convert::cidr_list)
+                .unwrap_or_default(),
         };
         f.finish().into_result(cfg)
     }
@@ -178,13 +187,14 @@ mod tests {
         let text = "state_dir: /var/lib/pgmtls\nadmin_listen: \"off\"\nhandshake_timeout: 3s\n\
                     upstream_connect_timeout: 1s\nshutdown_grace: 1m\nmax_connections: 50\n\
                     reload_poll_interval: 5s\nenforce_on_live_sessions: false\nlog_format: json\n\
-                    worker_threads: 1\n";
+                    worker_threads: 1\nproxy_protocol_from: [10.0.0.0/16, \"2001:db8::/48\"]\n";
         let c = Config::parse(Path::new("p.yaml"), text).unwrap();
         assert_eq!(c.admin_listen, None);
         assert_eq!(c.timeouts.shutdown_grace, Duration::from_secs(60));
         assert_eq!(c.max_connections, 50);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.worker_threads, Some(1));
+        assert_eq!(c.proxy_protocol_from.len(), 2);
         assert!(!c.enforce_on_live_sessions);
         for key in KEYS {
             assert!(text.contains(&format!("{key}:")), "{key} untested");
@@ -192,11 +202,28 @@ mod tests {
     }
 
     #[test]
+    fn proxy_protocol_sources_are_checked_like_ip_rules() {
+        for (value, needle) in [
+            ("[10.0.0.1/8]", "host bits set"),
+            ("[everyone]", "is not a CIDR block"),
+            ("[10]", "must be a list of CIDR strings"),
+        ] {
+            let text = format!("state_dir: s\nproxy_protocol_from: {value}\n");
+            let s = Config::parse(Path::new("p.yaml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(s.contains("p.yaml:2: proxy_protocol_from"), "{s}");
+            assert!(s.contains(needle), "{value}: {s}");
+        }
+    }
+
+    #[test]
     fn bad_values_are_all_reported() {
-        let text = "handshake_timeout: soon\nmax_connections: -1\nadmin_listen: nowhere\nlog_format: xml\nextra: 1\n";
+        let text = "handshake_timeout: soon\nmax_connections: -1\nadmin_listen: nowhere\nlog_format: xml\nextra: 1\n\
+                    proxy_protocol_from: 10.0.0.0/8\n";
         let errs = Config::parse(Path::new("p.yaml"), text).unwrap_err();
         let s = errs.to_string();
-        assert_eq!(errs.0.len(), 6, "{s}");
+        assert_eq!(errs.0.len(), 7, "{s}");
         for needle in [
             "p.yaml: state_dir: is required",
             "p.yaml:1: handshake_timeout",
@@ -204,6 +231,7 @@ mod tests {
             "p.yaml:3: admin_listen",
             "p.yaml:4: log_format",
             "p.yaml:5: extra: unknown key",
+            "p.yaml:6: proxy_protocol_from: must be a list",
         ] {
             assert!(s.contains(needle), "missing {needle:?} in\n{s}");
         }

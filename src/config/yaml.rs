@@ -253,6 +253,20 @@ pub mod convert {
         v.as_bool().ok_or_else(|| "must be true or false".into())
     }
 
+    /// A list of CIDR blocks, checked like IP rules (no host bits set).
+    pub fn cidr_list(v: Value) -> Result<Vec<ipnet::IpNet>, String> {
+        let Value::Array(items) = v else {
+            return Err("must be a list of CIDR blocks, e.g. [10.0.0.0/8]".into());
+        };
+        items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => crate::allowlist::parse_cidr(&s),
+                other => Err(format!("must be a list of CIDR strings, found {other}")),
+            })
+            .collect()
+    }
+
     pub fn positive_usize(v: Value) -> Result<usize, String> {
         match v.as_u64() {
             Some(n) if n > 0 => usize::try_from(n).map_err(|_| "is too large".to_string()),

@@ -9,6 +9,7 @@ use crate::wire::WireError;
 /// `pgmtls_connections_refused_total` and must stay stable (docs/METRICS.md lists them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
+    ProxyProtocolInvalid,
     IpNotAllowed,
     TooManyConnections,
     DatabaseDisabled,
@@ -36,6 +37,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     pub const ALL: &'static [ErrorKind] = &[
+        ErrorKind::ProxyProtocolInvalid,
         ErrorKind::IpNotAllowed,
         ErrorKind::TooManyConnections,
         ErrorKind::DatabaseDisabled,
@@ -63,6 +65,7 @@ impl ErrorKind {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            ErrorKind::ProxyProtocolInvalid => "proxy_protocol_invalid",
             ErrorKind::IpNotAllowed => "ip_not_allowed",
             ErrorKind::TooManyConnections => "too_many_connections",
             ErrorKind::DatabaseDisabled => "database_disabled",

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cancel;
 pub mod error;
 pub mod negotiate;
+pub mod peer;
 pub mod relay;
 pub mod startup;
 pub mod tls;
@@ -36,6 +37,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<Sessions>,
     pub timeouts: Timeouts,
+    /// Load balancers whose connections must open with a PROXY header (fixed at start).
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     next_conn_id: AtomicU64,
 }
 
@@ -46,14 +49,22 @@ impl Context {
             metrics,
             sessions: Arc::new(Sessions::default()),
             timeouts,
+            proxy_protocol_from: Vec::new(),
             next_conn_id: AtomicU64::new(1),
         }
+    }
+
+    pub fn with_proxy_protocol_from(mut self, trusted: Vec<ipnet::IpNet>) -> Self {
+        self.proxy_protocol_from = trusted;
+        self
     }
 }
 
 /// Everything the per-connection summary line says.
 #[derive(Debug, Default)]
 struct ConnLog {
+    /// The client as the PROXY header named it, and the balancer it came through.
+    client: Option<peer::ClientAddr>,
     rule_id: Option<Arc<str>>,
     identity: ClientIdentity,
     pg_user: Option<String>,
@@ -87,9 +98,11 @@ pub async fn serve(ctx: Arc<Context>, database: Arc<str>, stream: TcpStream, pee
         (Err(_), false) => "refused",
     };
     let detail = result.as_ref().err().map(|e| e.detail.as_str());
+    let client = log.client.unwrap_or(peer::ClientAddr::direct(peer));
     tracing::info!(
         conn_id,
-        client_addr = %peer,
+        client_addr = %client.addr,
+        lb_addr = client.via.map(tracing::field::display),
         database = &*database,
         rule_id = log.rule_id.as_deref(),
         client_cert_id = log.identity.cert_id.as_deref(),
@@ -192,8 +205,21 @@ async fn establish(
     conn_id: u64,
     log: &mut ConnLog,
 ) -> Result<Prelude, ConnError> {
-    // Stage: admit. Before a byte is read or any crypto is done.
-    let Some(rule) = db.allowlist.check(peer.ip()) else {
+    let deadline = tokio::time::Instant::now() + ctx.timeouts.handshake;
+    let timed_out = || ConnError::new(ErrorKind::HandshakeTimeout, "handshake_timeout elapsed");
+
+    // Stage: peer. Only a trusted load balancer's PROXY header can name another client.
+    let client_addr = if peer::is_trusted(&ctx.proxy_protocol_from, peer) {
+        tokio::time::timeout_at(deadline, peer::read_header(&mut stream, peer))
+            .await
+            .map_err(|_| timed_out())??
+    } else {
+        peer::ClientAddr::direct(peer)
+    };
+    log.client = Some(client_addr);
+
+    // Stage: admit. Before a byte of the client's own is read or any crypto is done.
+    let Some(rule) = db.allowlist.check(client_addr.addr.ip()) else {
         return Err(ConnError::new(
             ErrorKind::IpNotAllowed,
             "no IP rule admits this address",
@@ -201,8 +227,6 @@ async fn establish(
     };
     log.rule_id = Some(rule.id.clone());
     let _ = stream.set_nodelay(true);
-    let deadline = tokio::time::Instant::now() + ctx.timeouts.handshake;
-    let timed_out = || ConnError::new(ErrorKind::HandshakeTimeout, "handshake_timeout elapsed");
 
     // Stage: negotiate.
     let negotiated = tokio::time::timeout_at(deadline, negotiate::negotiate(&mut stream))
@@ -228,7 +252,7 @@ async fn establish(
     let guard = ctx.sessions.register(
         conn_id,
         db.name.clone(),
-        peer.ip(),
+        client_addr.addr.ip(),
         log.identity.serial.clone(),
         log.identity.not_after,
     );
