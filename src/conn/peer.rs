@@ -82,14 +82,14 @@ pub async fn read_header(
                 "PROXY v2 header of {body_len} bytes is longer than {V2_MAX_BODY}"
             )));
         }
-        let mut header = Vec::with_capacity(16 + body_len);
-        header.extend_from_slice(&head);
-        header.resize(16 + body_len, 0);
+        // On the stack, like the rest of the path up to the allowlist check.
+        let mut header = [0u8; 16 + V2_MAX_BODY];
+        header[..16].copy_from_slice(&head);
         stream
-            .read_exact(&mut header[16..])
+            .read_exact(&mut header[16..16 + body_len])
             .await
             .map_err(read_error)?;
-        v2_source(&header)?
+        v2_source(&header[..16 + body_len])?
     } else {
         return Err(invalid(
             "a connection from a trusted load balancer must start with a PROXY header",
@@ -106,28 +106,32 @@ pub async fn read_header(
 
 /// The rest of a v1 line after `PROXY `, consumed exactly.
 async fn read_v1(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ConnError> {
-    let mut line = Vec::with_capacity(V1_MAX);
-    line.extend_from_slice(b"PROXY ");
-    let mut peeked = [0u8; V1_MAX - 6];
-    let n = stream.peek(&mut peeked).await.map_err(read_error)?;
-    if let Some(end) = peeked[..n].windows(2).position(|w| w == b"\r\n") {
-        line.resize(6 + end + 2, 0);
+    let mut line = [0u8; V1_MAX];
+    line[..6].copy_from_slice(b"PROXY ");
+    let n = stream.peek(&mut line[6..]).await.map_err(read_error)?;
+    let len = if let Some(end) = line[6..6 + n].windows(2).position(|w| w == b"\r\n") {
+        let len = 6 + end + 2;
         stream
-            .read_exact(&mut line[6..])
+            .read_exact(&mut line[6..len])
             .await
             .map_err(read_error)?;
+        len
     } else {
         // Arriving in pieces: a byte at a time, so nothing behind the line is consumed.
-        while !line.ends_with(b"\r\n") {
-            if line.len() >= V1_MAX {
+        let mut len = 6;
+        while !line[..len].ends_with(b"\r\n") {
+            if len == V1_MAX {
                 return Err(invalid("PROXY v1 line longer than 107 bytes"));
             }
-            let mut b = [0u8; 1];
-            stream.read_exact(&mut b).await.map_err(read_error)?;
-            line.push(b[0]);
+            stream
+                .read_exact(&mut line[len..len + 1])
+                .await
+                .map_err(read_error)?;
+            len += 1;
         }
-    }
-    v1_source(&line)
+        len
+    };
+    v1_source(&line[..len])
 }
 
 /// The client address a complete v1 line names; `None` for `PROXY UNKNOWN`.
