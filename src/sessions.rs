@@ -89,7 +89,7 @@ pub struct SessionGuard {
 
 impl SessionGuard {
     pub fn set_cancel_key(&mut self, key: CancelKey, database: Arc<str>) {
-        lock(&self.sessions.cancel_keys).insert(key, database);
+        lock(&self.sessions.cancel_keys).insert(key.clone(), database);
         self.cancel_key = Some(key);
     }
 }
@@ -97,8 +97,8 @@ impl SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         lock(&self.sessions.live).remove(&self.conn_id);
-        if let Some(k) = self.cancel_key {
-            lock(&self.sessions.cancel_keys).remove(&k);
+        if let Some(k) = &self.cancel_key {
+            lock(&self.sessions.cancel_keys).remove(k);
         }
     }
 }

@@ -167,3 +167,121 @@ async fn cancel_with_a_key_the_proxy_never_issued_is_refused() {
     assert!(rest.is_empty());
     proxy.wait_for_refusal("cancel_unknown_key");
 }
+
+/// A stand-in for PostgreSQL 18 speaking protocol 3.2: answers a StartupMessage with
+/// AuthenticationOk, a BackendKeyData carrying `secret` (32 bytes, as PostgreSQL 18 issues)
+/// and ReadyForQuery, and reports every CancelRequest it receives, byte for byte.
+async fn protocol_32_upstream(
+    listener: tokio::net::TcpListener,
+    secret: Vec<u8>,
+    cancels: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+) {
+    loop {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let secret = secret.clone();
+        let cancels = cancels.clone();
+        tokio::spawn(async move {
+            let mut header = [0u8; 8];
+            s.read_exact(&mut header).await.unwrap();
+            let len = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; len - 8];
+            s.read_exact(&mut body).await.unwrap();
+            if header[4..] == 80_877_102u32.to_be_bytes() {
+                cancels.send([&header[..], &body].concat()).unwrap();
+                return;
+            }
+            let mut out = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+            out.push(b'K');
+            out.extend_from_slice(&(8 + secret.len() as u32).to_be_bytes());
+            out.extend_from_slice(&4242u32.to_be_bytes());
+            out.extend_from_slice(&secret);
+            out.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+            s.write_all(&out).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        });
+    }
+}
+
+fn cancel_request(pid: u32, secret: &[u8]) -> Vec<u8> {
+    let mut req = (12 + secret.len() as u32).to_be_bytes().to_vec();
+    req.extend_from_slice(&80_877_102u32.to_be_bytes());
+    req.extend_from_slice(&pid.to_be_bytes());
+    req.extend_from_slice(secret);
+    req
+}
+
+#[tokio::test]
+async fn a_postgresql_18_cancel_key_is_learned_and_forwarded_byte_for_byte() {
+    let pki = TestPki::new();
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let secret: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();
+    let (tx, mut cancels) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(protocol_32_upstream(upstream, secret.clone(), tx));
+    let proxy = ProxyProcess::quick(&pki, up_addr, &["127.0.0.1/32"], &[]);
+
+    // A session asking for protocol 3.2, as libpq 18 does with max_protocol_version=3.2.
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    let mut s = [0u8; 1];
+    tcp.read_exact(&mut s).await.unwrap();
+    assert_eq!(&s, b"S");
+    let tls = tls_client_config(
+        &pki.ca.cert_path,
+        Some((&pki.client.chain_path, &pki.client.key_path)),
+        false,
+    );
+    let mut session = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let startup = pgmtls::wire::frontend::StartupParams {
+        minor: 2,
+        params: vec![("user".into(), "app".into())],
+    };
+    session.write_all(&startup.encode()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
+        let n = session.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before ReadyForQuery");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let mut key_data = vec![b'K', 0, 0, 0, 40];
+    key_data.extend_from_slice(&4242u32.to_be_bytes());
+    key_data.extend_from_slice(&secret);
+    assert!(
+        got.windows(key_data.len()).any(|w| w == key_data),
+        "the 32-byte BackendKeyData reaches the client unchanged"
+    );
+
+    // A wrong 32-byte secret is refused and never reaches the upstream...
+    let mut wrong = secret.clone();
+    wrong[31] ^= 1;
+    let mut c = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    c.write_all(&cancel_request(4242, &wrong)).await.unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    proxy.wait_for_refusal("cancel_unknown_key");
+
+    // ...the right one is forwarded exactly as the client sent it.
+    let right = cancel_request(4242, &secret);
+    let mut c = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    c.write_all(&right).await.unwrap();
+    let forwarded = tokio::time::timeout(Duration::from_secs(10), cancels.recv())
+        .await
+        .expect("the cancel reaches the upstream")
+        .unwrap();
+    assert_eq!(forwarded, right);
+    assert!(
+        cancels.try_recv().is_err(),
+        "the wrong key was forwarded too"
+    );
+    drop(session);
+}

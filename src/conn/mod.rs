@@ -141,7 +141,8 @@ async fn run(
     let Established {
         client,
         up,
-        outcome,
+        client_leftover,
+        upstream_leftover,
         mut guard,
     } = *est;
 
@@ -153,8 +154,8 @@ async fn run(
     let (stats, err) = relay::relay(
         client,
         up,
-        outcome.client_leftover,
-        outcome.upstream_leftover,
+        client_leftover,
+        upstream_leftover,
         &mut guard.kill,
         Counters {
             to_upstream: &db.metrics.bytes_to_upstream,
@@ -192,7 +193,9 @@ enum Prelude {
 struct Established {
     client: Box<tokio_rustls::server::TlsStream<TcpStream>>,
     up: upstream::UpstreamStream,
-    outcome: auth::AuthOutcome,
+    /// Bytes read past the authentication phase, relayed first.
+    client_leftover: bytes::BytesMut,
+    upstream_leftover: bytes::BytesMut,
     guard: crate::sessions::SessionGuard,
 }
 
@@ -307,7 +310,8 @@ async fn establish(
     Ok(Prelude::Relay(Box::new(Established {
         client,
         up,
-        outcome,
+        client_leftover: outcome.client_leftover,
+        upstream_leftover: outcome.upstream_leftover,
         guard,
     })))
 }

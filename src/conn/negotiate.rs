@@ -9,11 +9,11 @@ use tokio::net::TcpStream;
 use super::error::{ConnError, ErrorKind, NOTICE_TLS_REQUIRED};
 use crate::wire::error_response;
 use crate::wire::frontend::{
-    parse_cancel_body, parse_header, CancelKey, PacketHeader, TLS_HANDSHAKE_BYTE,
+    parse_cancel_body, parse_header, CancelKey, PacketHeader, MAX_CANCEL_BODY, TLS_HANDSHAKE_BYTE,
 };
 
 /// How the client wants to continue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Negotiated {
     /// Start TLS; `direct` when the client sent a TLS ClientHello straight away.
     Tls { direct: bool },
@@ -75,10 +75,10 @@ pub async fn negotiate(stream: &mut TcpStream) -> Result<Negotiated, ConnError> 
                     "second GSSENCRequest",
                 ))
             }
-            PacketHeader::Cancel => {
-                let mut body = [0u8; 8];
-                read_exact(stream, &mut body).await?;
-                return Ok(Negotiated::Cancel(parse_cancel_body(body)));
+            PacketHeader::Cancel { body_len } => {
+                let mut body = [0u8; MAX_CANCEL_BODY];
+                read_exact(stream, &mut body[..body_len]).await?;
+                return Ok(Negotiated::Cancel(parse_cancel_body(&body[..body_len])?));
             }
             PacketHeader::Startup { body_len, .. } => {
                 // Drain the (bounded) body so the close is orderly and the client reads

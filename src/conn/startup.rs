@@ -5,6 +5,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use super::error::{ConnError, ErrorKind};
 use crate::wire::frontend::{
     parse_cancel_body, parse_header, parse_startup_body, CancelKey, PacketHeader, StartupParams,
+    MAX_CANCEL_BODY,
 };
 
 pub enum Startup {
@@ -23,10 +24,11 @@ pub async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Startup, ConnE
             let params = parse_startup_body(minor, &body).map_err(|e| invalid(e.to_string()))?;
             Ok(Startup::Session(params))
         }
-        PacketHeader::Cancel => {
-            let mut body = [0u8; 8];
-            read_exact(stream, &mut body).await?;
-            Ok(Startup::Cancel(parse_cancel_body(body)))
+        PacketHeader::Cancel { body_len } => {
+            let mut body = [0u8; MAX_CANCEL_BODY];
+            read_exact(stream, &mut body[..body_len]).await?;
+            let key = parse_cancel_body(&body[..body_len]).map_err(|e| invalid(e.to_string()))?;
+            Ok(Startup::Cancel(key))
         }
         PacketHeader::SslRequest | PacketHeader::GssEncRequest => {
             Err(invalid("encryption request inside TLS".into()))

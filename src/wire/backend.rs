@@ -3,7 +3,7 @@
 
 use bytes::{Buf, BytesMut};
 
-use super::frontend::{CancelKey, WireError};
+use super::frontend::{parse_cancel_body, CancelKey, WireError};
 
 /// Upper bound for one message while pgmtls still looks at messages (authentication, up to the
 /// first `ReadyForQuery`). Authentication messages are tiny; the bound only stops a peer from
@@ -75,10 +75,7 @@ impl BackendMessage {
                     other => AuthRequest::Other(other),
                 })
             }
-            b'K' => BackendMessage::KeyData(CancelKey {
-                process_id: read_u32(body, 0)?,
-                secret_key: read_u32(body, 4)?,
-            }),
+            b'K' => BackendMessage::KeyData(parse_cancel_body(body)?),
             b'Z' => BackendMessage::ReadyForQuery,
             b'E' => BackendMessage::Error {
                 code: error_field(body, b'C'),
@@ -205,12 +202,19 @@ mod tests {
         body.extend_from_slice(&9u32.to_be_bytes());
         assert_eq!(
             BackendMessage::parse(b'K', &body),
-            Ok(BackendMessage::KeyData(CancelKey {
+            Ok(BackendMessage::KeyData(CancelKey::Short {
                 process_id: 7,
-                secret_key: 9
+                secret: 9u32.to_be_bytes()
             }))
         );
         assert!(BackendMessage::parse(b'K', &body[..6]).is_err());
+        // PostgreSQL 18 with protocol 3.2: a 32-byte secret.
+        let mut long = 7u32.to_be_bytes().to_vec();
+        long.extend_from_slice(&[0xab; 32]);
+        match BackendMessage::parse(b'K', &long) {
+            Ok(BackendMessage::KeyData(k)) => assert_eq!(k.secret(), &[0xab; 32]),
+            other => panic!("{other:?}"),
+        }
         let err = error_response("28000", "nope", Some("try again"));
         let mut buf = BytesMut::from(&err[..]);
         let (tag, body) = take_message(&mut buf, 1024).unwrap().unwrap();

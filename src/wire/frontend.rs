@@ -33,8 +33,10 @@ pub enum WireError {
 pub enum PacketHeader {
     SslRequest,
     GssEncRequest,
-    /// A `CancelRequest`: the 8 bytes of body (process id, secret key) follow.
-    Cancel,
+    /// A `CancelRequest`: `body_len` bytes of body (process id, secret key) follow.
+    Cancel {
+        body_len: usize,
+    },
     /// A `StartupMessage`; `body_len` more bytes follow.
     Startup {
         body_len: usize,
@@ -51,21 +53,66 @@ pub enum FirstPacket {
     Startup(StartupParams),
 }
 
-/// A backend's cancel key, from `BackendKeyData` or a `CancelRequest`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CancelKey {
-    pub process_id: u32,
-    pub secret_key: u32,
+/// Longest secret a cancel key may carry: protocol 3.2 (PostgreSQL 18) allows up to 256
+/// bytes; protocol 3.0 keys are exactly 4.
+pub const MAX_CANCEL_SECRET: usize = 256;
+/// The longest `CancelRequest` body: process id plus the longest secret.
+pub const MAX_CANCEL_BODY: usize = 4 + MAX_CANCEL_SECRET;
+
+/// A backend's cancel key, from `BackendKeyData` or a `CancelRequest`. Every relayed session
+/// holds one for its whole life, so protocol 3.0's key (a 4-byte secret) is kept inline in 16
+/// bytes; only PostgreSQL 18's longer keys (protocol 3.2) go to the heap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CancelKey {
+    Short { process_id: u32, secret: [u8; 4] },
+    Long(Box<LongCancelKey>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LongCancelKey {
+    process_id: u32,
+    secret: Box<[u8]>,
 }
 
 impl CancelKey {
-    /// The 16-byte `CancelRequest` packet that asks a backend to cancel this key's query.
-    pub fn to_request(self) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        out[0..4].copy_from_slice(&16u32.to_be_bytes());
-        out[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
-        out[8..12].copy_from_slice(&self.process_id.to_be_bytes());
-        out[12..16].copy_from_slice(&self.secret_key.to_be_bytes());
+    /// `None` unless the secret has 4..=256 bytes, the range the protocol allows.
+    pub fn new(process_id: u32, secret: &[u8]) -> Option<Self> {
+        match secret.len() {
+            4 => Some(CancelKey::Short {
+                process_id,
+                secret: [secret[0], secret[1], secret[2], secret[3]],
+            }),
+            5..=MAX_CANCEL_SECRET => Some(CancelKey::Long(Box::new(LongCancelKey {
+                process_id,
+                secret: secret.into(),
+            }))),
+            _ => None,
+        }
+    }
+
+    pub fn process_id(&self) -> u32 {
+        match self {
+            CancelKey::Short { process_id, .. } => *process_id,
+            CancelKey::Long(k) => k.process_id,
+        }
+    }
+
+    pub fn secret(&self) -> &[u8] {
+        match self {
+            CancelKey::Short { secret, .. } => secret,
+            CancelKey::Long(k) => &k.secret,
+        }
+    }
+
+    /// The `CancelRequest` packet that asks a backend to cancel this key's query.
+    pub fn to_request(&self) -> Vec<u8> {
+        let secret = self.secret();
+        let len = 12 + secret.len();
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+        out.extend_from_slice(&self.process_id().to_be_bytes());
+        out.extend_from_slice(secret);
         out
     }
 }
@@ -132,8 +179,12 @@ pub fn parse_header(header: [u8; 8]) -> Result<PacketHeader, WireError> {
         SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if len != 8 => Err(WireError::BadLength(len)),
         SSL_REQUEST_CODE => Ok(PacketHeader::SslRequest),
         GSSENC_REQUEST_CODE => Ok(PacketHeader::GssEncRequest),
-        CANCEL_REQUEST_CODE if len != 16 => Err(WireError::BadLength(len)),
-        CANCEL_REQUEST_CODE => Ok(PacketHeader::Cancel),
+        CANCEL_REQUEST_CODE if !(16..=8 + MAX_CANCEL_BODY as u32).contains(&len) => {
+            Err(WireError::BadLength(len))
+        }
+        CANCEL_REQUEST_CODE => Ok(PacketHeader::Cancel {
+            body_len: len as usize - 8,
+        }),
         _ if (code >> 16) as u16 == PROTOCOL_MAJOR_3 => Ok(PacketHeader::Startup {
             body_len: len as usize - 8,
             minor: (code & 0xffff) as u16,
@@ -142,12 +193,14 @@ pub fn parse_header(header: [u8; 8]) -> Result<PacketHeader, WireError> {
     }
 }
 
-/// Decodes the body of a `CancelRequest` (process id, secret key).
-pub fn parse_cancel_body(body: [u8; 8]) -> CancelKey {
-    CancelKey {
-        process_id: u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
-        secret_key: u32::from_be_bytes([body[4], body[5], body[6], body[7]]),
-    }
+/// Decodes a process id followed by a secret: the body of a `CancelRequest`, and of a
+/// `BackendKeyData`.
+pub fn parse_cancel_body(body: &[u8]) -> Result<CancelKey, WireError> {
+    let (pid, secret) = body
+        .split_first_chunk::<4>()
+        .ok_or(WireError::Malformed("cancel key too short"))?;
+    CancelKey::new(u32::from_be_bytes(*pid), secret)
+        .ok_or(WireError::Malformed("cancel secret outside 4..=256 bytes"))
 }
 
 /// Decodes the body of a `StartupMessage`: NUL-terminated key/value pairs, then a final NUL.
@@ -213,8 +266,20 @@ mod tests {
         );
         assert_eq!(
             parse_header(header(16, CANCEL_REQUEST_CODE)),
-            Ok(PacketHeader::Cancel)
+            Ok(PacketHeader::Cancel { body_len: 8 })
         );
+        // Protocol 3.2: a 32-byte secret (what PostgreSQL 18 issues), up to 256.
+        assert_eq!(
+            parse_header(header(44, CANCEL_REQUEST_CODE)),
+            Ok(PacketHeader::Cancel { body_len: 36 })
+        );
+        for len in [8, 15, 12 + 257, 10_000] {
+            assert_eq!(
+                parse_header(header(len, CANCEL_REQUEST_CODE)),
+                Err(WireError::BadLength(len)),
+                "{len}"
+            );
+        }
         assert_eq!(
             parse_header(header(40, 196_608)),
             Ok(PacketHeader::Startup {
@@ -305,18 +370,36 @@ mod tests {
     }
 
     #[test]
-    fn cancel_key_round_trips() {
-        let key = CancelKey {
-            process_id: 4242,
-            secret_key: 0xdead_beef,
-        };
-        let req = key.to_request();
-        let mut h = [0u8; 8];
-        h.copy_from_slice(&req[..8]);
-        assert_eq!(parse_header(h), Ok(PacketHeader::Cancel));
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&req[8..]);
-        assert_eq!(parse_cancel_body(b), key);
+    fn cancel_keys_of_every_allowed_length_round_trip() {
+        for secret_len in [4, 5, 32, MAX_CANCEL_SECRET] {
+            let secret: Vec<u8> = (0..secret_len).map(|i| i as u8 ^ 0x5a).collect();
+            let key = CancelKey::new(4242, &secret).unwrap();
+            assert_eq!(matches!(key, CancelKey::Short { .. }), secret_len == 4);
+            assert_eq!((key.process_id(), key.secret()), (4242, &secret[..]));
+            let req = key.to_request();
+            assert_eq!(req.len(), 12 + secret_len);
+            let mut h = [0u8; 8];
+            h.copy_from_slice(&req[..8]);
+            assert_eq!(
+                parse_header(h),
+                Ok(PacketHeader::Cancel {
+                    body_len: 4 + secret_len
+                })
+            );
+            assert_eq!(parse_cancel_body(&req[8..]), Ok(key));
+        }
+    }
+
+    #[test]
+    fn a_session_holds_its_cancel_key_in_16_bytes() {
+        assert!(std::mem::size_of::<Option<CancelKey>>() <= 16);
+    }
+
+    #[test]
+    fn cancel_bodies_outside_the_protocol_are_refused() {
+        for len in [0, 3, 4, 7, 4 + MAX_CANCEL_SECRET + 1] {
+            assert!(parse_cancel_body(&vec![1u8; len]).is_err(), "{len}");
+        }
     }
 
     #[test]

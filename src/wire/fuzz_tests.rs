@@ -5,12 +5,21 @@ use bytes::BytesMut;
 use proptest::prelude::*;
 
 use super::backend::{take_message, BackendMessage, MAX_AUTH_PHASE_MESSAGE};
-use super::frontend::{parse_header, parse_startup_body, sasl_mechanism, StartupParams};
+use super::frontend::{
+    parse_cancel_body, parse_header, parse_startup_body, sasl_mechanism, StartupParams,
+};
 
 proptest! {
     #[test]
     fn header_parser_never_panics(bytes in any::<[u8; 8]>()) {
         let _ = parse_header(bytes);
+    }
+
+    #[test]
+    fn cancel_body_parser_never_panics(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+        if let Ok(key) = parse_cancel_body(&body) {
+            prop_assert_eq!(&key.to_request()[8..], &body[..]);
+        }
     }
 
     #[test]
