@@ -46,6 +46,7 @@ pub struct QuickSpec {
     pub crl: Option<PathBuf>,
     pub allow: Vec<IpNet>,
     pub allow_plaintext_remote_upstream: bool,
+    pub user_must_match_cn: bool,
 }
 
 impl QuickSpec {
@@ -72,6 +73,7 @@ impl QuickSpec {
             upstream_server_name: None,
             allow_plaintext_remote_upstream: self.allow_plaintext_remote_upstream,
             server_names: Vec::new(),
+            user_must_match_cn: self.user_must_match_cn,
             enabled_by: None,
             created_at: None,
         };

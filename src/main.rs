@@ -83,6 +83,9 @@ struct QuickArgs {
     name: String,
     #[arg(long, env = "PGMTLS_ALLOW_PLAINTEXT_REMOTE_UPSTREAM")]
     allow_plaintext_remote_upstream: bool,
+    /// Refuse sessions whose user name is not the client certificate's common name.
+    #[arg(long, env = "PGMTLS_USER_MUST_MATCH_CN")]
+    user_must_match_cn: bool,
     #[arg(long, env = "PGMTLS_ADMIN_LISTEN")]
     admin_listen: Option<String>,
     #[arg(long, env = "PGMTLS_MAX_CONNECTIONS")]
@@ -227,6 +230,7 @@ fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
         crl: q.crl,
         allow,
         allow_plaintext_remote_upstream: q.allow_plaintext_remote_upstream,
+        user_must_match_cn: q.user_must_match_cn,
     };
     Ok((config, Source::Quick(Box::new(spec))))
 }

@@ -43,6 +43,7 @@ fn mtls_create_writes_a_database_the_proxy_loads() {
     Snapshot::build(1, &states, &Metrics::new()).unwrap();
     let db = &states[0];
     assert_eq!(db.settings.listen.to_string(), listen);
+    assert!(!db.settings.user_must_match_cn, "off unless asked for");
     assert!(db.rules.is_empty(), "a new database admits nobody");
     assert_eq!(db.certificates.len(), 1);
     assert_eq!(db.certificates[0].id, out["certificate_id"]);
@@ -80,6 +81,38 @@ fn mtls_create_writes_a_database_the_proxy_loads() {
     assert_eq!(audit[0]["database"], "app");
     let raw = std::fs::read_to_string(env.state.join("audit.log")).unwrap();
     assert!(!raw.contains("PRIVATE KEY"), "{raw}");
+}
+
+#[test]
+fn mtls_create_can_bind_certificates_to_roles() {
+    let env = Env::new();
+    env.run(&[
+        "mtls",
+        "create",
+        "app",
+        "--listen",
+        &free_listen(),
+        "--upstream",
+        "127.0.0.1:5432",
+        "--user-must-match-cn",
+        "--common-name",
+        "reporting",
+        "--confirm",
+        "app",
+    ])
+    .ok();
+    let states = StateDir::new(&env.state).load_all().unwrap();
+    assert!(states[0].settings.user_must_match_cn);
+    assert_eq!(states[0].certificates[0].common_name, "reporting");
+    let yaml = std::fs::read_to_string(env.db_dir("app").join("database.yaml")).unwrap();
+    assert!(yaml.contains("user_must_match_cn: true"), "{yaml}");
+    let shown = env.run(&["mtls", "app", "--json"]).json();
+    assert_eq!(shown["user_must_match_cn"], true);
+    assert!(env
+        .run(&["mtls", "app"])
+        .ok()
+        .contains("user_must_match_cn: yes"));
+    assert_eq!(env.audit_lines()[0]["details"]["user_must_match_cn"], true);
 }
 
 #[test]

@@ -83,3 +83,51 @@ async fn expired_certificate_fails_handshake_as_expired() {
         .await;
     assert_eq!(ok.expect_ok().trim(), "still served");
 }
+
+#[tokio::test]
+async fn with_user_must_match_cn_a_certificate_logs_in_only_as_its_common_name() {
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let pki = TestPki::new();
+    let proxy = ProxyProcess::quick(
+        &pki,
+        pg.addr(),
+        &["127.0.0.1/32"],
+        &["--user-must-match-cn"],
+    );
+    // CN "app" is the role the session asks for.
+    let app = pki.issue_valid_client(APP_USER);
+    let out = psql_with(&pg, &pki, &proxy, Some(&app))
+        .run_async("SELECT current_user")
+        .await;
+    assert_eq!(out.expect_ok(), APP_USER);
+
+    // The default test certificate is CN "app-client": refused inside TLS, with a fixed
+    // message, before Postgres is asked anything.
+    let connections_before = pg.log_contents().matches("connection received").count();
+    assert!(
+        connections_before >= 1,
+        "the admitted session shows in the log"
+    );
+    let out = psql_with(&pg, &pki, &proxy, Some(&pki.client))
+        .run_async("SELECT 1")
+        .await;
+    assert!(!out.success());
+    assert!(
+        out.stderr
+            .contains("this client certificate may not log in as that user"),
+        "{}",
+        out.stderr
+    );
+    let line = proxy.wait_for_refusal("identity_denied");
+    // Peer-supplied strings are logged escaped (quoted).
+    assert_eq!(line["client_cn"], "\"app-client\"");
+    assert_eq!(line["pg_user"], format!("{APP_USER:?}"));
+    // Postgres logs every connection it receives (log_connections): none for the refusal.
+    assert_eq!(
+        pg.log_contents().matches("connection received").count(),
+        connections_before
+    );
+}

@@ -86,6 +86,7 @@ impl Rig {
             crl: None,
             allow: vec!["127.0.0.1/32".parse().unwrap()],
             allow_plaintext_remote_upstream: false,
+            user_must_match_cn: false,
         };
         let app = App::start_on(
             Config::default(),

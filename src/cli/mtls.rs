@@ -84,6 +84,10 @@ pub struct CreateArgs {
     /// Allow plaintext to a non-loopback upstream (exposes passwords and data on the network).
     #[arg(long)]
     pub allow_plaintext_remote_upstream: bool,
+    /// Refuse sessions whose user name is not the client certificate's common name (issue
+    /// certificates with --common-name set to the role they may log in as).
+    #[arg(long)]
+    pub user_must_match_cn: bool,
     /// DNS name or IP clients use to reach the proxy; repeat for more. The listen IP is added
     /// unless it is 0.0.0.0 or ::.
     #[arg(long = "server-name", value_name = "NAME")]
@@ -234,6 +238,7 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         upstream_server_name: args.upstream_server_name.clone(),
         allow_plaintext_remote_upstream: args.allow_plaintext_remote_upstream,
         server_names: args.server_names.clone(),
+        user_must_match_cn: args.user_must_match_cn,
         enabled_by: Some(change.actor.clone()),
         created_at: Some(at),
     };
@@ -288,6 +293,7 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
             "upstream": settings.upstream.to_string(),
             "upstream_tls": settings.upstream_tls.to_string(),
             "server_names": names,
+            "user_must_match_cn": settings.user_must_match_cn,
             "key_type": key_type.as_str(),
             "ca_serial": ca.serial,
             "server_serial": server.serial,
@@ -412,6 +418,8 @@ struct StatusView {
     upstream_tls: String,
     /// Names in the server certificate (SANs).
     server_names: Vec<String>,
+    /// Sessions must use the certificate's common name as their user name.
+    user_must_match_cn: bool,
     #[serde(with = "time::serde::rfc3339::option")]
     server_certificate_expires_at: Option<time::OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -441,6 +449,7 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
             .as_ref()
             .map(|i| i.sans.clone())
             .unwrap_or_default(),
+        user_must_match_cn: db.settings.user_must_match_cn,
         server_certificate_expires_at: server_info.as_ref().map(|i| i.not_after),
         ca_expires_at: cert_info(&db.ca_pem).map(|i| i.not_after),
         ip_rules: db.rules.len(),
@@ -463,6 +472,10 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
             format!("{} (tls: {})", view.upstream, view.upstream_tls),
         )
         .row("server_names", view.server_names.join(", "))
+        .row(
+            "user_must_match_cn",
+            if view.user_must_match_cn { "yes" } else { "no" },
+        )
         .row(
             "server_certificate_expires_at",
             opt_time(view.server_certificate_expires_at),

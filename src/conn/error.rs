@@ -24,6 +24,7 @@ pub enum ErrorKind {
     ClientCertRevoked,
     TlsHandshake,
     StartupInvalid,
+    IdentityDenied,
     UpstreamUnavailable,
     UpstreamTls,
     UpstreamRejected,
@@ -52,6 +53,7 @@ impl ErrorKind {
         ErrorKind::ClientCertRevoked,
         ErrorKind::TlsHandshake,
         ErrorKind::StartupInvalid,
+        ErrorKind::IdentityDenied,
         ErrorKind::UpstreamUnavailable,
         ErrorKind::UpstreamTls,
         ErrorKind::UpstreamRejected,
@@ -80,6 +82,7 @@ impl ErrorKind {
             ErrorKind::ClientCertRevoked => "client_cert_revoked",
             ErrorKind::TlsHandshake => "tls_handshake",
             ErrorKind::StartupInvalid => "startup_invalid",
+            ErrorKind::IdentityDenied => "identity_denied",
             ErrorKind::UpstreamUnavailable => "upstream_unavailable",
             ErrorKind::UpstreamTls => "upstream_tls",
             ErrorKind::UpstreamRejected => "upstream_rejected",
@@ -113,6 +116,14 @@ pub const NOTICE_TLS_REQUIRED: ClientNotice = ClientNotice {
     hint: Some(
         "connect with sslmode=verify-ca and sslcert, sslkey and sslrootcert set to the files \
          from 'pgmtls certificates download'",
+    ),
+};
+
+pub const NOTICE_IDENTITY_DENIED: ClientNotice = ClientNotice {
+    sqlstate: "28000",
+    message: "pgmtls: this client certificate may not log in as that user",
+    hint: Some(
+        "this database requires the user name to equal the client certificate's common name",
     ),
 };
 
@@ -175,6 +186,7 @@ impl ConnError {
             }
             ErrorKind::StartupInvalid => Some(NOTICE_STARTUP_INVALID),
             ErrorKind::ChannelBinding => Some(NOTICE_CHANNEL_BINDING),
+            ErrorKind::IdentityDenied => Some(NOTICE_IDENTITY_DENIED),
             _ => None,
         }
     }

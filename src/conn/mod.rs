@@ -282,6 +282,17 @@ async fn establish(
     };
     log.pg_user = params.user().map(str::to_owned);
     log.pg_database = params.database().map(str::to_owned);
+    // Stage: identity. The certificate names the one role it may log in as, when the
+    // database asks for that; otherwise Postgres alone decides who the user may be.
+    if db.settings.user_must_match_cn
+        && (params.user().is_none() || params.user() != log.identity.common_name.as_deref())
+    {
+        let e = ConnError::new(
+            ErrorKind::IdentityDenied,
+            "user name is not the certificate's common name",
+        );
+        return Err(notify(&mut client, e).await);
+    }
 
     // Stage: upstream.
     let mut up = match upstream::connect_timed(

@@ -139,6 +139,8 @@ pub struct DatabaseSettings {
     pub allow_plaintext_remote_upstream: bool,
     /// Names in the server certificate, for clients and a later SNI listener.
     pub server_names: Vec<String>,
+    /// Refuse a session whose user name is not the client certificate's common name.
+    pub user_must_match_cn: bool,
     pub enabled_by: Option<String>,
     pub created_at: Option<OffsetDateTime>,
 }
@@ -152,6 +154,7 @@ pub const DATABASE_KEYS: &[&str] = &[
     "upstream_server_name",
     "allow_plaintext_remote_upstream",
     "server_names",
+    "user_must_match_cn",
     "enabled_by",
     "created_at",
 ];
@@ -173,6 +176,9 @@ impl DatabaseSettings {
             .optional_with("allow_plaintext_remote_upstream", convert::bool)
             .unwrap_or(false);
         let server_names: Vec<String> = f.optional("server_names").unwrap_or_default();
+        let user_must_match_cn = f
+            .optional_with("user_must_match_cn", convert::bool)
+            .unwrap_or(false);
         let enabled_by = f.optional_with("enabled_by", convert::string);
         let created_at = f.optional_with("created_at", |v| {
             let s = convert::string(v)?;
@@ -216,6 +222,7 @@ impl DatabaseSettings {
                 upstream_server_name,
                 allow_plaintext_remote_upstream: allow_remote,
                 server_names,
+                user_must_match_cn,
                 enabled_by,
                 created_at,
             }),
@@ -237,6 +244,8 @@ impl DatabaseSettings {
             allow_plaintext_remote_upstream: bool,
             #[serde(skip_serializing_if = "<[String]>::is_empty")]
             server_names: &'a [String],
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            user_must_match_cn: bool,
             #[serde(skip_serializing_if = "Option::is_none")]
             enabled_by: &'a Option<String>,
             #[serde(skip_serializing_if = "Option::is_none")]
@@ -253,6 +262,7 @@ impl DatabaseSettings {
             upstream_server_name: &self.upstream_server_name,
             allow_plaintext_remote_upstream: self.allow_plaintext_remote_upstream,
             server_names: &self.server_names,
+            user_must_match_cn: self.user_must_match_cn,
             enabled_by: &self.enabled_by,
             created_at: self.created_at.map(rfc3339),
         };
@@ -610,6 +620,24 @@ mod tests {
         assert_eq!(s.upstream_tls, UpstreamTls::Disable);
         let again = DatabaseSettings::parse(Path::new("d.yaml"), &s.to_yaml()).unwrap();
         assert_eq!(s, again);
+        assert!(!s.user_must_match_cn);
+        let bound = format!("{DB}user_must_match_cn: true\n");
+        let s = DatabaseSettings::parse(Path::new("d.yaml"), &bound).unwrap();
+        assert!(s.user_must_match_cn);
+        assert_eq!(
+            DatabaseSettings::parse(Path::new("d.yaml"), &s.to_yaml()).unwrap(),
+            s
+        );
+        let e = DatabaseSettings::parse(
+            Path::new("d.yaml"),
+            &format!("{DB}user_must_match_cn: sometimes\n"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("d.yaml:3: user_must_match_cn: must be true or false"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -112,6 +112,7 @@ pub fn write_database(
         upstream_server_name: None,
         allow_plaintext_remote_upstream: false,
         server_names: vec!["localhost".into()],
+        user_must_match_cn: false,
         enabled_by: Some("tests".into()),
         created_at: None,
     };
