@@ -181,11 +181,7 @@ fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
         .upstream_tls
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--upstream-tls: {e}"))?;
-    let allow = q
-        .allow
-        .iter()
-        .map(|c| pgmtls::allowlist::parse_cidr(c).map_err(|e| anyhow::anyhow!("--allow: {e}")))
-        .collect::<anyhow::Result<Vec<IpNet>>>()?;
+    let allow = cidr_flag("--allow", &q.allow)?;
     pgmtls::state::validate_database_name(&q.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
     let mut config = Config::default();
     if let Some(a) = q.admin_listen {
@@ -210,14 +206,7 @@ fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
     if let Some(h) = q.handshake_timeout {
         config.timeouts.handshake = h.into();
     }
-    config.proxy_protocol_from = q
-        .proxy_protocol_from
-        .iter()
-        .map(|c| {
-            pgmtls::allowlist::parse_cidr(c)
-                .map_err(|e| anyhow::anyhow!("--proxy-protocol-from: {e}"))
-        })
-        .collect::<anyhow::Result<Vec<IpNet>>>()?;
+    config.proxy_protocol_from = cidr_flag("--proxy-protocol-from", &q.proxy_protocol_from)?;
     let spec = QuickSpec {
         name: q.name,
         listen,
@@ -295,4 +284,12 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+/// A repeatable CIDR flag, checked like IP rules; errors name the flag.
+fn cidr_flag(flag: &str, values: &[String]) -> anyhow::Result<Vec<IpNet>> {
+    values
+        .iter()
+        .map(|c| pgmtls::allowlist::parse_cidr(c).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
+        .collect()
 }

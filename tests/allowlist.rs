@@ -7,12 +7,11 @@ mod common;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::clients::{connect_from, pg_config, pg_connect_tls_over, tls_client_config};
-use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
+use common::clients::{app_session_over, connect_from};
+use common::pg::{pg_available_or_skip, PgServer};
 use common::pki::TestPki;
 use common::proxy::ProxyProcess;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_postgres::config::SslMode;
 
 fn ssl_request() -> [u8; 8] {
     let mut r = [0u8; 8];
@@ -46,20 +45,7 @@ async fn peer_allowed_by_rule_connects_and_other_peer_is_closed_before_tls() {
     let stream = connect_from("127.0.0.2".parse().unwrap(), proxy.addr())
         .await
         .unwrap();
-    let mut cfg = pg_config(
-        "127.0.0.1",
-        proxy.addr().port(),
-        APP_USER,
-        APP_DB,
-        Some(APP_PASSWORD),
-    );
-    cfg.ssl_mode(SslMode::Require);
-    let tls = tls_client_config(
-        &pki.ca.cert_path,
-        Some((&pki.client.chain_path, &pki.client.key_path)),
-        false,
-    );
-    let (c, _conn) = pg_connect_tls_over(stream, &cfg, tls)
+    let (c, _conn) = app_session_over(stream, proxy.addr(), &pki, &pki.client)
         .await
         .expect("127.0.0.2 admitted");
     let v: i32 = c.query_one("SELECT 2", &[]).await.unwrap().get(0);
@@ -103,20 +89,7 @@ async fn ipv4_peers_of_a_dual_stack_listener_are_matched_as_ipv4() {
     let stream = connect_from("127.0.0.2".parse().unwrap(), v4_addr)
         .await
         .unwrap();
-    let mut cfg = pg_config(
-        "127.0.0.1",
-        v4_addr.port(),
-        APP_USER,
-        APP_DB,
-        Some(APP_PASSWORD),
-    );
-    cfg.ssl_mode(SslMode::Require);
-    let tls = tls_client_config(
-        &pki.ca.cert_path,
-        Some((&pki.client.chain_path, &pki.client.key_path)),
-        false,
-    );
-    let (c, _conn) = pg_connect_tls_over(stream, &cfg, tls)
+    let (c, _conn) = app_session_over(stream, v4_addr, &pki, &pki.client)
         .await
         .expect("::ffff:127.0.0.2 matches 127.0.0.2/32");
     let v: i32 = c.query_one("SELECT 4", &[]).await.unwrap().get(0);

@@ -71,3 +71,47 @@ fn check_config_accepts_a_valid_file_with_an_empty_state_dir() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (0 databases)"));
 }
+
+#[test]
+fn quick_mode_cidr_flags_refuse_bad_blocks_naming_the_flag() {
+    for (flag, value, needle) in [
+        (
+            "--allow",
+            "10.0.0.1/8",
+            "--allow: 10.0.0.1/8 has host bits set",
+        ),
+        (
+            "--proxy-protocol-from",
+            "lb",
+            "--proxy-protocol-from: \"lb\" is not a CIDR block",
+        ),
+        (
+            "--proxy-protocol-from",
+            "10.0.0.1/8",
+            "--proxy-protocol-from: 10.0.0.1/8 has host bits set",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pgmtls"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "127.0.0.1:5432",
+                "--cert",
+                "c",
+                "--key",
+                "k",
+                "--client-ca",
+                "ca",
+                flag,
+                value,
+            ])
+            .env_remove("PGMTLS_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value} accepted");
+        assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
+    }
+}

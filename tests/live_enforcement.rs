@@ -12,13 +12,12 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::admin::scrape;
-use common::clients::{connect_from, pg_config, pg_connect_tls_over, tls_client_config, ConnTask};
+use common::clients::{app_session_over, connect_from, ConnTask};
 use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
 use common::pki::{Role, TestPki};
 use common::proxy::ProxyProcess;
 use common::state::{crl_pem, server_cert, TestState};
 use serde_json::Value;
-use tokio_postgres::config::SslMode;
 use tokio_postgres::Client;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -33,20 +32,7 @@ async fn session_from(
     let stream = connect_from(src.parse::<IpAddr>().unwrap(), proxy.addr())
         .await
         .unwrap();
-    let mut cfg = pg_config(
-        "127.0.0.1",
-        proxy.addr().port(),
-        APP_USER,
-        APP_DB,
-        Some(APP_PASSWORD),
-    );
-    cfg.ssl_mode(SslMode::Require);
-    let tls = tls_client_config(
-        &pki.ca.cert_path,
-        Some((&cert.chain_path, &cert.key_path)),
-        false,
-    );
-    pg_connect_tls_over(stream, &cfg, tls).await
+    app_session_over(stream, proxy.addr(), pki, cert).await
 }
 
 async fn one(c: &Client) -> i32 {

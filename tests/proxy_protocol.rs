@@ -9,14 +9,13 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::clients::{connect_from, pg_config, pg_connect_tls_over, tls_client_config, Psql};
+use common::clients::{app_session_over, connect_from, Psql};
 use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
 use common::pki::TestPki;
 use common::proxy::ProxyProcess;
 use ppp::v2::{Builder, Command, Protocol, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio_postgres::config::SslMode;
 
 const BALANCER: &str = "127.0.0.4";
 
@@ -74,20 +73,7 @@ async fn query_through_balancer(
         .write_all(&v2_header(claimed, proxy.addr()))
         .await
         .unwrap();
-    let mut cfg = pg_config(
-        "127.0.0.1",
-        proxy.addr().port(),
-        APP_USER,
-        APP_DB,
-        Some(APP_PASSWORD),
-    );
-    cfg.ssl_mode(SslMode::Require);
-    let tls = tls_client_config(
-        &pki.ca.cert_path,
-        Some((&pki.client.chain_path, &pki.client.key_path)),
-        false,
-    );
-    let (c, conn) = pg_connect_tls_over(stream, &cfg, tls)
+    let (c, conn) = app_session_over(stream, proxy.addr(), pki, &pki.client)
         .await
         .map_err(|e| e.to_string())?;
     let v: i32 = c

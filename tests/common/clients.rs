@@ -30,6 +30,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 #[allow(unused_imports)]
 pub use tokio_postgres::config::SslNegotiation;
 
+use super::pg::{APP_DB, APP_PASSWORD, APP_USER};
+use super::pki::{Role, TestPki};
+
 /// ALPN protocol id PostgreSQL 17+ requires for direct TLS negotiation.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
@@ -207,6 +210,31 @@ pub async fn pg_connect_tls_over(
     .expect("valid TLS server name");
     let (client, conn) = config.connect_raw(stream, connector).await?;
     Ok((client, tokio::spawn(conn)))
+}
+
+/// The test application's session (`APP_USER` on `APP_DB`, password auth behind the proxy)
+/// over `stream`, already connected to the proxy at `proxy`, e.g. from [`connect_from`]:
+/// TLS that checks the proxy against `pki`'s CA and presents `cert`.
+pub async fn app_session_over(
+    stream: TcpStream,
+    proxy: SocketAddr,
+    pki: &TestPki,
+    cert: &Role,
+) -> Result<(Client, ConnTask), tokio_postgres::Error> {
+    let mut cfg = pg_config(
+        "127.0.0.1",
+        proxy.port(),
+        APP_USER,
+        APP_DB,
+        Some(APP_PASSWORD),
+    );
+    cfg.ssl_mode(SslMode::Require);
+    let tls = tls_client_config(
+        &pki.ca.cert_path,
+        Some((&cert.chain_path, &cert.key_path)),
+        false,
+    );
+    pg_connect_tls_over(stream, &cfg, tls).await
 }
 
 /// An error with all its sources, `: `-separated. tokio-postgres's Display
