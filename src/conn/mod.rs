@@ -284,9 +284,11 @@ async fn establish(
     log.pg_database = params.database().map(str::to_owned);
     // Stage: identity. The certificate names the one role it may log in as, when the
     // database asks for that; otherwise Postgres alone decides who the user may be.
-    if db.settings.user_must_match_cn
-        && (params.user().is_none() || params.user() != log.identity.common_name.as_deref())
-    {
+    let cn_is_user = matches!(
+        (params.user(), log.identity.common_name.as_deref()),
+        (Some(user), Some(cn)) if user == cn
+    );
+    if db.settings.user_must_match_cn && !cn_is_user {
         let e = ConnError::new(
             ErrorKind::IdentityDenied,
             "user name is not the certificate's common name",
