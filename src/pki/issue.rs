@@ -18,6 +18,8 @@ use super::{
 
 /// Longest common name X.520 allows (ub-common-name).
 const MAX_CN_CHARS: usize = 64;
+/// Longest client-certificate CN: a PostgreSQL role name (`NAMEDATALEN - 1` bytes).
+const MAX_CLIENT_CN_BYTES: usize = crate::wire::frontend::MAX_IDENTIFIER_BYTES;
 
 /// Issues a server certificate for `names`.
 ///
@@ -62,8 +64,8 @@ pub fn issue_server(
 /// Issues a client certificate whose subject CN is `common_name`.
 ///
 /// PostgreSQL maps the CN to the database user (`clientcert=verify-full`),
-/// so the name is taken verbatim; it must be 1 to 64 characters without
-/// control characters. Extended key usage clientAuth, key usage
+/// so the name is taken verbatim; it must be 1 to 63 bytes (the longest
+/// role name PostgreSQL keeps) without control characters. Extended key usage clientAuth, key usage
 /// digitalSignature, and a random 16-byte positive serial number that
 /// identifies the certificate in CRLs and logs. `not_after` is cut to the
 /// CA's own expiry; the returned [`Issued`] has the dates actually used.
@@ -75,6 +77,15 @@ pub fn issue_client(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
 ) -> Result<Issued> {
+    if common_name.len() > MAX_CLIENT_CN_BYTES {
+        // PostgreSQL truncates role names to 63 bytes, so a longer CN would be compared
+        // (by `user_must_match_cn`, or by Postgres' own `clientcert=verify-full`) with a
+        // name the server then shortens into another role's.
+        return Err(PkiError::BadName {
+            name: common_name.to_string(),
+            reason: "common name is longer than 63 bytes, the longest PostgreSQL role name",
+        });
+    }
     let mut params = leaf_params(signer, common_name, not_before, not_after)?;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     sign_leaf(signer, params, key_type)

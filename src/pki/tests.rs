@@ -381,10 +381,14 @@ fn client_common_names_are_checked() {
     let (_, signer) = new_ca(KeyType::EcdsaP256);
     let (nb, na) = client_validity(OffsetDateTime::now_utc());
     let long = "x".repeat(65);
-    for cn in ["", "  ", "bad\nname", long.as_str()] {
+    // A byte over PostgreSQL's 63-byte role names, in ASCII and in two-byte characters.
+    let over = format!("{}b", "a".repeat(63));
+    let wide = "é".repeat(32);
+    for cn in ["", "  ", "bad\nname", &long, &over, &wide] {
         let err = issue_client(&signer, cn, KeyType::EcdsaP256, nb, na).unwrap_err();
         assert!(matches!(err, PkiError::BadName { .. }), "{err}");
     }
+    assert!(issue_client(&signer, &"a".repeat(63), KeyType::EcdsaP256, nb, na).is_ok());
     // Non-ASCII user names are fine; PostgreSQL role names can be any text.
     let user = issue_client(&signer, "jürgen", KeyType::EcdsaP256, nb, na).unwrap();
     assert_eq!(

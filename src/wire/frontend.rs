@@ -26,7 +26,14 @@ pub enum WireError {
     UnknownCode(u32),
     #[error("malformed startup packet: {0}")]
     Malformed(&'static str),
+    /// PostgreSQL keeps the last of repeated pairs, so a check that reads any one of them
+    /// can be made to look at a different value than the server uses.
+    #[error("startup parameter {0:?} appears more than once")]
+    RepeatedParameter(String),
 }
+
+/// Longest identifier PostgreSQL keeps (`NAMEDATALEN - 1`); it silently truncates longer ones.
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// What the 8-byte header of a startup packet announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +125,8 @@ impl CancelKey {
 }
 
 /// Parameters of a `StartupMessage`, kept in order so the packet can be re-encoded verbatim.
+/// [`parse_startup_body`] guarantees that no key repeats, so the value [`get`](Self::get)
+/// returns is the one PostgreSQL uses.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StartupParams {
     pub minor: u16,
@@ -215,11 +224,24 @@ pub fn parse_startup_body(minor: u16, body: &[u8]) -> Result<StartupParams, Wire
             return Err(WireError::Malformed("empty parameter name"));
         }
         let value = take_cstr(&mut rest)?;
+        // Configuration parameter names are case-insensitive to PostgreSQL, so `TimeZone`
+        // and `timezone` are the same setting; refusing both spellings is the simple rule.
+        if params
+            .iter()
+            .any(|(k, _): &(String, String)| k.eq_ignore_ascii_case(&key))
+        {
+            return Err(WireError::RepeatedParameter(key));
+        }
         params.push((key, value));
     }
-    if !params.iter().any(|(k, _)| k == "user") {
+    let Some((_, user)) = params.iter().find(|(k, _)| k == "user") else {
         // PostgreSQL answers "no PostgreSQL user name specified in startup packet".
         return Err(WireError::Malformed("no user name"));
+    };
+    if user.len() > MAX_IDENTIFIER_BYTES {
+        // PostgreSQL would log in as the first 63 bytes: a different role than was asked
+        // for, and than a certificate's common name was compared with.
+        return Err(WireError::Malformed("user name longer than 63 bytes"));
     }
     Ok(StartupParams { minor, params })
 }
@@ -367,6 +389,55 @@ mod tests {
         ] {
             assert!(parse_startup_body(0, body).is_err(), "{body:?}");
         }
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_whatever_its_case() {
+        // PostgreSQL keeps the last `user`: the first must not be what anyone checks.
+        for body in [
+            &b"user\0alice\0database\0app\0user\0postgres\0\0"[..],
+            b"user\0alice\0user\0alice\0\0",
+            b"user\0alice\0database\0a\0database\0b\0\0",
+            b"user\0alice\0TimeZone\0UTC\0timezone\0UTC\0\0",
+        ] {
+            let err = parse_startup_body(0, body).unwrap_err();
+            assert!(
+                matches!(err, WireError::RepeatedParameter(_)),
+                "{body:?}: {err}"
+            );
+        }
+        assert_eq!(
+            parse_startup_body(0, b"user\0a\0options\0x\0user\0b\0\0")
+                .unwrap_err()
+                .to_string(),
+            "startup parameter \"user\" appears more than once"
+        );
+    }
+
+    #[test]
+    fn a_user_name_postgres_would_truncate_is_refused() {
+        let mut at_limit = b"user\0".to_vec();
+        at_limit.extend([b'a'; MAX_IDENTIFIER_BYTES]);
+        at_limit.extend(b"\0\0");
+        assert_eq!(
+            parse_startup_body(0, &at_limit)
+                .unwrap()
+                .user()
+                .map(str::len),
+            Some(63)
+        );
+        let mut over = b"user\0".to_vec();
+        over.extend([b'a'; MAX_IDENTIFIER_BYTES]);
+        over.extend(b"b\0\0");
+        assert_eq!(
+            parse_startup_body(0, &over),
+            Err(WireError::Malformed("user name longer than 63 bytes"))
+        );
+        // Bytes, not characters: 32 two-byte characters are 64 bytes.
+        let mut wide = b"user\0".to_vec();
+        wide.extend("é".repeat(32).as_bytes());
+        wide.extend(b"\0\0");
+        assert!(parse_startup_body(0, &wide).is_err());
     }
 
     #[test]

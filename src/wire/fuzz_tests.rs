@@ -38,7 +38,8 @@ proptest! {
 
     #[test]
     fn startup_messages_round_trip(
-        params in proptest::collection::vec(("[a-z_]{1,12}", "[ -~]{0,24}"), 0..6),
+        // Distinct keys: a repeated key is refused (see the unit tests in frontend.rs).
+        params in proptest::collection::btree_map("[a-z_]{1,12}", "[ -~]{0,24}", 0..6),
         user in "[a-z]{1,12}",
     ) {
         let mut all = vec![("user".to_string(), user)];

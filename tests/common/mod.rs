@@ -16,3 +16,4 @@ pub mod pg;
 pub mod pki;
 pub mod proxy;
 pub mod state;
+pub mod wire;

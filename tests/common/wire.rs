@@ -1,0 +1,97 @@
+//! A hand-driven PostgreSQL client for messages no real client library will send (repeated
+//! startup keys, over-long names): SSLRequest, TLS with a client certificate, raw bytes, and
+//! backend messages read one at a time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::clients::tls_client_config;
+use super::pki::{Role, TestPki};
+
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// A StartupMessage (protocol 3.0) carrying `pairs` in this order, repeats and all.
+pub fn startup_packet(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for (k, v) in pairs {
+        for s in [k, v] {
+            body.extend_from_slice(s.as_bytes());
+            body.push(0);
+        }
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    msg
+}
+
+/// A simple-protocol Query message.
+pub fn query_message(sql: &str) -> Vec<u8> {
+    let mut msg = vec![b'Q'];
+    msg.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+    msg.extend_from_slice(sql.as_bytes());
+    msg.push(0);
+    msg
+}
+
+/// SSLRequest, then TLS over `stream` presenting `cert`, verified against `pki`'s CA.
+pub async fn tls_over(stream: TcpStream, pki: &TestPki, cert: &Role) -> TlsStream<TcpStream> {
+    let mut stream = stream;
+    stream.write_all(&SSL_REQUEST).await.unwrap();
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S", "the proxy accepts SSLRequest");
+    let config = tls_client_config(
+        &pki.ca.cert_path,
+        Some((&cert.chain_path, &cert.key_path)),
+        false,
+    );
+    TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), stream)
+        .await
+        .expect("TLS handshake with the proxy")
+}
+
+/// TLS to the proxy at `addr` from 127.0.0.1.
+pub async fn tls_to(addr: SocketAddr, pki: &TestPki, cert: &Role) -> TlsStream<TcpStream> {
+    tls_over(TcpStream::connect(addr).await.unwrap(), pki, cert).await
+}
+
+/// One backend message: its tag and body, or `None` at end of stream.
+pub async fn read_message(s: &mut TlsStream<TcpStream>) -> Option<(u8, Vec<u8>)> {
+    let read = async {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len.checked_sub(4)?];
+        s.read_exact(&mut body).await.ok()?;
+        Some((head[0], body))
+    };
+    tokio::time::timeout(Duration::from_secs(15), read)
+        .await
+        .expect("the proxy answers or closes within 15 s")
+}
+
+/// The fields of an ErrorResponse body, by their one-letter codes.
+pub fn error_fields(body: &[u8]) -> Vec<(char, String)> {
+    body.split(|&b| b == 0)
+        .filter(|f| !f.is_empty())
+        .map(|f| (f[0] as char, String::from_utf8_lossy(&f[1..]).into_owned()))
+        .collect()
+}
+
+/// The SQLSTATE of an ErrorResponse body.
+pub fn sqlstate(body: &[u8]) -> String {
+    error_fields(body)
+        .into_iter()
+        .find(|(c, _)| *c == 'C')
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
