@@ -27,12 +27,16 @@ fn demo_prints_a_working_psql_line_and_cleans_up_on_sigint() {
     let mut stdout = BufReader::new(demo.stdout.take().unwrap()).lines();
     let mut work = None;
     let mut conninfo = None;
+    let mut pg_socket = None;
     let mut seen = Vec::new();
     for line in stdout.by_ref() {
         let line = line.unwrap();
         seen.push(line.clone());
         if let Some(dir) = line.strip_prefix("pgmtls demo: working in ") {
             work = Some(PathBuf::from(dir));
+        }
+        if let Some(rest) = line.strip_prefix("pgmtls demo: started PostgreSQL on unix:") {
+            pg_socket = rest.split(',').next().map(PathBuf::from);
         }
         if let Some(rest) = line.trim().strip_prefix("psql \"") {
             conninfo = Some(rest.trim_end_matches('"').to_owned());
@@ -47,6 +51,24 @@ fn demo_prints_a_working_psql_line_and_cleans_up_on_sigint() {
     let conninfo = conninfo.unwrap_or_else(|| panic!("no psql line in {seen:?}"));
     assert!(conninfo.contains("sslmode=verify-ca"), "{conninfo}");
     assert!(work.join("client/demo_postgresql.key").exists());
+
+    // The throwaway server trusts everyone who reaches it, so only the proxy may: it listens
+    // on a Unix socket alone, in a directory other local users cannot enter.
+    let pg_socket = pg_socket.unwrap_or_else(|| panic!("no Unix-socket PostgreSQL in {seen:?}"));
+    let pg_dir = pg_socket.parent().unwrap();
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(pg_dir).unwrap().permissions());
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "{} is open to others: {mode:o}",
+        pg_dir.display()
+    );
+    let conf = std::fs::read_to_string(pg_dir.join("data/postgresql.conf")).unwrap();
+    assert!(
+        conf.contains("listen_addresses = ''"),
+        "PostgreSQL listens on TCP"
+    );
 
     let out = Command::new(bin_dir().join("psql"))
         .arg(&conninfo)

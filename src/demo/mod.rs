@@ -66,9 +66,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
                     "{e}\nOr point the demo at a running server: pgmtls demo --upstream HOST:PORT"
                 )
             })?;
-            let addr = format!("127.0.0.1:{}", pg.port);
+            let addr = format!("unix:{}", pg.socket_path().display());
             say!(
-                "pgmtls demo: started PostgreSQL on {addr} (data in {})",
+                "pgmtls demo: started PostgreSQL on {addr}, reachable only through pgmtls \
+                 (data in {})",
                 pg.dir.display()
             );
             local_pg = Some(pg);
@@ -287,8 +288,13 @@ impl LocalPostgres {
             );
         }
         let port = free_port()?;
+        // The server trusts whoever connects, so it must not be reachable by anyone but the
+        // proxy: no TCP at all (on 127.0.0.1 every local user could log in as its superuser),
+        // and a socket in a directory only its owner may enter.
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let conf = format!(
-            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
+            "port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\n\
+             unix_socket_permissions = 0700\n",
             dir.display()
         );
         let conf_path = data.join("postgresql.conf");
@@ -317,6 +323,12 @@ impl LocalPostgres {
             );
         }
         Ok(pg)
+    }
+}
+
+impl LocalPostgres {
+    fn socket_path(&self) -> PathBuf {
+        self.dir.join(format!(".s.PGSQL.{}", self.port))
     }
 }
 
