@@ -10,7 +10,8 @@
 //! [`app`] builds the snapshot, binds listeners, reloads and drains; [`reload`] watches the
 //! files and turns changes, SIGHUP and a poll into reloads; [`metrics`] and
 //! [`process_metrics`] count; [`admin`] serves metrics, health and status over HTTP;
-//! [`cli`] holds the control commands that write the state directory and reads `/status`.
+//! [`control`] is the one mutation path: every change to state, validated and audited;
+//! [`cli`] holds the control commands that parse flags, call it and read `/status`.
 
 pub mod admin;
 /// `println!` for command output that treats a closed stdout (`pgmtls mtls db | head`) as the
@@ -36,6 +37,7 @@ pub mod cli;
 pub mod client_verify;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod demo;
 pub mod listener;
 pub mod metrics;

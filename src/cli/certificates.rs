@@ -1,5 +1,6 @@
 //! `pgmtls certificates DB|get|create|download|revoke|renew`: client certificates of one
-//! database's CA, the libpq file set for a client, the CRL, and the 75-day renewal.
+//! database's CA, the libpq file set for a client, the CRL, and the 75-day renewal. Changes
+//! are [`control::certificates`]'s; this module parses flags, writes downloads and prints.
 
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
@@ -10,26 +11,21 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 use time::{Duration, OffsetDateTime};
-use uuid::Uuid;
 
 use super::output::{self, human_time, Block, Table};
 use super::status::{CertificateSeen, ProxyView, UNKNOWN};
-use super::{done, now, validate, Change, ChangeArgs, Ctx, StateArgs};
-use crate::config::yaml::parse_doc;
-use crate::pki::{self, CaSigner, Issued, KeyType};
+use super::{actor, done, now, ChangeArgs, Ctx, StateArgs};
+use crate::control::{
+    self,
+    certificates::{crl_serials, find, NewCertificate, RenewReport, Renewal},
+};
+use crate::pki::{self, KeyType};
 use crate::state::{
     self, certificate_dir, one_line, write_atomic, CertificateRecord, DatabaseState, PRIVATE_MODE,
     PUBLIC_MODE,
 };
 
-/// A certificate this close to its expiry is `expiring` and gets a successor from `renew`.
-pub const RENEW_WINDOW: Duration = Duration::days(75);
-
-/// How far ahead a new CRL's nextUpdate is set.
-pub const CRL_VALIDITY: Duration = Duration::days(365);
-
-/// `renew` re-signs the CRL when its nextUpdate is this close.
-pub const CRL_REFRESH_WINDOW: Duration = Duration::days(90);
+pub use crate::control::certificates::{CRL_REFRESH_WINDOW, CRL_VALIDITY, RENEW_WINDOW};
 
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -178,38 +174,6 @@ pub fn run(args: CertificatesArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Issues a client certificate and its record. The CN defaults to the new id; the lifetime
-/// to 13 calendar months. `not_before` is backdated a little for clients with slow clocks.
-pub(crate) fn issue(
-    signer: &CaSigner,
-    common_name: Option<&str>,
-    key_type: KeyType,
-    at: OffsetDateTime,
-    valid_for: Option<Duration>,
-    successor_of: Option<String>,
-) -> anyhow::Result<(CertificateRecord, Issued)> {
-    let id = Uuid::new_v4().to_string();
-    let cn = common_name.map(str::to_owned).unwrap_or_else(|| id.clone());
-    let not_after = match valid_for {
-        Some(d) => at + d,
-        None => pki::client_validity(at).1,
-    };
-    let issued = pki::issue_client(signer, &cn, key_type, at - pki::BACKDATE, not_after)?;
-    let record = CertificateRecord {
-        id,
-        common_name: cn,
-        serial: issued.serial.clone(),
-        key_type: key_type.as_str().to_owned(),
-        created_at: at,
-        not_before: issued.not_before,
-        expires_at: issued.not_after,
-        revoked_at: None,
-        successor_of,
-        successor: None,
-    };
-    Ok((record, issued))
-}
-
 /// One certificate as shown by every command.
 #[derive(Debug, Clone, Serialize)]
 pub struct CertView {
@@ -318,15 +282,6 @@ pub(crate) fn views(db: &DatabaseState, proxy: &ProxyView, at: OffsetDateTime) -
         .collect()
 }
 
-fn crl_serials(db: &DatabaseState) -> Vec<String> {
-    db.crl_pem
-        .as_deref()
-        .and_then(|p| std::str::from_utf8(p).ok())
-        .and_then(|p| pki::parse_crl_pem(p).ok())
-        .map(|i| i.revoked_serials)
-        .unwrap_or_default()
-}
-
 /// The certificates table: ID, Created At, Expires At, Status.
 pub(crate) fn table(views: &[CertView]) -> Table {
     let mut t = Table::new(&["ID", "Created At", "Expires At", "Status"]);
@@ -348,65 +303,6 @@ pub(crate) fn footer(proxy: &ProxyView) {
     } else if let Some(e) = proxy.reload_error() {
         say!("proxy: last reload failed: {}", output::clean(e));
     }
-}
-
-fn find<'a>(db: &'a DatabaseState, id: &str) -> anyhow::Result<&'a CertificateRecord> {
-    db.certificates
-        .iter()
-        .find(|r| r.id == id)
-        .ok_or_else(|| anyhow!("no certificate with id {id:?} for database {}", db.name))
-}
-
-/// Loads the database's CA for signing; its key is read with the same permission check the
-/// proxy applies to server keys.
-fn signer(db: &DatabaseState) -> anyhow::Result<CaSigner> {
-    let key = state::read_private_key(&db.dir.join(state::CA_KEY))
-        .map_err(|e| anyhow!("{}", one_line(&e)))?;
-    let cert = std::str::from_utf8(&db.ca_pem).context("ca.crt is not text")?;
-    let key = std::str::from_utf8(&key).context("ca.key is not text")?;
-    Ok(CaSigner::from_pem(cert, key)?)
-}
-
-/// Re-reads a record through the proxy's parser, so what is written is what loads.
-fn reparse(db: &DatabaseState, r: &CertificateRecord) -> anyhow::Result<CertificateRecord> {
-    let file = certificate_dir(&db.dir, &r.id).join(state::CERTIFICATE_YAML);
-    parse_doc::<CertificateRecord>(&file, &r.to_yaml()).map_err(|e| anyhow!("{}", one_line(&e)))
-}
-
-/// A new CRL listing everything already on the current one plus every revoked record, so an
-/// entry can never drop off (even if a crash once left a record and the CRL out of step).
-/// Its number is one more than the current CRL's.
-fn next_crl(
-    db: &DatabaseState,
-    signer: &CaSigner,
-    records: &[CertificateRecord],
-    at: OffsetDateTime,
-) -> anyhow::Result<(String, u64)> {
-    let current = match db.crl_pem.as_deref() {
-        Some(pem) => Some(
-            pki::parse_crl_pem(std::str::from_utf8(pem).context("crl.pem is not text")?)
-                .context("the current crl.pem does not parse")?,
-        ),
-        None => None,
-    };
-    let mut entries: Vec<(String, OffsetDateTime)> = current
-        .as_ref()
-        .map(|c| c.revoked.clone())
-        .unwrap_or_default();
-    for r in records {
-        if let Some(t) = r.revoked_at {
-            if !entries.iter().any(|(s, _)| *s == r.serial) {
-                entries.push((r.serial.clone(), t));
-            }
-        }
-    }
-    let number = current
-        .and_then(|c| c.crl_number)
-        .unwrap_or(0)
-        .checked_add(1)
-        .context("CRL number overflow")?;
-    let pem = pki::build_crl(signer, &entries, number, at, at + CRL_VALIDITY)?;
-    Ok((pem, number))
 }
 
 fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
@@ -455,61 +351,24 @@ fn print_one(view: &CertView, proxy: &ProxyView, json: bool) {
 fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     let ctx = Ctx::new(&args.state)?;
     let name = args.database.as_str();
-    let at = now();
     let valid_for = match args.valid_for {
         None => None,
-        Some(d) => {
-            let d = Duration::try_from(std::time::Duration::from(d))
-                .map_err(|_| anyhow!("--valid-for is too long"))?;
-            if d <= Duration::ZERO {
-                bail!("--valid-for must be longer than zero");
-            }
-            if at + d > pki::client_validity(at).1 {
-                bail!("--valid-for may be at most 13 months");
-            }
-            Some(d)
-        }
+        Some(d) => Some(
+            Duration::try_from(std::time::Duration::from(d))
+                .map_err(|_| anyhow!("--valid-for is too long"))?,
+        ),
     };
-    // Sign before taking the lock: an RSA 4096 key takes seconds, and the proxy's reload
-    // waits for the lock. Only the CA matters here, and it is checked again under the lock.
-    let signed_with = ctx.load(name)?;
-    let (record, issued) = issue(
-        &signer(&signed_with)?,
-        args.common_name.as_deref(),
-        args.key_type,
-        at,
+    let request = NewCertificate {
+        common_name: args.common_name.as_deref(),
+        key_type: args.key_type,
         valid_for,
-        None,
-    )?;
-    let mut change = ctx.begin(Some(name), &args.change)?;
-    let db = ctx.load(name)?;
-    if db.ca_pem != signed_with.ca_pem {
-        bail!("the CA of database {name} changed while the certificate was issued; run again");
-    }
-    let mut candidate = db.clone();
-    candidate.certificates.push(reparse(&db, &record)?);
-    validate(&candidate)?;
-    ctx.state.add_certificate(
-        name,
-        &record,
-        issued.cert_pem.as_bytes(),
-        issued.key_pem.as_bytes(),
-    )?;
-    change.record(
-        "certificate.create",
-        Some(name),
-        json!({
-            "id": record.id,
-            "serial": record.serial,
-            "common_name": record.common_name,
-            "key_type": record.key_type,
-            "expires_at": state::rfc3339(record.expires_at),
-        }),
-    )?;
-    drop(change);
+    };
+    let created =
+        control::certificates::create(&ctx.control(), name, &request, &actor(&args.change))?;
     done(&format!("Creating certificate for database {name}"));
     let proxy = ctx.proxy();
-    let view = CertView::new(&record, at, false, proxy.certificate(name, &record.id));
+    let record = &created.record;
+    let view = CertView::new(record, now(), false, proxy.certificate(name, &record.id));
     print_one(&view, &proxy, args.json);
     Ok(ExitCode::SUCCESS)
 }
@@ -681,45 +540,15 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
     let ctx = Ctx::new(&args.state)?;
     let name = args.database.as_str();
-    let mut change = ctx.begin(Some(name), &args.change)?;
-    let db = ctx.load(name)?;
-    let mut record = find(&db, &args.id)?.clone();
-    if let Some(t) = record.revoked_at {
-        bail!(
-            "certificate {} was already revoked at {}",
-            record.id,
-            human_time(t)
-        );
-    }
-    let at = now();
-    record.revoked_at = Some(at);
-    let signer = signer(&db)?;
-    let mut records = db.certificates.clone();
-    for r in records.iter_mut().filter(|r| r.id == record.id) {
-        *r = reparse(&db, &record)?;
-    }
-    let (crl, number) = next_crl(&db, &signer, &records, at)?;
-    let mut candidate = db.clone();
-    candidate.certificates = records;
-    candidate.crl_pem = Some(crl.clone().into_bytes());
-    validate(&candidate)?;
-    // The CRL is what the proxy enforces: write it first, so a crash in between leaves the
-    // certificate refused rather than merely marked.
-    ctx.state
-        .write_database_file(name, state::CRL, crl.as_bytes(), PUBLIC_MODE)?;
-    ctx.state.save_certificate_record(name, &record)?;
-    change.record(
-        "certificate.revoke",
-        Some(name),
-        json!({"id": record.id, "serial": record.serial, "crl_number": number}),
-    )?;
-    drop(change);
+    let revoked =
+        control::certificates::revoke(&ctx.control(), name, &args.id, &actor(&args.change))?;
+    let record = &revoked.record;
     done(&format!(
         "Revoking certificate {} for database {name}",
         record.id
     ));
     let proxy = ctx.proxy();
-    let view = CertView::new(&record, at, true, proxy.certificate(name, &record.id));
+    let view = CertView::new(record, now(), true, proxy.certificate(name, &record.id));
     print_one(&view, &proxy, args.json);
     if !args.json {
         say!("The proxy refuses this certificate from its next reload (file change or SIGHUP).");
@@ -727,71 +556,14 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A successor issued by `renew`.
-#[derive(Debug, Serialize)]
-struct Renewal {
-    database: String,
-    previous_id: String,
-    #[serde(with = "time::serde::rfc3339")]
-    previous_expires_at: OffsetDateTime,
-    id: String,
-    serial: String,
-    common_name: String,
-    #[serde(with = "time::serde::rfc3339")]
-    expires_at: OffsetDateTime,
-}
-
-/// A server certificate re-issued by `renew`.
-#[derive(Debug, Serialize)]
-struct ServerRenewal {
-    database: String,
-    serial: String,
-    #[serde(with = "time::serde::rfc3339")]
-    previous_expires_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    expires_at: OffsetDateTime,
-}
-
-/// A CRL re-signed by `renew` because its nextUpdate was near.
-#[derive(Debug, Serialize)]
-struct CrlRefresh {
-    database: String,
-    crl_number: u64,
-    #[serde(with = "time::serde::rfc3339")]
-    next_update: OffsetDateTime,
-}
-
-#[derive(Debug, Default, Serialize)]
-struct RenewReport {
-    renewed: Vec<Renewal>,
-    server_certificates: Vec<ServerRenewal>,
-    crls_refreshed: Vec<CrlRefresh>,
-    errors: Vec<String>,
-}
-
 fn renew(args: RenewArgs) -> anyhow::Result<ExitCode> {
     let ctx = Ctx::new(&args.state)?;
-    let names = match &args.database {
-        Some(db) => {
-            ctx.require(db)?;
-            vec![db.clone()]
-        }
-        None => ctx
-            .state
-            .database_names()
-            .map_err(|e| anyhow!("{}", one_line(&e)))?,
-    };
-    let mut report = RenewReport::default();
-    if !names.is_empty() {
-        // One lock for the whole run; the notify command runs after it is released.
-        let mut change = ctx.begin(None, &args.change)?;
-        let at = now();
-        for name in &names {
-            if let Err(e) = renew_database(&ctx, &mut change, name, at, &mut report) {
-                report.errors.push(format!("database {name}: {e:#}"));
-            }
-        }
-    }
+    // The notify command runs after the change (and its lock) is over.
+    let mut report = control::certificates::renew(
+        &ctx.control(),
+        args.database.as_deref(),
+        &actor(&args.change),
+    )?;
     let mut failed = !report.errors.is_empty();
     if let Some(cmd) = &args.notify_command {
         for r in &report.renewed {
@@ -861,165 +633,6 @@ fn print_report(report: &RenewReport) {
             human_time(c.next_update)
         );
     }
-}
-
-/// Renews what is due in one database: client certificates without a successor, the server
-/// certificate, and the CRL's nextUpdate. Everything is validated together before any write.
-fn renew_database(
-    ctx: &Ctx,
-    change: &mut Change,
-    name: &str,
-    at: OffsetDateTime,
-    report: &mut RenewReport,
-) -> anyhow::Result<()> {
-    let db = ctx.load(name)?;
-    let signer = signer(&db)?;
-    let on_crl = crl_serials(&db);
-    let mut records = db.certificates.clone();
-    let mut new: Vec<(CertificateRecord, Issued)> = Vec::new();
-    for i in 0..records.len() {
-        let old = &records[i];
-        // A successor that points back counts even if this record lost its link (a crash
-        // between the two writes), so a rerun never issues a second one.
-        let has_successor = old.successor.is_some()
-            || records
-                .iter()
-                .any(|r| r.successor_of.as_deref() == Some(old.id.as_str()));
-        let due = old.revoked_at.is_none()
-            && !on_crl.contains(&old.serial)
-            && !has_successor
-            && old.expires_at - at <= RENEW_WINDOW;
-        if !due {
-            continue;
-        }
-        let key_type: KeyType = old.key_type.parse().unwrap_or_default();
-        let (rec, issued) = issue(
-            &signer,
-            Some(&old.common_name),
-            key_type,
-            at,
-            None,
-            Some(old.id.clone()),
-        )?;
-        records[i].successor = Some(rec.id.clone());
-        new.push((rec, issued));
-    }
-    let mut candidate = db.clone();
-    candidate.certificates = records
-        .iter()
-        .chain(new.iter().map(|(r, _)| r))
-        .map(|r| reparse(&db, r))
-        .collect::<anyhow::Result<_>>()?;
-
-    let server_due = std::str::from_utf8(&db.server_cert_pem)
-        .ok()
-        .and_then(|p| pki::inspect_cert_pem(p).ok())
-        .filter(|i| i.not_after - at <= RENEW_WINDOW);
-    let server = match &server_due {
-        Some(info) => {
-            let key_type: KeyType = info.key_algorithm.parse().unwrap_or_default();
-            let names = super::mtls::server_names(&db.settings.server_names, db.settings.listen);
-            let issued =
-                pki::issue_server(&signer, &names, key_type, pki::DEFAULT_SERVER_VALIDITY)?;
-            let chain = format!("{}{}", issued.cert_pem, String::from_utf8_lossy(&db.ca_pem));
-            candidate.server_cert_pem = chain.clone().into_bytes();
-            candidate.server_key_pem = issued.key_pem.clone().into_bytes();
-            Some((issued, chain, info.not_after))
-        }
-        None => None,
-    };
-
-    let crl_due = db
-        .crl_pem
-        .as_deref()
-        .and_then(|p| std::str::from_utf8(p).ok())
-        .and_then(|p| pki::parse_crl_pem(p).ok())
-        .and_then(|c| c.next_update)
-        .is_none_or(|next| next - at <= CRL_REFRESH_WINDOW);
-    let crl = if crl_due {
-        let (pem, number) = next_crl(&db, &signer, &records, at)?;
-        candidate.crl_pem = Some(pem.clone().into_bytes());
-        Some((pem, number))
-    } else {
-        None
-    };
-    if new.is_empty() && server.is_none() && crl.is_none() {
-        return Ok(());
-    }
-    validate(&candidate)?;
-
-    for (rec, issued) in &new {
-        ctx.state.add_certificate(
-            name,
-            rec,
-            issued.cert_pem.as_bytes(),
-            issued.key_pem.as_bytes(),
-        )?;
-        // Only now link the predecessor: its `successor` must never name a missing folder.
-        if let Some(old) = records
-            .iter()
-            .find(|r| Some(r.id.as_str()) == rec.successor_of.as_deref())
-        {
-            ctx.state.save_certificate_record(name, old)?;
-            report.renewed.push(Renewal {
-                database: name.to_owned(),
-                previous_id: old.id.clone(),
-                previous_expires_at: old.expires_at,
-                id: rec.id.clone(),
-                serial: rec.serial.clone(),
-                common_name: rec.common_name.clone(),
-                expires_at: rec.expires_at,
-            });
-            change.record(
-                "certificate.renew",
-                Some(name),
-                json!({
-                    "id": rec.id,
-                    "serial": rec.serial,
-                    "previous_id": old.id,
-                    "expires_at": state::rfc3339(rec.expires_at),
-                }),
-            )?;
-        }
-    }
-    if let Some((issued, chain, previous)) = server {
-        // Key first, then certificate: a reload in between fails as a mismatch and keeps the
-        // previous snapshot; the certificate write triggers the next, good, reload.
-        ctx.state.write_database_file(
-            name,
-            state::SERVER_KEY,
-            issued.key_pem.as_bytes(),
-            PRIVATE_MODE,
-        )?;
-        ctx.state
-            .write_database_file(name, state::SERVER_CERT, chain.as_bytes(), PUBLIC_MODE)?;
-        change.record(
-            "server_certificate.renew",
-            Some(name),
-            json!({"serial": issued.serial, "expires_at": state::rfc3339(issued.not_after)}),
-        )?;
-        report.server_certificates.push(ServerRenewal {
-            database: name.to_owned(),
-            serial: issued.serial,
-            previous_expires_at: previous,
-            expires_at: issued.not_after,
-        });
-    }
-    if let Some((pem, number)) = crl {
-        ctx.state
-            .write_database_file(name, state::CRL, pem.as_bytes(), PUBLIC_MODE)?;
-        change.record(
-            "crl.refresh",
-            Some(name),
-            json!({"crl_number": number, "next_update": state::rfc3339(at + CRL_VALIDITY)}),
-        )?;
-        report.crls_refreshed.push(CrlRefresh {
-            database: name.to_owned(),
-            crl_number: number,
-            next_update: at + CRL_VALIDITY,
-        });
-    }
-    Ok(())
 }
 
 /// Names of the variables `--notify-command` gets (documented in docs/CLI.md).

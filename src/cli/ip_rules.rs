@@ -1,23 +1,19 @@
-//! `pgmtls ip-rules DB|get|create|delete`: the allowlist of one database, written through
-//! the same parser the proxy loads `ip-rules.yaml` with.
+//! `pgmtls ip-rules DB|get|create|delete`: the allowlist of one database. Changes are
+//! [`control::ip_rules`]'s; this module parses flags and prints.
 
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail};
 use clap::{Args, Subcommand};
-use ipnet::IpNet;
 use serde::Serialize;
 use serde_json::json;
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 use super::output::{self, human_time, Block, Table};
 use super::status::ProxyView;
-use super::{done, now, validate, ChangeArgs, Ctx, StateArgs};
-use crate::allowlist::{parse_cidr, MAX_RULES};
-use crate::state::{
-    self, ip_rules_to_yaml, one_line, parse_ip_rules, validate_description, IpRule, PUBLIC_MODE,
-};
+use super::{actor, done, ChangeArgs, Ctx, StateArgs};
+use crate::control::{self, ip_rules::Selector};
+use crate::state::IpRule;
 
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -158,23 +154,6 @@ impl RuleView {
     }
 }
 
-/// Parses `--cidr` like the rules file does, and refuses IPv4-mapped IPv6 blocks: the proxy
-/// matches IPv4 clients as IPv4, so such a rule would never admit anyone.
-pub fn parse_rule_cidr(text: &str) -> Result<IpNet, String> {
-    let net = parse_cidr(text)?;
-    if let IpNet::V6(v6) = net {
-        if let Some(v4) = v6.network().to_ipv4_mapped() {
-            if v6.prefix_len() >= 96 {
-                return Err(format!(
-                    "{text} is an IPv4-mapped IPv6 block; write it as {v4}/{}",
-                    v6.prefix_len() - 96
-                ));
-            }
-        }
-    }
-    Ok(net)
-}
-
 fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let name = args.database.unwrap_or_default();
     let ctx = Ctx::new(&args.state)?;
@@ -234,90 +213,31 @@ fn print_one(view: &RuleView, json: bool) {
     }
 }
 
-/// Writes a new rule list after re-reading it with the proxy's parser and building the
-/// database with it.
-fn save(ctx: &Ctx, db: &state::DatabaseState, rules: &[IpRule]) -> anyhow::Result<()> {
-    let file = db.dir.join(state::IP_RULES);
-    let yaml = ip_rules_to_yaml(rules);
-    let parsed = parse_ip_rules(&file, &yaml).map_err(|e| anyhow!("{}", one_line(&e)))?;
-    let mut candidate = db.clone();
-    candidate.rules = parsed;
-    validate(&candidate)?;
-    ctx.state
-        .write_database_file(&db.name, state::IP_RULES, yaml.as_bytes(), PUBLIC_MODE)?;
-    Ok(())
-}
-
 fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
-    let cidr = parse_rule_cidr(&args.cidr).map_err(|e| anyhow!("{e}"))?;
-    validate_description(&args.description).map_err(|e| anyhow!("{e}"))?;
     let ctx = Ctx::new(&args.state)?;
     let name = args.database.as_str();
-    let mut change = ctx.begin(Some(name), &args.change)?;
-    let db = ctx.load(name)?;
-    if db.rules.len() >= MAX_RULES {
-        bail!(
-            "database {name} already has {} IP rules, the maximum is {MAX_RULES}; delete one first",
-            db.rules.len()
-        );
-    }
-    if let Some(dup) = db.rules.iter().find(|r| r.cidr == cidr) {
-        bail!("an IP rule for {cidr} already exists (id {})", dup.id);
-    }
-    let at = now();
-    let rule = IpRule {
-        id: Uuid::new_v4().to_string(),
-        cidr,
-        description: args.description.clone(),
-        created_at: at,
-        updated_at: at,
-    };
-    let mut rules = db.rules.clone();
-    rules.push(rule.clone());
-    save(&ctx, &db, &rules)?;
-    change.record(
-        "ip_rule.create",
-        Some(name),
-        json!({"id": rule.id, "cidr": cidr.to_string(), "description": rule.description}),
+    let created = control::ip_rules::create(
+        &ctx.control(),
+        name,
+        &args.cidr,
+        &args.description,
+        &actor(&args.change),
     )?;
-    drop(change);
     done(&format!("Creating IP rule for database {name}"));
-    print_one(&RuleView::new(name, &rule, &ctx.proxy()), args.json);
+    print_one(&RuleView::new(name, &created.rule, &ctx.proxy()), args.json);
     Ok(ExitCode::SUCCESS)
 }
 
 fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
-    let cidr = match &args.cidr {
-        Some(c) => Some(parse_rule_cidr(c).map_err(|e| anyhow!("{e}"))?),
-        None => None,
-    };
     let ctx = Ctx::new(&args.state)?;
     let name = args.database.as_str();
-    let mut change = ctx.begin(Some(name), &args.change)?;
-    let db = ctx.load(name)?;
-    let found = db.rules.iter().position(|r| match (&args.id, cidr) {
-        (Some(id), _) => r.id == *id,
-        (None, Some(c)) => r.cidr == c,
-        (None, None) => false,
-    });
-    let Some(index) = found else {
-        match (&args.id, cidr) {
-            (Some(id), _) => bail!("no IP rule with id {id:?} for database {name}"),
-            _ => bail!(
-                "no IP rule for {} in database {name}",
-                cidr.map(|c| c.to_string()).unwrap_or_default()
-            ),
-        }
+    let selector = match (&args.id, &args.cidr) {
+        (Some(id), _) => Selector::Id(id),
+        (None, Some(cidr)) => Selector::Cidr(cidr),
+        (None, None) => bail!("name the rule to delete with --id ID or --cidr CIDR"),
     };
-    let mut rules = db.rules.clone();
-    let removed = rules.remove(index);
-    save(&ctx, &db, &rules)?;
-    change.record(
-        "ip_rule.delete",
-        Some(name),
-        json!({"id": removed.id, "cidr": removed.cidr.to_string()}),
-    )?;
-    drop(change);
+    let removed =
+        control::ip_rules::delete(&ctx.control(), name, selector, &actor(&args.change))?.rule;
     done(&format!("Deleting IP rule for database {name}"));
     if args.json {
         say_raw!(
@@ -340,22 +260,4 @@ fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
         say!("The proxy stops admitting this block from its next reload.");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rule_cidrs_refuse_host_bits_and_mapped_v4() {
-        assert_eq!(
-            parse_rule_cidr("2001:db8::/48").unwrap().to_string(),
-            "2001:db8::/48"
-        );
-        let e = parse_rule_cidr("10.0.0.1/8").unwrap_err();
-        assert!(e.contains("did you mean 10.0.0.0/8"), "{e}");
-        let e = parse_rule_cidr("::ffff:10.0.0.0/104").unwrap_err();
-        assert!(e.contains("write it as 10.0.0.0/8"), "{e}");
-        assert!(parse_rule_cidr("::/0").is_ok());
-    }
 }

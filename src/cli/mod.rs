@@ -1,10 +1,11 @@
 //! The Heroku-style control commands (`mtls`, `ip-rules`, `certificates`, `databases`): flags
 //! in, changes to the state directory and human or JSON output out.
 //!
-//! Every change follows one path: take the writers' lock, load the database through the same
-//! parsers the proxy uses, build the new content, check it with
-//! [`DatabaseRuntime::build`](crate::snapshot::DatabaseRuntime::build) (what the proxy runs on
-//! reload), write it atomically, append one audit line. A check that fails changes nothing.
+//! Every change is a call into [`crate::control`], the one mutation path the console shares:
+//! it takes the writers' lock, loads the database through the proxy's parsers, checks the new
+//! content with [`DatabaseRuntime::build`](crate::snapshot::DatabaseRuntime::build) (what the
+//! proxy runs on reload), writes it atomically and appends one audit line. These modules only
+//! parse flags, ask for confirmation, and print. A check that fails changes nothing.
 //! Status words (`Operational`, `Authorized`, `ready`, ...) that describe the running proxy
 //! come from its `/status` endpoint ([`status`]), never from the files alone.
 
@@ -20,14 +21,10 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand};
-use time::OffsetDateTime;
 
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::snapshot::DatabaseRuntime;
-use crate::state::{
-    one_line, validate_database_name, AuditEntry, AuditLog, DatabaseState, StateDir, StateLock,
-};
+use crate::control::Control;
+use crate::state::{one_line, DatabaseState, StateDir};
 use status::{AdminUrl, ProxyView};
 
 /// The control commands, flattened into `pgmtls`'s own subcommands.
@@ -111,6 +108,11 @@ impl Ctx {
         })
     }
 
+    /// Write access to the state, through the one mutation path.
+    pub fn control(&self) -> Control {
+        Control::new(self.state.clone())
+    }
+
     /// Asks the running proxy what it serves (one request, short timeout).
     pub fn proxy(&self) -> ProxyView {
         ProxyView::query(self.admin.as_ref())
@@ -118,91 +120,16 @@ impl Ctx {
 
     /// Loads one database through the proxy's own loader.
     pub fn load(&self, name: &str) -> anyhow::Result<DatabaseState> {
-        self.require(name)?;
-        self.state
-            .load_database(name)
-            .map_err(|e| anyhow!("database {name} does not load: {}", one_line(&e)))
+        Ok(self.control().load(name)?)
     }
 
     /// Fails with a one-line error for an invalid or unknown database name.
     pub fn require(&self, name: &str) -> anyhow::Result<()> {
-        validate_database_name(name).map_err(|e| anyhow!("{e}"))?;
-        if !self.state.has_database(name) {
-            bail!(
-                "unknown database {name:?} in {} (`pgmtls databases` lists them)",
-                self.state.root().display()
-            );
-        }
-        Ok(())
-    }
-
-    /// Starts a change: checks the database exists (before touching anything, so a typo
-    /// creates no files), takes the lock, opens the audit log.
-    pub fn begin(&self, database: Option<&str>, change: &ChangeArgs) -> anyhow::Result<Change> {
-        if let Some(db) = database {
-            self.require(db)?;
-        }
-        let lock = self
-            .state
-            .lock()
-            .with_context(|| format!("cannot lock {}", self.state.root().display()))?;
-        // Another writer may have removed it while we waited for the lock.
-        if let Some(db) = database {
-            self.require(db)?;
-        }
-        let audit = self.state.open_audit_log()?;
-        Ok(Change {
-            _lock: lock,
-            audit,
-            actor: actor(change),
-        })
+        Ok(self.control().require(name)?)
     }
 }
 
-/// An open change: the lock is held until it is dropped.
-pub(crate) struct Change {
-    _lock: StateLock,
-    audit: AuditLog,
-    pub actor: String,
-}
-
-impl Change {
-    /// Appends the audit line of a change that has been written.
-    pub fn record(
-        &mut self,
-        action: &str,
-        database: Option<&str>,
-        details: serde_json::Value,
-    ) -> anyhow::Result<()> {
-        self.audit.append(&AuditEntry {
-            time: now(),
-            actor: self.actor.clone(),
-            action: action.to_owned(),
-            database: database.map(str::to_owned),
-            details,
-        })?;
-        Ok(())
-    }
-}
-
-/// Checks that the proxy would accept `state` on its next reload.
-pub(crate) fn validate(state: &DatabaseState) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
-    DatabaseRuntime::build(state, &metrics)
-        .map(|_| ())
-        .map_err(|e| {
-            anyhow!(
-                "refusing to write a state the proxy would reject: {}",
-                one_line(&e)
-            )
-        })
-}
-
-/// The current time in whole seconds (the precision of certificates and the YAML files).
-pub(crate) fn now() -> OffsetDateTime {
-    let t = OffsetDateTime::now_utc();
-    t.replace_nanosecond(0).unwrap_or(t)
-}
+pub(crate) use crate::control::now;
 
 /// `--actor`, else the person behind sudo, else the OS user.
 pub(crate) fn actor(change: &ChangeArgs) -> String {

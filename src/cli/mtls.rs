@@ -1,32 +1,24 @@
-//! `pgmtls mtls create|destroy|DB` and `pgmtls databases`: a database folder with its CA,
-//! server certificate, first client certificate, empty CRL and empty allowlist in; a served
-//! (or archived) database out.
+//! `pgmtls mtls create|destroy|DB` and `pgmtls databases`: enabling and disabling mutual TLS
+//! for a database ([`control::mtls`] makes the change), and what a database serves.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{anyhow, Context as _};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::certificates::{self, CertView};
 use super::output::{self, human_time, Block, Table};
 use super::status::ProxyView;
-use super::{confirm, done, now, validate, ChangeArgs, Ctx, StateArgs};
-use crate::pki::{self, CaSigner, KeyType};
-use crate::state::{
-    self, ip_rules_to_yaml, one_line, DatabaseSettings, DatabaseState, UpstreamAddr, UpstreamTls,
-    PRIVATE_MODE, PUBLIC_MODE,
-};
+use super::{actor, confirm, done, now, ChangeArgs, Ctx, StateArgs};
+use crate::control::{self, mtls::EnableRequest};
+use crate::pki::{self, KeyType};
+use crate::state::{self, one_line, UpstreamAddr, UpstreamTls};
 
-/// Name of the copied `--upstream-ca` file inside the database folder.
-pub const UPSTREAM_CA_FILE: &str = "upstream-ca.crt";
-
-/// Longest CN a certificate may carry (X.520 ub-common-name).
-const MAX_CN: usize = 64;
+pub use crate::control::mtls::{ca_common_name, server_names, UPSTREAM_CA_FILE};
 
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -145,49 +137,12 @@ pub fn run(args: MtlsArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The CA's common name. Verifiers find a CA by its name, so it names the database; names
-/// too long for a CN keep a prefix plus a digest of the whole name.
-pub fn ca_common_name(database: &str) -> String {
-    let full = format!("pgmtls CA {database}");
-    if full.chars().count() <= MAX_CN {
-        return full;
-    }
-    let digest = hex::encode(Sha256::digest(database.as_bytes()));
-    let keep: String = database.chars().take(MAX_CN - 10 - 9).collect();
-    format!("pgmtls CA {keep}~{}", &digest[..8])
-}
-
-/// Names in the server certificate: the given ones plus the listen IP when it is specific.
-pub fn server_names(given: &[String], listen: SocketAddr) -> Vec<String> {
-    let mut names: Vec<String> = given.to_vec();
-    if !listen.ip().is_unspecified() {
-        let ip = listen.ip().to_string();
-        if !names.contains(&ip) {
-            names.push(ip);
-        }
-    }
-    names
-}
-
 fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     let name = args.database.as_str();
-    state::validate_database_name(name).map_err(|e| anyhow!("{e}"))?;
     let upstream: UpstreamAddr = args
         .upstream
         .parse()
         .map_err(|e: String| anyhow!("--upstream: {e}"))?;
-    if args.upstream_tls == UpstreamTls::VerifyFull && args.upstream_ca.is_none() {
-        bail!("--upstream-tls verify-full needs --upstream-ca FILE");
-    }
-    if args.upstream_tls == UpstreamTls::Disable
-        && !upstream.is_loopback()
-        && !args.allow_plaintext_remote_upstream
-    {
-        bail!(
-            "--upstream {upstream} is not loopback: use --upstream-tls verify-full --upstream-ca \
-             FILE, or accept plaintext with --allow-plaintext-remote-upstream"
-        );
-    }
     let upstream_ca_pem = match &args.upstream_ca {
         Some(p) => Some(
             std::fs::read(p)
@@ -195,113 +150,36 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
+    let request = EnableRequest {
+        name: name.to_owned(),
+        listen: args.listen,
+        upstream,
+        upstream_tls: args.upstream_tls,
+        upstream_ca_pem,
+        upstream_server_name: args.upstream_server_name.clone(),
+        allow_plaintext_remote_upstream: args.allow_plaintext_remote_upstream,
+        user_must_match_cn: args.user_must_match_cn,
+        server_names: args.server_names.clone(),
+        key_type: args.key_type,
+        common_name: args.common_name.clone(),
+    };
     let ctx = Ctx::new(&args.state)?;
-    if ctx.state.has_database(name) {
-        bail!("mTLS is already enabled for database {name:?}");
-    }
-    check_listen_free(&ctx, name, args.listen)?;
+    let control = ctx.control();
+    // Refuse what can be refused before asking.
+    control::mtls::check(&control, &request)?;
     confirm(
         name,
         args.confirm.as_deref(),
         "Enabling Mutual TLS will allow external access to this database. This action will be \
          logged. Continue?",
     )?;
-
-    // Keys are generated before the lock is taken: RSA 4096 takes a while, and nothing here
-    // depends on the state directory.
-    let at = now();
-    let key_type = args.key_type;
-    let ca = pki::create_ca(&ca_common_name(name), key_type, pki::DEFAULT_CA_VALIDITY)?;
-    let signer = CaSigner::from_issued(&ca)?;
-    let names = server_names(&args.server_names, args.listen);
-    let server = pki::issue_server(&signer, &names, key_type, pki::DEFAULT_SERVER_VALIDITY)?;
-    let first = certificates::issue(
-        &signer,
-        args.common_name.as_deref(),
-        key_type,
-        at,
-        None,
-        None,
-    )?;
-    let crl = pki::build_crl::<&str>(&signer, &[], 1, at, at + certificates::CRL_VALIDITY)?;
-
-    let mut change = ctx.begin(None, &args.change)?;
-    // Again under the lock: another `mtls create` may have taken the address meanwhile.
-    check_listen_free(&ctx, name, args.listen)?;
-    let settings = DatabaseSettings {
-        listen: args.listen,
-        upstream,
-        upstream_tls: args.upstream_tls,
-        upstream_ca: upstream_ca_pem
-            .as_ref()
-            .map(|_| PathBuf::from(UPSTREAM_CA_FILE)),
-        upstream_server_name: args.upstream_server_name.clone(),
-        allow_plaintext_remote_upstream: args.allow_plaintext_remote_upstream,
-        server_names: args.server_names.clone(),
-        user_must_match_cn: args.user_must_match_cn,
-        enabled_by: Some(change.actor.clone()),
-        created_at: Some(at),
-    };
-    let staged = ctx.state.stage_database(name)?;
-    staged.write(
-        state::DATABASE_YAML,
-        settings.to_yaml().as_bytes(),
-        PUBLIC_MODE,
-    )?;
-    staged.write(state::CA_CERT, ca.cert_pem.as_bytes(), PUBLIC_MODE)?;
-    staged.write(state::CA_KEY, ca.key_pem.as_bytes(), PRIVATE_MODE)?;
-    // The proxy presents the leaf and its CA, so clients holding only root.crt can verify.
-    let chain = format!("{}{}", server.cert_pem, ca.cert_pem);
-    staged.write(state::SERVER_CERT, chain.as_bytes(), PUBLIC_MODE)?;
-    staged.write(state::SERVER_KEY, server.key_pem.as_bytes(), PRIVATE_MODE)?;
-    staged.write(state::CRL, crl.as_bytes(), PUBLIC_MODE)?;
-    staged.write(
-        state::IP_RULES,
-        ip_rules_to_yaml(&[]).as_bytes(),
-        PUBLIC_MODE,
-    )?;
-    if let Some(pem) = &upstream_ca_pem {
-        staged.write(UPSTREAM_CA_FILE, pem, PUBLIC_MODE)?;
-    }
-    let (record, issued) = &first;
-    let cert_dir = format!("{}/{}", state::CERTIFICATES_DIR, record.id);
-    staged.write(
-        &format!("{cert_dir}/{}", state::CLIENT_CERT),
-        issued.cert_pem.as_bytes(),
-        PUBLIC_MODE,
-    )?;
-    staged.write(
-        &format!("{cert_dir}/{}", state::CLIENT_KEY),
-        issued.key_pem.as_bytes(),
-        PRIVATE_MODE,
-    )?;
-    staged.write(
-        &format!("{cert_dir}/{}", state::CERTIFICATE_YAML),
-        record.to_yaml().as_bytes(),
-        PUBLIC_MODE,
-    )?;
-    // Load the staged folder exactly as the proxy will, and build what it would build.
-    let loaded = DatabaseState::load(name, staged.path())
-        .map_err(|e| anyhow!("refusing to enable mTLS: {}", one_line(&e)))?;
-    validate(&loaded)?;
-    staged.commit()?;
-    change.record(
-        "mtls.create",
-        Some(name),
-        json!({
-            "listen": args.listen.to_string(),
-            "upstream": settings.upstream.to_string(),
-            "upstream_tls": settings.upstream_tls.to_string(),
-            "server_names": names,
-            "user_must_match_cn": settings.user_must_match_cn,
-            "key_type": key_type.as_str(),
-            "ca_serial": ca.serial,
-            "server_serial": server.serial,
-            "certificate_id": record.id,
-            "certificate_serial": record.serial,
-        }),
-    )?;
-    drop(change);
+    let enabled = control::mtls::enable(&control, &request, &actor(&args.change))?;
+    let (settings, names, record) = (
+        &enabled.settings,
+        &enabled.server_names,
+        &enabled.certificate,
+    );
+    let at = enabled.settings.created_at.unwrap_or_else(now);
     done(&format!("Enabling mTLS on {name}"));
     if names.is_empty() {
         eprintln!(
@@ -343,29 +221,6 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Two databases on one listen address would make the proxy refuse the whole state.
-fn check_listen_free(ctx: &Ctx, name: &str, listen: SocketAddr) -> anyhow::Result<()> {
-    for other in ctx
-        .state
-        .database_names()
-        .map_err(|e| anyhow!("{}", one_line(&e)))?
-    {
-        if other == name {
-            continue;
-        }
-        let file = ctx.state.database_dir(&other).join(state::DATABASE_YAML);
-        let Ok(text) = std::fs::read_to_string(&file) else {
-            continue;
-        };
-        if let Ok(s) = DatabaseSettings::parse(&file, &text) {
-            if s.listen == listen {
-                bail!("--listen {listen} is already the listen address of database {other:?}");
-            }
-        }
-    }
-    Ok(())
-}
-
 fn destroy(args: DestroyArgs) -> anyhow::Result<ExitCode> {
     let name = args.database.as_str();
     let ctx = Ctx::new(&args.state)?;
@@ -376,14 +231,7 @@ fn destroy(args: DestroyArgs) -> anyhow::Result<ExitCode> {
         "Disabling Mutual TLS stops external access to this database through pgmtls and closes \
          its sessions. This action will be logged. Continue?",
     )?;
-    let mut change = ctx.begin(Some(name), &args.change)?;
-    let archived = ctx.state.archive_database(name, now())?;
-    change.record(
-        "mtls.destroy",
-        Some(name),
-        json!({ "archived_to": archived.display().to_string() }),
-    )?;
-    drop(change);
+    let archived = control::mtls::disable(&ctx.control(), name, &actor(&args.change))?.archived_to;
     done(&format!("Disabling mTLS on {name}"));
     if args.json {
         say_raw!(
@@ -595,32 +443,4 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ca_names_name_the_database_and_fit_a_cn() {
-        assert_eq!(ca_common_name("app"), "pgmtls CA app");
-        let long = "a".repeat(63);
-        let cn = ca_common_name(&long);
-        assert!(cn.chars().count() <= MAX_CN, "{cn}");
-        assert_ne!(cn, ca_common_name(&format!("{}b", "a".repeat(62))));
-    }
-
-    #[test]
-    fn server_names_add_a_specific_listen_ip_once() {
-        let l: SocketAddr = "10.0.0.5:6432".parse().unwrap();
-        assert_eq!(server_names(&[], l), vec!["10.0.0.5"]);
-        assert_eq!(
-            server_names(&["db.example".into(), "10.0.0.5".into()], l),
-            vec!["db.example", "10.0.0.5"]
-        );
-        let any: SocketAddr = "0.0.0.0:6432".parse().unwrap();
-        assert!(server_names(&[], any).is_empty());
-        let any6: SocketAddr = "[::]:6432".parse().unwrap();
-        assert_eq!(server_names(&["x".into()], any6), vec!["x"]);
-    }
 }

@@ -1,0 +1,284 @@
+//! Enabling and disabling mutual TLS for a database: a database folder with its CA, server
+//! certificate, first client certificate, empty CRL and empty allowlist in; an archived
+//! database out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::{certificates, now, validate, Control, ControlError, Result};
+use crate::pki::{self, CaSigner, KeyType};
+use crate::state::{
+    self, ip_rules_to_yaml, one_line, AuditEntry, CertificateRecord, DatabaseSettings,
+    DatabaseState, UpstreamAddr, UpstreamTls, PRIVATE_MODE, PUBLIC_MODE,
+};
+
+/// Name of the copied upstream CA file inside the database folder.
+pub const UPSTREAM_CA_FILE: &str = "upstream-ca.crt";
+
+/// Longest CN a certificate may carry (X.520 ub-common-name).
+const MAX_CN: usize = 64;
+
+/// What enabling mTLS for a database asks for.
+#[derive(Debug, Clone)]
+pub struct EnableRequest {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub upstream: UpstreamAddr,
+    pub upstream_tls: UpstreamTls,
+    /// The CA (PEM) for `verify-full`, copied into the database folder.
+    pub upstream_ca_pem: Option<Vec<u8>>,
+    pub upstream_server_name: Option<String>,
+    pub allow_plaintext_remote_upstream: bool,
+    pub user_must_match_cn: bool,
+    pub server_names: Vec<String>,
+    pub key_type: KeyType,
+    /// CN of the first client certificate [default: its id].
+    pub common_name: Option<String>,
+}
+
+/// A database whose mTLS was enabled.
+#[derive(Debug, Clone)]
+pub struct Enabled {
+    pub settings: DatabaseSettings,
+    /// Names in the server certificate.
+    pub server_names: Vec<String>,
+    /// The first client certificate.
+    pub certificate: CertificateRecord,
+    pub audit: AuditEntry,
+}
+
+/// The CA's common name. Verifiers find a CA by its name, so it names the database; names
+/// too long for a CN keep a prefix plus a digest of the whole name.
+pub fn ca_common_name(database: &str) -> String {
+    let full = format!("pgmtls CA {database}");
+    if full.chars().count() <= MAX_CN {
+        return full;
+    }
+    let digest = hex::encode(Sha256::digest(database.as_bytes()));
+    let keep: String = database.chars().take(MAX_CN - 10 - 9).collect();
+    format!("pgmtls CA {keep}~{}", &digest[..8])
+}
+
+/// Names in the server certificate: the given ones plus the listen IP when it is specific.
+pub fn server_names(given: &[String], listen: SocketAddr) -> Vec<String> {
+    let mut names: Vec<String> = given.to_vec();
+    if !listen.ip().is_unspecified() {
+        let ip = listen.ip().to_string();
+        if !names.contains(&ip) {
+            names.push(ip);
+        }
+    }
+    names
+}
+
+/// Everything about `request` that can be checked without generating keys: a front end calls
+/// this before asking for confirmation, and [`enable`] again under the lock.
+pub fn check(control: &Control, request: &EnableRequest) -> Result<()> {
+    let name = request.name.as_str();
+    state::validate_database_name(name).map_err(ControlError::Invalid)?;
+    if request.upstream_tls == UpstreamTls::VerifyFull && request.upstream_ca_pem.is_none() {
+        return Err(ControlError::Invalid(
+            "--upstream-tls verify-full needs --upstream-ca FILE".into(),
+        ));
+    }
+    if request.upstream_tls == UpstreamTls::Disable
+        && !request.upstream.is_loopback()
+        && !request.allow_plaintext_remote_upstream
+    {
+        return Err(ControlError::Invalid(format!(
+            "--upstream {} is not loopback: use --upstream-tls verify-full --upstream-ca FILE, \
+             or accept plaintext with --allow-plaintext-remote-upstream",
+            request.upstream
+        )));
+    }
+    if control.state().has_database(name) {
+        return Err(ControlError::Conflict(format!(
+            "mTLS is already enabled for database {name:?}"
+        )));
+    }
+    check_listen_free(control, name, request.listen)
+}
+
+/// Enables mTLS for a new database: CA, server certificate, a first client certificate, an
+/// empty CRL and an empty allowlist, written as one folder that appears whole or not at all.
+pub fn enable(control: &Control, request: &EnableRequest, actor: &str) -> Result<Enabled> {
+    check(control, request)?;
+    let name = request.name.as_str();
+    // Keys are generated before the lock is taken: RSA 4096 takes a while, and nothing here
+    // depends on the state directory.
+    let at = now();
+    let key_type = request.key_type;
+    let ca = pki::create_ca(&ca_common_name(name), key_type, pki::DEFAULT_CA_VALIDITY)?;
+    let signer = CaSigner::from_issued(&ca)?;
+    let names = server_names(&request.server_names, request.listen);
+    let server = pki::issue_server(&signer, &names, key_type, pki::DEFAULT_SERVER_VALIDITY)?;
+    let first = certificates::issue(
+        &signer,
+        request.common_name.as_deref(),
+        key_type,
+        at,
+        None,
+        None,
+    )?;
+    let crl = pki::build_crl::<&str>(&signer, &[], 1, at, at + certificates::CRL_VALIDITY)?;
+
+    let mut txn = control.begin(None, actor)?;
+    // Again under the lock: another `mtls create` may have taken the name or the address
+    // meanwhile.
+    check(control, request)?;
+    let settings = DatabaseSettings {
+        listen: request.listen,
+        upstream: request.upstream.clone(),
+        upstream_tls: request.upstream_tls,
+        upstream_ca: request
+            .upstream_ca_pem
+            .as_ref()
+            .map(|_| PathBuf::from(UPSTREAM_CA_FILE)),
+        upstream_server_name: request.upstream_server_name.clone(),
+        allow_plaintext_remote_upstream: request.allow_plaintext_remote_upstream,
+        server_names: request.server_names.clone(),
+        user_must_match_cn: request.user_must_match_cn,
+        enabled_by: Some(txn.actor().to_owned()),
+        created_at: Some(at),
+    };
+    let staged = txn.state().stage_database(name)?;
+    staged.write(
+        state::DATABASE_YAML,
+        settings.to_yaml().as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    staged.write(state::CA_CERT, ca.cert_pem.as_bytes(), PUBLIC_MODE)?;
+    staged.write(state::CA_KEY, ca.key_pem.as_bytes(), PRIVATE_MODE)?;
+    // The proxy presents the leaf and its CA, so clients holding only root.crt can verify.
+    let chain = format!("{}{}", server.cert_pem, ca.cert_pem);
+    staged.write(state::SERVER_CERT, chain.as_bytes(), PUBLIC_MODE)?;
+    staged.write(state::SERVER_KEY, server.key_pem.as_bytes(), PRIVATE_MODE)?;
+    staged.write(state::CRL, crl.as_bytes(), PUBLIC_MODE)?;
+    staged.write(
+        state::IP_RULES,
+        ip_rules_to_yaml(&[]).as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    if let Some(pem) = &request.upstream_ca_pem {
+        staged.write(UPSTREAM_CA_FILE, pem, PUBLIC_MODE)?;
+    }
+    let (record, issued) = &first;
+    let cert_dir = format!("{}/{}", state::CERTIFICATES_DIR, record.id);
+    staged.write(
+        &format!("{cert_dir}/{}", state::CLIENT_CERT),
+        issued.cert_pem.as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    staged.write(
+        &format!("{cert_dir}/{}", state::CLIENT_KEY),
+        issued.key_pem.as_bytes(),
+        PRIVATE_MODE,
+    )?;
+    staged.write(
+        &format!("{cert_dir}/{}", state::CERTIFICATE_YAML),
+        record.to_yaml().as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    // Load the staged folder exactly as the proxy will, and build what it would build.
+    let loaded = DatabaseState::load(name, staged.path())
+        .map_err(|e| ControlError::WouldReject(one_line(&e)))?;
+    validate(&loaded)?;
+    staged.commit()?;
+    let audit = txn.record(
+        "mtls.create",
+        Some(name),
+        json!({
+            "listen": request.listen.to_string(),
+            "upstream": settings.upstream.to_string(),
+            "upstream_tls": settings.upstream_tls.to_string(),
+            "server_names": names,
+            "user_must_match_cn": settings.user_must_match_cn,
+            "key_type": key_type.as_str(),
+            "ca_serial": ca.serial,
+            "server_serial": server.serial,
+            "certificate_id": record.id,
+            "certificate_serial": record.serial,
+        }),
+    )?;
+    Ok(Enabled {
+        settings,
+        server_names: names,
+        certificate: first.0,
+        audit,
+    })
+}
+
+/// Two databases on one listen address would make the proxy refuse the whole state.
+fn check_listen_free(control: &Control, name: &str, listen: SocketAddr) -> Result<()> {
+    for other in control.database_names()? {
+        if other == name {
+            continue;
+        }
+        let file = control
+            .state()
+            .database_dir(&other)
+            .join(state::DATABASE_YAML);
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        if let Ok(s) = DatabaseSettings::parse(&file, &text) {
+            if s.listen == listen {
+                return Err(ControlError::Conflict(format!(
+                    "--listen {listen} is already the listen address of database {other:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A database whose mTLS was disabled, and where its folder went.
+#[derive(Debug, Clone)]
+pub struct Disabled {
+    pub archived_to: PathBuf,
+    pub audit: AuditEntry,
+}
+
+/// Disables mTLS for `name`: the proxy stops serving it and closes its sessions on its next
+/// reload; the CA, keys and records are archived, not deleted.
+pub fn disable(control: &Control, name: &str, actor: &str) -> Result<Disabled> {
+    let mut txn = control.begin(Some(name), actor)?;
+    let archived_to = txn.state().archive_database(name, now())?;
+    let audit = txn.record(
+        "mtls.destroy",
+        Some(name),
+        json!({ "archived_to": archived_to.display().to_string() }),
+    )?;
+    Ok(Disabled { archived_to, audit })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_names_name_the_database_and_fit_a_cn() {
+        assert_eq!(ca_common_name("app"), "pgmtls CA app");
+        let long = "a".repeat(63);
+        let cn = ca_common_name(&long);
+        assert!(cn.chars().count() <= MAX_CN, "{cn}");
+        assert_ne!(cn, ca_common_name(&format!("{}b", "a".repeat(62))));
+    }
+
+    #[test]
+    fn server_names_add_a_specific_listen_ip_once() {
+        let l: SocketAddr = "10.0.0.5:6432".parse().unwrap();
+        assert_eq!(server_names(&[], l), vec!["10.0.0.5"]);
+        assert_eq!(
+            server_names(&["db.example".into(), "10.0.0.5".into()], l),
+            vec!["db.example", "10.0.0.5"]
+        );
+        let any: SocketAddr = "0.0.0.0:6432".parse().unwrap();
+        assert!(server_names(&[], any).is_empty());
+        let any6: SocketAddr = "[::]:6432".parse().unwrap();
+        assert_eq!(server_names(&["x".into()], any6), vec!["x"]);
+    }
+}
