@@ -536,9 +536,12 @@ impl App {
                 sessions = n,
                 "shutdown grace over; closing remaining sessions"
             );
-            // Handshakes in progress end by their own deadline; wait for them briefly.
+            // Registered sessions, also those still authenticating, end at once but may first
+            // cancel their backend's statement (bounded by the upstream connect timeout);
+            // handshakes before TLS end by their own deadline. Wait for both, briefly.
+            let t = &self.config.timeouts;
             let _ = tokio::time::timeout(
-                self.config.timeouts.handshake + Duration::from_secs(1),
+                t.handshake.max(t.upstream_connect) + Duration::from_secs(1),
                 self.limit.acquire_many(all),
             )
             .await;

@@ -427,6 +427,10 @@ pub fn restart_needed(running: &Config, file: &Config) -> Vec<&'static str> {
         "upstream_connect_timeout",
     );
     check(
+        running.timeouts.auth != file.timeouts.auth,
+        "auth_timeout",
+    );
+    check(
         running.timeouts.shutdown_grace != file.timeouts.shutdown_grace,
         "shutdown_grace",
     );

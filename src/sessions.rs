@@ -40,6 +40,18 @@ impl EndReason {
             _ => ErrorKind::RevokedLive,
         }
     }
+
+    /// The reason a connection that has not yet reached Postgres is refused with: the same
+    /// one a fresh connection would get under the configuration now in force.
+    pub fn refusal_kind(self) -> ErrorKind {
+        match self {
+            EndReason::DatabaseDisabled => ErrorKind::DatabaseDisabled,
+            EndReason::RuleRemoved => ErrorKind::IpNotAllowed,
+            EndReason::CertificateRevoked => ErrorKind::ClientCertRevoked,
+            EndReason::CertificateExpired => ErrorKind::ClientCertExpired,
+            EndReason::Shutdown => ErrorKind::Shutdown,
+        }
+    }
 }
 
 struct Entry {
@@ -88,6 +100,25 @@ pub struct SessionGuard {
 }
 
 impl SessionGuard {
+    /// The backend's cancel key, once the authentication phase has learned it.
+    pub fn cancel_key(&self) -> Option<&CancelKey> {
+        self.cancel_key.as_ref()
+    }
+
+    /// Why the session was told to end, if it was.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        *self.kill.borrow()
+    }
+
+    /// Resolves when the session is told to end, with the reason.
+    pub async fn killed(&mut self) -> EndReason {
+        match self.kill.wait_for(|v| v.is_some()).await {
+            Ok(v) => v.unwrap_or(EndReason::Shutdown),
+            // The registry dropped the sender: the session is gone from it, as at shutdown.
+            Err(_) => EndReason::Shutdown,
+        }
+    }
+
     pub fn set_cancel_key(&mut self, key: CancelKey, database: Arc<str>) {
         lock(&self.sessions.cancel_keys).insert(key.clone(), database);
         self.cancel_key = Some(key);
@@ -152,20 +183,15 @@ impl Sessions {
         self.keep_live.store(!on, Ordering::Relaxed);
     }
 
-    /// Checks one session just registered against the snapshot published now. A reload that
-    /// swapped the snapshot while this connection was still handshaking under the previous
-    /// one has already run `enforce` without seeing it; registering first and checking second
-    /// means every session is checked against every snapshot published after it started.
-    pub fn recheck(&self, conn_id: u64, snap: &Snapshot, now: OffsetDateTime) {
-        if !self.enforcing() {
-            return;
-        }
+    /// Re-admits a session just registered against `snap`, the snapshot published now, and
+    /// says why it may not run if it may not. The connection was admitted at accept under the
+    /// snapshot of that moment and may have spent seconds in its handshake since; this check
+    /// holds whatever `enforce_on_live_sessions` says, because nothing has run yet. A reload
+    /// that swaps the snapshot after this load runs `enforce` after the swap, and so sees this
+    /// session: registering first and loading second leaves no gap.
+    pub fn admit(&self, conn_id: u64, snap: &Snapshot, now: OffsetDateTime) -> Option<EndReason> {
         let live = lock(&self.live);
-        if let Some(e) = live.get(&conn_id) {
-            if let Some(r) = e.verdict(snap, now) {
-                let _ = e.kill.send(Some(r));
-            }
-        }
+        live.get(&conn_id).and_then(|e| e.verdict(snap, now))
     }
 
     /// Signals every session whose admission `snap` no longer grants; returns how many, by

@@ -54,6 +54,10 @@ pub struct Timeouts {
     pub handshake: Duration,
     /// TCP connect plus upstream TLS handshake.
     pub upstream_connect: Duration,
+    /// From the upstream dial to the upstream's first ReadyForQuery: the authentication
+    /// exchange. Postgres' own `authentication_timeout` is longer and the proxy holds a
+    /// connection slot meanwhile.
+    pub auth: Duration,
     /// How long live sessions may run after SIGTERM before they are closed.
     pub shutdown_grace: Duration,
 }
@@ -63,6 +67,7 @@ impl Default for Timeouts {
         Timeouts {
             handshake: Duration::from_secs(10),
             upstream_connect: Duration::from_secs(5),
+            auth: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -91,6 +96,7 @@ pub const KEYS: &[&str] = &[
     "admin_listen",
     "handshake_timeout",
     "upstream_connect_timeout",
+    "auth_timeout",
     "shutdown_grace",
     "max_connections",
     "reload_poll_interval",
@@ -139,6 +145,9 @@ impl Config {
             upstream_connect: f
                 .optional_with("upstream_connect_timeout", convert::duration)
                 .unwrap_or(d.timeouts.upstream_connect),
+            auth: f
+                .optional_with("auth_timeout", convert::duration)
+                .unwrap_or(d.timeouts.auth),
             shutdown_grace: f
                 .optional_with("shutdown_grace", convert::duration)
                 .unwrap_or(d.timeouts.shutdown_grace),
@@ -185,12 +194,13 @@ mod tests {
     #[test]
     fn all_keys_parse() {
         let text = "state_dir: /var/lib/pgmtls\nadmin_listen: \"off\"\nhandshake_timeout: 3s\n\
-                    upstream_connect_timeout: 1s\nshutdown_grace: 1m\nmax_connections: 50\n\
+                    upstream_connect_timeout: 1s\nauth_timeout: 7s\nshutdown_grace: 1m\nmax_connections: 50\n\
                     reload_poll_interval: 5s\nenforce_on_live_sessions: false\nlog_format: json\n\
                     worker_threads: 1\nproxy_protocol_from: [10.0.0.0/16, \"2001:db8::/48\"]\n";
         let c = Config::parse(Path::new("p.yaml"), text).unwrap();
         assert_eq!(c.admin_listen, None);
         assert_eq!(c.timeouts.shutdown_grace, Duration::from_secs(60));
+        assert_eq!(c.timeouts.auth, Duration::from_secs(7));
         assert_eq!(c.max_connections, 50);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.worker_threads, Some(1));

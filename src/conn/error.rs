@@ -29,6 +29,8 @@ pub enum ErrorKind {
     UpstreamTls,
     UpstreamRejected,
     ChannelBinding,
+    UnauthenticatedMessage,
+    AuthTimeout,
     CancelUnknownKey,
     RevokedLive,
     Shutdown,
@@ -58,6 +60,8 @@ impl ErrorKind {
         ErrorKind::UpstreamTls,
         ErrorKind::UpstreamRejected,
         ErrorKind::ChannelBinding,
+        ErrorKind::UnauthenticatedMessage,
+        ErrorKind::AuthTimeout,
         ErrorKind::CancelUnknownKey,
         ErrorKind::RevokedLive,
         ErrorKind::Shutdown,
@@ -87,6 +91,8 @@ impl ErrorKind {
             ErrorKind::UpstreamTls => "upstream_tls",
             ErrorKind::UpstreamRejected => "upstream_rejected",
             ErrorKind::ChannelBinding => "channel_binding",
+            ErrorKind::UnauthenticatedMessage => "unauthenticated_message",
+            ErrorKind::AuthTimeout => "auth_timeout",
             ErrorKind::CancelUnknownKey => "cancel_unknown_key",
             ErrorKind::RevokedLive => "revoked_live",
             ErrorKind::Shutdown => "shutdown",
@@ -148,6 +154,18 @@ pub const NOTICE_CHANNEL_BINDING: ClientNotice = ClientNotice {
     ),
 };
 
+pub const NOTICE_UNAUTHENTICATED_MESSAGE: ClientNotice = ClientNotice {
+    sqlstate: "08P01",
+    message: "pgmtls: only authentication messages may be sent before authentication completes",
+    hint: None,
+};
+
+pub const NOTICE_AUTH_TIMEOUT: ClientNotice = ClientNotice {
+    sqlstate: "08006",
+    message: "pgmtls: authentication did not complete in time",
+    hint: None,
+};
+
 pub const NOTICE_SHUTDOWN: ClientNotice = ClientNotice {
     sqlstate: "57P01",
     message: "pgmtls: the proxy is shutting down",
@@ -187,6 +205,11 @@ impl ConnError {
             ErrorKind::StartupInvalid => Some(NOTICE_STARTUP_INVALID),
             ErrorKind::ChannelBinding => Some(NOTICE_CHANNEL_BINDING),
             ErrorKind::IdentityDenied => Some(NOTICE_IDENTITY_DENIED),
+            ErrorKind::UnauthenticatedMessage => Some(NOTICE_UNAUTHENTICATED_MESSAGE),
+            ErrorKind::AuthTimeout => Some(NOTICE_AUTH_TIMEOUT),
+            // Reached only before the relay: a session cut mid-stream is sent nothing.
+            ErrorKind::RevokedLive => Some(NOTICE_REVOKED),
+            ErrorKind::Shutdown => Some(NOTICE_SHUTDOWN),
             _ => None,
         }
     }

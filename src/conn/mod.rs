@@ -1,6 +1,9 @@
 //! One client connection, from accept to close. [`serve`] reads as the table in
-//! docs/LIFECYCLE.md: each stage is an `async fn` taking the previous stage's output, and one
-//! deadline set at accept covers everything up to the upstream dial.
+//! docs/LIFECYCLE.md: each stage is an `async fn` taking the previous stage's output. One
+//! deadline set at accept covers everything up to the StartupMessage, the upstream dial has
+//! its own, and so has the authentication exchange. From TLS on the connection is registered
+//! as a session: it is re-admitted under the snapshot then in force, and every later stage
+//! ends as soon as a reload or the shutdown tells the session to end.
 
 pub mod auth;
 pub mod cancel;
@@ -12,6 +15,7 @@ pub mod startup;
 pub mod tls;
 pub mod upstream;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use tokio::net::TcpStream;
 
 use crate::config::Timeouts;
 use crate::metrics::Metrics;
-use crate::sessions::Sessions;
+use crate::sessions::{SessionGuard, Sessions};
 use crate::snapshot::{DatabaseRuntime, Snapshot};
 use crate::wire::error_response;
 use error::{ConnError, ErrorKind};
@@ -134,13 +138,18 @@ async fn run(
 ) -> Result<(), ConnError> {
     // The stages before the relay run once; boxed, their state lives on the heap only while
     // they run, and the task an idle session keeps holds just the relay's state.
-    let est = match Box::pin(establish(ctx, db, stream, peer, conn_id, log)).await? {
+    let prelude = Box::pin(establish(ctx, db, stream, peer, conn_id, log)).await;
+    // The startup packet and the authentication exchange count like relayed bytes.
+    db.metrics.bytes_to_upstream.inc_by(log.stats.to_upstream);
+    db.metrics.bytes_to_client.inc_by(log.stats.to_client);
+    let est = match prelude? {
         Prelude::Cancelled => return Ok(()),
         Prelude::Relay(est) => est,
     };
     let Established {
-        client,
-        up,
+        db,
+        mut client,
+        mut up,
         client_leftover,
         upstream_leftover,
         mut guard,
@@ -152,8 +161,8 @@ async fn run(
     db.metrics.sessions_active.inc();
     let relay_started = Instant::now();
     let (stats, err) = relay::relay(
-        client,
-        up,
+        &mut *client,
+        &mut up,
         client_leftover,
         upstream_leftover,
         &mut guard.kill,
@@ -167,7 +176,17 @@ async fn run(
     db.metrics
         .session_seconds
         .observe(relay_started.elapsed().as_secs_f64());
-    log.stats = stats;
+    log.stats.to_upstream += stats.to_upstream;
+    log.stats.to_client += stats.to_client;
+    log.stats.closed_by = stats.closed_by;
+    if let (Some(e), Some(key)) = (&err, guard.cancel_key()) {
+        if matches!(e.kind, ErrorKind::RevokedLive | ErrorKind::Shutdown) {
+            // Boxed: the dial's state must not grow every idle session's future.
+            Box::pin(cancel_cut_session(ctx, &db, key, conn_id)).await;
+        }
+    }
+    // Only now is the backend's socket closed.
+    drop(up);
     match err {
         // A peer going away mid-session is how sessions end, not a refusal.
         Some(e) if matches!(e.kind, ErrorKind::ClientIo | ErrorKind::UpstreamIo) => {
@@ -183,6 +202,31 @@ async fn run(
     }
 }
 
+/// A session the proxy cuts may be in the middle of a statement, and Postgres notices a lost
+/// client only when it next writes to it: cancel the statement with the key the proxy holds,
+/// while the backend still serves this session, so that it does not run on and commit.
+async fn cancel_cut_session(
+    ctx: &Context,
+    db: &DatabaseRuntime,
+    key: &crate::wire::frontend::CancelKey,
+    conn_id: u64,
+) {
+    match cancel::send(&db.upstream, ctx.timeouts.upstream_connect, key).await {
+        Ok(()) => tracing::info!(
+            conn_id,
+            database = &*db.name,
+            "cut session: cancel request sent to its backend"
+        ),
+        Err(e) => tracing::warn!(
+            conn_id,
+            database = &*db.name,
+            error_kind = e.kind.as_str(),
+            detail = e.detail.as_str(),
+            "cut session: cancel request to its backend failed"
+        ),
+    }
+}
+
 /// What the stages before the relay hand on.
 enum Prelude {
     /// A CancelRequest was forwarded; the connection is done.
@@ -191,18 +235,34 @@ enum Prelude {
 }
 
 struct Established {
+    /// The database as the snapshot in force after TLS has it.
+    db: Arc<DatabaseRuntime>,
     client: Box<tokio_rustls::server::TlsStream<TcpStream>>,
     up: upstream::UpstreamStream,
     /// Bytes read past the authentication phase, relayed first.
     client_leftover: bytes::BytesMut,
     upstream_leftover: bytes::BytesMut,
-    guard: crate::sessions::SessionGuard,
+    guard: SessionGuard,
 }
 
-/// Stages admit, negotiate, TLS, startup, upstream and authentication.
+/// Runs one stage of a registered session unless the session is told to end first (a reload
+/// that no longer admits it, or the end of the shutdown grace). The kill flag is polled first,
+/// so a stage never takes another step once it is set.
+async fn unless_ended<T>(
+    guard: &mut SessionGuard,
+    stage: impl Future<Output = Result<T, ConnError>>,
+) -> Result<T, ConnError> {
+    tokio::select! {
+        biased;
+        reason = guard.killed() => Err(ConnError::new(reason.kind(), reason.as_str())),
+        r = stage => r,
+    }
+}
+
+/// Stages admit, negotiate, TLS, re-admit, startup, upstream and authentication.
 async fn establish(
     ctx: &Context,
-    db: &Arc<DatabaseRuntime>,
+    accepted_db: &Arc<DatabaseRuntime>,
     mut stream: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
@@ -222,7 +282,7 @@ async fn establish(
     log.client = Some(client_addr);
 
     // Stage: admit. Before a byte of the client's own is read or any crypto is done.
-    let Some(rule) = db.allowlist.check(client_addr.addr.ip()) else {
+    let Some(rule) = accepted_db.allowlist.check(client_addr.addr.ip()) else {
         return Err(ConnError::new(
             ErrorKind::IpNotAllowed,
             "no IP rule admits this address",
@@ -238,47 +298,68 @@ async fn establish(
     log.negotiation = negotiated.mode();
     let direct = match negotiated {
         Negotiated::Cancel(key) => {
-            return cancel::forward(ctx, db, key)
+            return cancel::forward(ctx, accepted_db, key)
                 .await
                 .map(|()| Prelude::Cancelled)
         }
         Negotiated::Tls { direct } => direct,
     };
 
-    // Stage: TLS with a required client certificate.
-    let (client, identity) = tokio::time::timeout_at(deadline, tls::accept(stream, db, direct))
-        .await
-        .map_err(|_| timed_out())??;
+    // Stage: TLS with a required client certificate, under the configuration of the accept.
+    let (client, identity) =
+        tokio::time::timeout_at(deadline, tls::accept(stream, accepted_db, direct))
+            .await
+            .map_err(|_| timed_out())??;
     // Moved by pointer from here on: the relay keeps exactly one copy of the TLS state.
     let mut client = Box::new(client);
     log.identity = identity;
-    let guard = ctx.sessions.register(
+
+    // Stage: re-admit. The handshake may have taken seconds, and a reload in between may have
+    // revoked the certificate or deleted the rule: check again under the snapshot in force
+    // now. Registered first, so a reload from here on tells this connection to end.
+    let mut guard = ctx.sessions.register(
         conn_id,
-        db.name.clone(),
+        accepted_db.name.clone(),
         client_addr.addr.ip(),
         log.identity.serial.clone(),
         log.identity.not_after,
     );
-    ctx.sessions.recheck(
-        conn_id,
-        &ctx.snapshot.load(),
-        time::OffsetDateTime::now_utc(),
-    );
+    let snap = ctx.snapshot.load_full();
+    if let Some(r) = ctx
+        .sessions
+        .admit(conn_id, &snap, time::OffsetDateTime::now_utc())
+    {
+        let e = ConnError::new(
+            r.refusal_kind(),
+            format!("not admitted after TLS: {}", r.as_str()),
+        );
+        return Err(notify(&mut client, e).await);
+    }
+    let Some(db) = snap.databases.get(&*accepted_db.name).cloned() else {
+        let e = ConnError::new(ErrorKind::DatabaseDisabled, "database is no longer served");
+        return Err(notify(&mut client, e).await);
+    };
+    drop(snap);
+    if let Some(rule) = db.allowlist.check(client_addr.addr.ip()) {
+        log.rule_id = Some(rule.id.clone());
+    }
 
     // Stage: StartupMessage inside TLS.
-    let startup = match tokio::time::timeout_at(deadline, startup::read(&mut client)).await {
-        Err(_) => return Err(timed_out()),
-        Ok(Err(e)) => return Err(notify(&mut client, e).await),
-        Ok(Ok(s)) => s,
-    };
+    let startup = unless_ended(&mut guard, async {
+        tokio::time::timeout_at(deadline, startup::read(&mut client))
+            .await
+            .map_err(|_| timed_out())?
+    })
+    .await;
     let params = match startup {
-        startup::Startup::Cancel(key) => {
+        Err(e) => return Err(notify(&mut client, e).await),
+        Ok(startup::Startup::Cancel(key)) => {
             log.negotiation = "cancel";
-            return cancel::forward(ctx, db, key)
+            return cancel::forward(ctx, &db, key)
                 .await
                 .map(|()| Prelude::Cancelled);
         }
-        startup::Startup::Session(p) => p,
+        Ok(startup::Startup::Session(p)) => p,
     };
     log.pg_user = params.user().map(str::to_owned);
     log.pg_database = params.database().map(str::to_owned);
@@ -297,30 +378,47 @@ async fn establish(
     }
 
     // Stage: upstream.
-    let mut up = match upstream::connect_timed(
-        &db.upstream,
-        ctx.timeouts.upstream_connect,
-        &db.metrics.upstream_connect_seconds,
+    let dialled = unless_ended(
+        &mut guard,
+        upstream::connect_timed(
+            &db.upstream,
+            ctx.timeouts.upstream_connect,
+            &db.metrics.upstream_connect_seconds,
+        ),
     )
-    .await
-    {
+    .await;
+    let mut up = match dialled {
         Ok(u) => u,
         Err(e) => return Err(notify(&mut client, e).await),
     };
-    if let Err(e) = up.write_all(&params.encode()).await {
-        let e = ConnError::new(ErrorKind::UpstreamUnavailable, e.to_string());
-        return Err(notify(&mut client, e).await);
-    }
+
+    // Stage: auth, from the StartupMessage sent on to the first ReadyForQuery.
     let is_tls = up.is_tls();
-    let outcome = match auth::relay_auth_phase(&mut client, &mut up, is_tls).await {
+    let auth_timeout = ctx.timeouts.auth;
+    let stats = &mut log.stats;
+    let authenticated = unless_ended(&mut guard, async {
+        let phase = async {
+            let startup = params.encode();
+            up.write_all(&startup)
+                .await
+                .map_err(|e| ConnError::new(ErrorKind::UpstreamUnavailable, e.to_string()))?;
+            stats.to_upstream += startup.len() as u64;
+            auth::relay_auth_phase(&mut client, &mut up, is_tls, stats).await
+        };
+        tokio::time::timeout(auth_timeout, phase)
+            .await
+            .map_err(|_| ConnError::new(ErrorKind::AuthTimeout, "auth_timeout elapsed"))?
+    })
+    .await;
+    let outcome = match authenticated {
         Ok(o) => o,
         Err(e) => return Err(notify(&mut client, e).await),
     };
-    let mut guard = guard;
     if let Some(key) = outcome.cancel_key {
         guard.set_cancel_key(key, db.name.clone());
     }
     Ok(Prelude::Relay(Box::new(Established {
+        db,
         client,
         up,
         client_leftover: outcome.client_leftover,
@@ -329,15 +427,22 @@ async fn establish(
     })))
 }
 
+/// How long a refused client gets to take its ErrorResponse and close_notify: a client that
+/// does not read must not keep the connection (and its permit) for longer.
+const NOTIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Tells a TLS client why it is refused, if the error has a fixed notice, then closes.
 async fn notify<S: AsyncWrite + Unpin>(client: &mut S, e: ConnError) -> ConnError {
-    if let Some(n) = e.client_notice() {
-        let _ = client
-            .write_all(&error_response(n.sqlstate, n.message, n.hint))
-            .await;
-        let _ = client.flush().await;
-    }
-    let _ = client.shutdown().await;
+    let tell = async {
+        if let Some(n) = e.client_notice() {
+            let _ = client
+                .write_all(&error_response(n.sqlstate, n.message, n.hint))
+                .await;
+            let _ = client.flush().await;
+        }
+        let _ = client.shutdown().await;
+    };
+    let _ = tokio::time::timeout(NOTIFY_TIMEOUT, tell).await;
     e
 }
 

@@ -84,11 +84,14 @@ where
     let result = {
         let pumping = poll_fn(|cx| state.poll_relay(cx, &counters));
         tokio::select! {
-            r = pumping => r.err(),
+            // The kill flag first: a session told to end moves no further byte, also when it
+            // was told so before the relay started.
+            biased;
             r = kill.wait_for(|v| v.is_some()) => {
                 let reason = r.ok().and_then(|v| *v).unwrap_or(EndReason::Shutdown);
                 Some(ConnError::new(reason.kind(), reason.as_str()))
             }
+            r = pumping => r.err(),
         }
     };
     let closed_by = match &result {
