@@ -426,10 +426,7 @@ pub fn restart_needed(running: &Config, file: &Config) -> Vec<&'static str> {
         running.timeouts.upstream_connect != file.timeouts.upstream_connect,
         "upstream_connect_timeout",
     );
-    check(
-        running.timeouts.auth != file.timeouts.auth,
-        "auth_timeout",
-    );
+    check(running.timeouts.auth != file.timeouts.auth, "auth_timeout");
     check(
         running.timeouts.shutdown_grace != file.timeouts.shutdown_grace,
         "shutdown_grace",

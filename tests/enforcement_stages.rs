@@ -43,12 +43,7 @@ fn reloaded(generation: u64) -> impl Fn(&Value) -> bool {
 }
 
 fn revoke(state: &TestState, pki: &TestPki, role: &Role) {
-    state.write_file(
-        "orders",
-        "crl.pem",
-        crl_pem(pki, &[role]).as_bytes(),
-        0o644,
-    );
+    state.write_file("orders", "crl.pem", crl_pem(pki, &[role]).as_bytes(), 0o644);
 }
 
 /// A TCP connection from `src` that the proxy has admitted and answered `S` to: it now waits
@@ -84,7 +79,10 @@ async fn tls(tcp: TcpStream, pki: &TestPki, cert: &Role) -> TlsStream<TcpStream>
 fn startup(user: &str) -> Vec<u8> {
     StartupParams {
         minor: 0,
-        params: vec![("user".into(), user.into()), ("database".into(), APP_DB.into())],
+        params: vec![
+            ("user".into(), user.into()),
+            ("database".into(), APP_DB.into()),
+        ],
     }
     .encode()
 }
@@ -167,8 +165,10 @@ fn errors(bytes: &[u8]) -> Vec<(String, String)> {
 }
 
 fn table_exists(pg: &PgServer, name: &str) -> bool {
-    pg.superuser_exec_in(APP_DB, &format!("SELECT to_regclass('public.{name}') IS NOT NULL"))
-        == "t"
+    pg.superuser_exec_in(
+        APP_DB,
+        &format!("SELECT to_regclass('public.{name}') IS NOT NULL"),
+    ) == "t"
 }
 
 /// The original attack: hold a connection open before TLS, let the certificate be revoked (or
@@ -208,7 +208,10 @@ async fn held_connection_after(
     );
 
     let line = proxy.wait_for_log(WAIT, |v| {
-        v["message"] == "connection closed" && v["client_addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.2:"))
+        v["message"] == "connection closed"
+            && v["client_addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("127.0.0.2:"))
     });
     assert_eq!(line["error_kind"], reason, "{line}");
     assert_eq!(line["outcome"], "refused");
@@ -316,7 +319,11 @@ async fn authentication_that_never_finishes_ends_at_auth_timeout() {
     let line = proxy.wait_for_refusal("auth_timeout");
     assert_eq!(line["outcome"], "refused");
     assert_eq!(line["bytes_to_upstream"], hello.len());
-    assert_eq!(line["bytes_to_client"], asked.len(), "the SASL request is counted");
+    assert_eq!(
+        line["bytes_to_client"],
+        asked.len(),
+        "the SASL request is counted"
+    );
 }
 
 /// A reload that revokes the certificate of a connection still authenticating ends it at once
@@ -351,6 +358,55 @@ async fn a_reload_during_authentication_ends_the_connection() {
     assert_eq!(closed["detail"], "client certificate revoked");
 }
 
+const SLEEP_THEN_INSERT: &str = "SELECT pg_sleep(6); INSERT INTO t VALUES (1)";
+
+/// Creates table `t` and starts [`SLEEP_THEN_INSERT`] on `client`, returning once Postgres
+/// shows the statement running.
+async fn start_sleep_then_insert(
+    pg: &PgServer,
+    client: tokio_postgres::Client,
+) -> tokio::task::JoinHandle<Result<(), tokio_postgres::Error>> {
+    client.simple_query("CREATE TABLE t (x int)").await.unwrap();
+    let running =
+        tokio::spawn(async move { client.simple_query(SLEEP_THEN_INSERT).await.map(|_| ()) });
+    let active = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = '{SLEEP_THEN_INSERT}' AND state = 'active'"
+    );
+    let deadline = Instant::now() + WAIT;
+    // pg_stat_activity is the only view of "the statement is running"; poll it.
+    while pg.superuser_exec(&active) != "1" {
+        assert!(Instant::now() < deadline, "the statement never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running
+}
+
+/// Waits for the backend of [`SLEEP_THEN_INSERT`] to go, at most until `limit` after `cut_at`
+/// (well before the 6 s sleep would have ended), then checks that the INSERT never committed.
+async fn assert_statement_cancelled(pg: &PgServer, cut_at: Instant, limit: Duration) {
+    let backend =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE query = '{SLEEP_THEN_INSERT}'");
+    // The backend is gone once it handled the cancel; only then is "not committed" final.
+    while pg.superuser_exec(&backend) != "0" {
+        assert!(
+            cut_at.elapsed() < limit,
+            "the backend still runs the statement {:?} after the cut",
+            cut_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        pg.superuser_exec_in(APP_DB, "SELECT count(*) FROM t"),
+        "0",
+        "the INSERT after the sleep committed although its session was cut"
+    );
+    assert!(
+        pg.log_contents()
+            .contains("canceling statement due to user request"),
+        "Postgres did not log the cancel"
+    );
+}
+
 /// `SELECT pg_sleep(6); INSERT ...` is one implicit transaction. Cutting the session during
 /// the sleep must cancel it: Postgres would otherwise notice the lost client only when it
 /// writes the result, after the INSERT committed.
@@ -368,21 +424,7 @@ async fn a_cut_session_has_its_running_statement_cancelled() {
     let (client, conn) = app_session_over(stream, proxy.addr(), &pki, &pki.client)
         .await
         .unwrap();
-    client
-        .simple_query("CREATE TABLE t (x int)")
-        .await
-        .unwrap();
-    let sql = "SELECT pg_sleep(6); INSERT INTO t VALUES (1)";
-    let running = tokio::spawn(async move { client.simple_query(sql).await.map(|_| ()) });
-    let active = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE query = '{sql}' AND state = 'active'"
-    );
-    let deadline = Instant::now() + WAIT;
-    // pg_stat_activity is the only view of "the statement is running"; poll it.
-    while pg.superuser_exec(&active) != "1" {
-        assert!(Instant::now() < deadline, "the statement never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let running = start_sleep_then_insert(&pg, client).await;
 
     let cut_at = Instant::now();
     revoke(&state, &pki, &pki.client);
@@ -393,31 +435,43 @@ async fn a_cut_session_has_its_running_statement_cancelled() {
         .unwrap()
         .ok();
     assert!(running.await.unwrap().is_err());
+    assert_statement_cancelled(&pg, cut_at, Duration::from_secs(5)).await;
     let closed = proxy.wait_for_refusal("revoked_live");
     assert_eq!(closed["outcome"], "cut");
     proxy.wait_for_log(WAIT, |v| {
         v["message"] == "cut session: cancel request sent to its backend"
             && v["conn_id"] == closed["conn_id"]
     });
+}
 
-    // The backend is gone once it handled the cancel; only then is "not committed" final.
-    let backend = format!("SELECT count(*) FROM pg_stat_activity WHERE query = '{sql}'");
-    while pg.superuser_exec(&backend) != "0" {
-        assert!(
-            cut_at.elapsed() < Duration::from_secs(5),
-            "the backend still runs the statement {:?} after the cut",
-            cut_at.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// The same when the shutdown grace runs out: the statement is cancelled, not left to commit
+/// after the proxy has exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cut_at_the_end_of_the_shutdown_grace_has_its_statement_cancelled() {
+    if !pg_available_or_skip() {
+        return;
     }
-    assert_eq!(
-        pg.superuser_exec_in(APP_DB, "SELECT count(*) FROM t"),
-        "0",
-        "the INSERT after the sleep committed although its session was cut"
-    );
-    assert!(
-        pg.log_contents()
-            .contains("canceling statement due to user request"),
-        "Postgres did not log the cancel"
-    );
+    let pg = PgServer::start();
+    let pki = TestPki::new();
+    let (_state, mut proxy) = start(&pki, &pg, &[("lo", "127.0.0.0/8")], "shutdown_grace: 1s\n");
+    let stream = connect_from("127.0.0.2".parse().unwrap(), proxy.addr())
+        .await
+        .unwrap();
+    let (client, _conn) = app_session_over(stream, proxy.addr(), &pki, &pki.client)
+        .await
+        .unwrap();
+    let running = start_sleep_then_insert(&pg, client).await;
+
+    let term_at = Instant::now();
+    proxy.signal("TERM");
+    let status = proxy.wait_exit(WAIT);
+    assert!(status.success(), "{status:?}");
+    assert!(running.await.unwrap().is_err());
+    assert_statement_cancelled(&pg, term_at, Duration::from_secs(5)).await;
+    let closed = proxy.wait_for_refusal("shutdown");
+    assert_eq!(closed["outcome"], "cut");
+    proxy.wait_for_log(WAIT, |v| {
+        v["message"] == "cut session: cancel request sent to its backend"
+            && v["conn_id"] == closed["conn_id"]
+    });
 }
