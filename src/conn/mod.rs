@@ -179,6 +179,9 @@ async fn run(
     log.stats.to_upstream += stats.to_upstream;
     log.stats.to_client += stats.to_client;
     log.stats.closed_by = stats.closed_by;
+    // The client learns of the cut at once; the backend's socket stays open until the cancel
+    // has been taken.
+    drop(client);
     if let (Some(e), Some(key)) = (&err, guard.cancel_key()) {
         if matches!(e.kind, ErrorKind::RevokedLive | ErrorKind::Shutdown) {
             // Boxed: the dial's state must not grow every idle session's future.
