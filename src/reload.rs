@@ -435,6 +435,19 @@ pub fn restart_needed(running: &Config, file: &Config) -> Vec<&'static str> {
         "max_connections",
     );
     check(
+        running.max_handshakes != file.max_handshakes,
+        "max_handshakes",
+    );
+    check(
+        running.max_handshakes_per_source != file.max_handshakes_per_source,
+        "max_handshakes_per_source",
+    );
+    let (rk, fk) = (running.timeouts.keepalive, file.timeouts.keepalive);
+    check(rk.idle != fk.idle, "tcp_keepalives_idle");
+    check(rk.interval != fk.interval, "tcp_keepalives_interval");
+    check(rk.count != fk.count, "tcp_keepalives_count");
+    check(rk.user_timeout != fk.user_timeout, "tcp_user_timeout");
+    check(
         running.reload_poll_interval != file.reload_poll_interval,
         "reload_poll_interval",
     );

@@ -17,7 +17,7 @@ pub async fn forward(ctx: &Context, db: &DatabaseRuntime, key: CancelKey) -> Res
             "cancel key of no session relayed by this proxy",
         ));
     }
-    let mut up = upstream::connect(&db.upstream, ctx.timeouts.upstream_connect).await?;
+    let mut up = upstream::connect(&db.upstream, &ctx.timeouts).await?;
     up.write_all(&key.to_request())
         .await
         .map_err(|e| ConnError::new(ErrorKind::UpstreamIo, e.to_string()))?;

@@ -12,6 +12,8 @@ pub enum ErrorKind {
     ProxyProtocolInvalid,
     IpNotAllowed,
     TooManyConnections,
+    TooManyHandshakes,
+    TooManyFromSource,
     DatabaseDisabled,
     HandshakeTimeout,
     TlsRequired,
@@ -41,6 +43,8 @@ impl ErrorKind {
         ErrorKind::ProxyProtocolInvalid,
         ErrorKind::IpNotAllowed,
         ErrorKind::TooManyConnections,
+        ErrorKind::TooManyHandshakes,
+        ErrorKind::TooManyFromSource,
         ErrorKind::DatabaseDisabled,
         ErrorKind::HandshakeTimeout,
         ErrorKind::TlsRequired,
@@ -70,6 +74,8 @@ impl ErrorKind {
             ErrorKind::ProxyProtocolInvalid => "proxy_protocol_invalid",
             ErrorKind::IpNotAllowed => "ip_not_allowed",
             ErrorKind::TooManyConnections => "too_many_connections",
+            ErrorKind::TooManyHandshakes => "too_many_handshakes",
+            ErrorKind::TooManyFromSource => "too_many_from_source",
             ErrorKind::DatabaseDisabled => "database_disabled",
             ErrorKind::HandshakeTimeout => "handshake_timeout",
             ErrorKind::TlsRequired => "tls_required",
@@ -148,6 +154,12 @@ pub const NOTICE_CHANNEL_BINDING: ClientNotice = ClientNotice {
     ),
 };
 
+pub const NOTICE_TOO_MANY_CONNECTIONS: ClientNotice = ClientNotice {
+    sqlstate: "53300",
+    message: "pgmtls: too many sessions are open",
+    hint: None,
+};
+
 pub const NOTICE_SHUTDOWN: ClientNotice = ClientNotice {
     sqlstate: "57P01",
     message: "pgmtls: the proxy is shutting down",
@@ -187,6 +199,8 @@ impl ConnError {
             ErrorKind::StartupInvalid => Some(NOTICE_STARTUP_INVALID),
             ErrorKind::ChannelBinding => Some(NOTICE_CHANNEL_BINDING),
             ErrorKind::IdentityDenied => Some(NOTICE_IDENTITY_DENIED),
+            // Only after TLS: before it, over-limit sockets are closed without a byte.
+            ErrorKind::TooManyConnections => Some(NOTICE_TOO_MANY_CONNECTIONS),
             _ => None,
         }
     }
