@@ -139,3 +139,47 @@ impl AsyncWrite for UpstreamStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Keepalive;
+
+    #[tokio::test]
+    async fn the_upstream_socket_gets_the_keepalive_settings() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = UpstreamTarget {
+            addr: crate::state::UpstreamAddr {
+                host: "127.0.0.1".into(),
+                port: l.local_addr().unwrap().port(),
+            },
+            tls: None,
+        };
+        let timeouts = Timeouts {
+            keepalive: Keepalive::new(
+                Some(Duration::from_secs(9)),
+                Duration::from_secs(2),
+                3,
+                None,
+            ),
+            ..Timeouts::default()
+        };
+        let UpstreamStream::Plain(s) = connect(&target, &timeouts).await.unwrap() else {
+            panic!("plaintext upstream expected");
+        };
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(9));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(15))
+        );
+    }
+}
