@@ -210,3 +210,105 @@ async fn a_balancers_clients_are_capped_each_by_the_address_its_header_names() {
     let over_cap = |v: &Value| v["error_kind"] == "too_many_from_source";
     assert_eq!(proxy.count_logs(over_cap), 1, "{}", proxy.log_text());
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Bytes that sockets accepted on `port` have received but the proxy has not read yet.
+fn unread_on(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()?;
+            let rx = u64::from_str_radix(f[4].rsplit(':').next()?, 16).ok()?;
+            (local_port == port && f[3] == "01").then_some(rx)
+        })
+        .sum()
+}
+
+/// An SSLRequest, then 59 KB of a 60 KB ClientHello that never finishes: the most a peer
+/// without a certificate can make the proxy buffer before TLS.
+async fn partial_client_hello(src: IpAddr, proxy: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut s = connect_from(src, proxy).await.unwrap();
+    s.write_all(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let len: usize = 60_000;
+    let mut message = vec![0x01, (len >> 16) as u8, (len >> 8) as u8, len as u8];
+    message.resize(4 + 59_000, 0x42);
+    for chunk in message.chunks(16_384) {
+        let n = chunk.len() as u16;
+        s.write_all(&[0x16, 0x03, 0x01, (n >> 8) as u8, n as u8])
+            .await
+            .unwrap();
+        s.write_all(chunk).await.unwrap();
+    }
+    s
+}
+
+/// What an unfinished handshake costs, and that `max_handshakes` bounds the total: sockets
+/// over the pool are closed at accept and cost nothing. Prints the measured figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_client_hellos_hold_bounded_memory() {
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let pki = TestPki::new();
+    let admitted = 200;
+    let (_state, proxy) = two_databases(
+        &pg,
+        &pki,
+        "127.0.0.0/24",
+        &format!(
+            "max_handshakes: {admitted}\nmax_handshakes_per_source: {admitted}\n\
+             handshake_timeout: 60s\n"
+        ),
+    );
+    let db1 = proxy.addrs["db1"];
+    // Warm up allocator arenas and one-time state with a complete session.
+    let s = connect_from(ip("127.0.0.3"), proxy.addrs["db2"])
+        .await
+        .unwrap();
+    let (c, _conn) = app_session_over(s, proxy.addrs["db2"], &pki, &pki.client)
+        .await
+        .unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    let before = rss_kib(proxy.pid());
+
+    let mut held = Vec::new();
+    for _ in 0..admitted {
+        held.push(partial_client_hello(ip("127.0.0.2"), db1).await);
+    }
+    // Twice as many again, over the pool: closed at accept without a byte read.
+    let mut over = Vec::new();
+    for _ in 0..admitted {
+        over.push(connect_from(ip("127.0.0.4"), db1).await.unwrap());
+    }
+    proxy.wait_for_nth_log(admitted, Duration::from_secs(30), |v| {
+        v["error_kind"] == "too_many_handshakes"
+    });
+    // Wait until the proxy has read every byte sent (the kernel says so), then measure.
+    let started = Instant::now();
+    while unread_on(db1.port()) > 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "proxy stalled");
+        tokio::task::yield_now().await;
+    }
+    let after = rss_kib(proxy.pid());
+    let per = (after.saturating_sub(before)) as f64 / admitted as f64;
+    eprintln!(
+        "RSS {before} KiB -> {after} KiB with {admitted} unfinished 60 KB ClientHellos: \
+         {per:.1} KiB each"
+    );
+    assert!(per < 160.0, "{per:.1} KiB per unfinished handshake");
+    drop((held, over));
+}
