@@ -727,11 +727,15 @@ mod tests {
         b.admin_listen = None;
         b.worker_threads = Some(1);
         b.proxy_protocol_from = vec!["10.0.0.0/8".parse().unwrap()];
+        b.max_handshakes_per_source = 1;
+        b.timeouts.keepalive.user_timeout = None;
         assert_eq!(
             restart_needed(&a, &b),
             vec![
                 "admin_listen",
                 "max_connections",
+                "max_handshakes_per_source",
+                "tcp_user_timeout",
                 "worker_threads",
                 "proxy_protocol_from"
             ]
