@@ -312,3 +312,46 @@ async fn unfinished_client_hellos_hold_bounded_memory() {
     assert!(per < 160.0, "{per:.1} KiB per unfinished handshake");
     drop((held, over));
 }
+
+/// The drain waits for a connection that was still before TLS at SIGTERM: it completes its
+/// handshake, gets a session, and the process exits only once that session has closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_connection_that_was_handshaking() {
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let pki = TestPki::new();
+    let mut proxy = ProxyProcess::quick(
+        &pki,
+        pg.addr(),
+        &["127.0.0.1/32"],
+        &["--shutdown-grace", "20s"],
+    );
+    let mut stream = connect_from(ip("127.0.0.1"), proxy.addr()).await.unwrap();
+    // A GSSENCRequest answered `N` shows the proxy holds the connection in its handshake; the
+    // client then goes on with SSLRequest on the same socket, as libpq does.
+    stream
+        .write_all(b"\x00\x00\x00\x08\x04\xd2\x16\x30")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"N");
+    proxy.signal("TERM");
+    proxy.wait_for_log(Duration::from_secs(10), |v| v["message"] == "draining");
+    let (c, conn) = app_session_over(stream, proxy.addr(), &pki, &pki.client)
+        .await
+        .expect("the handshake under way at SIGTERM completes");
+    let v: i32 = c.query_one("SELECT 5", &[]).await.unwrap().get(0);
+    assert_eq!(v, 5);
+    assert_eq!(
+        proxy.count_logs(|v| v["message"] == "stopped"),
+        0,
+        "stopped with a session open"
+    );
+    drop(c);
+    conn.await.unwrap().unwrap();
+    let status = proxy.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+}
