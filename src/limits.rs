@@ -100,10 +100,20 @@ impl Limits {
         Ok(a)
     }
 
+    /// Connections before the end of TLS, this one included.
+    fn handshakes_in_use(&self) -> usize {
+        (self.max_handshakes as usize).saturating_sub(self.handshakes.available_permits())
+    }
+
+    /// The cap binds only under pressure, once half the handshake pool is in use: a source
+    /// may burst past it while there is room (an application host warming a pool of 200
+    /// connections at once is not an attack), but as the pool fills, every source is held to
+    /// its cap, so the other half stays open to sources below theirs.
     fn take_source(&self, key: IpAddr) -> bool {
+        let contended = self.handshakes_in_use() * 2 > self.max_handshakes as usize;
         let mut m = lock(&self.sources);
         let n = m.entry(key).or_insert(0);
-        if *n >= self.per_source {
+        if contended && *n >= self.per_source {
             if *n == 0 {
                 m.remove(&key);
             }
@@ -209,7 +219,8 @@ mod tests {
 
     #[test]
     fn a_source_at_its_cap_is_refused_while_others_are_not() {
-        let l = Limits::new(10, 2, 10);
+        // Pool of 4: from the third handshake on, more than half is in use.
+        let l = Limits::new(4, 2, 10);
         let a = l.admit(Some(ip("10.0.0.1"))).unwrap();
         let _b = l.admit(Some(ip("10.0.0.1"))).unwrap();
         assert_eq!(
@@ -220,6 +231,26 @@ mod tests {
         drop(a);
         assert_eq!(l.handshakes_from(ip("10.0.0.1")), 1);
         let _d = l.admit(Some(ip("10.0.0.1"))).unwrap();
+    }
+
+    #[test]
+    fn a_source_may_burst_past_its_cap_while_the_pool_is_at_most_half_full() {
+        let l = Limits::new(10, 2, 10);
+        let held: Vec<_> = (0..5)
+            .map(|_| l.admit(Some(ip("10.0.0.1"))).unwrap())
+            .collect();
+        assert_eq!(l.handshakes_from(ip("10.0.0.1")), 5);
+        // The sixth would make the pool more than half full.
+        assert_eq!(
+            l.admit(Some(ip("10.0.0.1"))).err(),
+            Some(ErrorKind::TooManyFromSource)
+        );
+        // Others, below their cap, still get the rest of the pool.
+        let others: Vec<_> = (0..2)
+            .map(|_| l.admit(Some(ip("10.0.0.2"))).unwrap())
+            .collect();
+        let _third = l.admit(Some(ip("10.0.0.3"))).unwrap();
+        drop((held, others));
     }
 
     #[test]
