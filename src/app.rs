@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use time::OffsetDateTime;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{AdminSource, LastReload, Status};
 use crate::config::{Config, ConfigErrors};
 use crate::conn::Context;
+use crate::limits::Limits;
 use crate::listener::DataPlane;
 use crate::metrics::{Metrics, ReloadKind};
 use crate::reload::{describe_changes, restart_needed, Reloadable, WatchPlan};
@@ -188,8 +189,7 @@ pub struct App {
     pub ctx: Arc<Context>,
     pub config: Config,
     source: Source,
-    limit: Arc<Semaphore>,
-    max_connections: usize,
+    limits: Arc<Limits>,
     listeners: Mutex<BTreeMap<String, ListenerHandle>>,
     data_plane: DataPlane,
     stop: watch::Sender<bool>,
@@ -232,11 +232,14 @@ impl App {
         ctx.sessions.set_enforcing(config.enforce_on_live_sessions);
         let (stop, _) = watch::channel(false);
         let (draining, _) = watch::channel(false);
-        let max = config.max_connections.min(Semaphore::MAX_PERMITS);
+        let limits = Limits::new(
+            config.max_handshakes,
+            config.max_handshakes_per_source,
+            config.max_connections,
+        );
         let app = Arc::new(App {
             ctx,
-            limit: Arc::new(Semaphore::new(max)),
-            max_connections: max,
+            limits,
             config,
             source,
             listeners: Mutex::new(BTreeMap::new()),
@@ -270,7 +273,7 @@ impl App {
     fn start_listener(&self, name: &str, addr: SocketAddr) -> std::io::Result<()> {
         let (bound, tasks) =
             self.data_plane
-                .listen(addr, name.into(), &self.ctx, &self.limit, &self.stop)?;
+                .listen(addr, name.into(), &self.ctx, &self.limits, &self.stop)?;
         tracing::info!(database = name, addr = %bound, "listening");
         lock(&self.listeners).insert(
             name.to_owned(),
@@ -524,12 +527,9 @@ impl App {
         self.stop.send_replace(true);
         let live = self.ctx.sessions.count();
         tracing::info!(live_sessions = live, grace = ?self.config.timeouts.shutdown_grace, "draining");
-        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
-        let drained = tokio::time::timeout(
-            self.config.timeouts.shutdown_grace,
-            self.limit.acquire_many(all),
-        )
-        .await;
+        // Handshaking connections too: one finishing TLS now still becomes a session.
+        let drained =
+            tokio::time::timeout(self.config.timeouts.shutdown_grace, self.limits.drain()).await;
         if drained.is_err() {
             let n = self.ctx.sessions.end_all(EndReason::Shutdown);
             tracing::info!(
@@ -542,7 +542,7 @@ impl App {
             let t = &self.config.timeouts;
             let _ = tokio::time::timeout(
                 t.handshake.max(t.upstream_connect) + Duration::from_secs(1),
-                self.limit.acquire_many(all),
+                self.limits.drain(),
             )
             .await;
         }

@@ -39,6 +39,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod demo;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod pki;

@@ -1,14 +1,16 @@
-//! Bind, accept, hand each socket to `conn::serve` under the connection limit.
+//! Bind, accept, hand each socket to `conn::serve` within the connection budgets.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
+use crate::config::Keepalive;
 use crate::conn::error::ErrorKind;
-use crate::conn::{self, Context};
+use crate::conn::{self, peer, Context};
+use crate::limits::Limits;
 
 /// The threads that run connections: one single-threaded tokio runtime per thread, each with
 /// its own accept socket on the shared port (`SO_REUSEPORT`), so the kernel spreads new
@@ -58,7 +60,7 @@ impl DataPlane {
         addr: SocketAddr,
         database: Arc<str>,
         ctx: &Arc<Context>,
-        limit: &Arc<Semaphore>,
+        limits: &Arc<Limits>,
         stop: &watch::Sender<bool>,
     ) -> std::io::Result<(SocketAddr, Vec<tokio::task::JoinHandle<()>>)> {
         let first = bind_std(addr, self.width() > 1)?;
@@ -71,12 +73,12 @@ impl DataPlane {
             .into_iter()
             .enumerate()
             .map(|(i, socket)| {
-                let (database, ctx, limit) = (database.clone(), ctx.clone(), limit.clone());
+                let (database, ctx, limits) = (database.clone(), ctx.clone(), limits.clone());
                 let stop = stop.subscribe();
                 self.spawn(i, async move {
                     // Registration must happen on the runtime that will drive the socket.
                     match TcpListener::from_std(socket) {
-                        Ok(l) => run(l, database, ctx, limit, stop).await,
+                        Ok(l) => run(l, database, ctx, limits, stop).await,
                         Err(e) => tracing::error!(database = &*database, error = %e, "cannot register listener"),
                     }
                 })
@@ -108,13 +110,13 @@ fn bind_std(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::Tcp
     Ok(socket.into())
 }
 
-/// Accepts until `stop` turns true. Each connection holds a permit of `limit` for its whole
-/// life, which is also how shutdown knows when every connection is gone.
+/// Accepts until `stop` turns true. Each connection holds an [`crate::limits::Admission`]
+/// for its whole life, which is also how shutdown knows when every connection is gone.
 pub async fn run(
     listener: TcpListener,
     database: Arc<str>,
     ctx: Arc<Context>,
-    limit: Arc<Semaphore>,
+    limits: Arc<Limits>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -132,29 +134,105 @@ pub async fn run(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-            refuse_over_limit(&ctx, &database, stream, peer);
-            continue;
+        // A trusted balancer's client is counted once its PROXY header names it; until then
+        // the balancer's connection is bounded by the handshake pool alone.
+        let source = (!peer::is_trusted(&ctx.proxy_protocol_from, peer)).then(|| peer.ip());
+        let admission = match limits.admit(source) {
+            Ok(a) => Box::new(a),
+            Err(kind) => {
+                refuse_at_accept(&ctx, &database, stream, peer, kind);
+                continue;
+            }
         };
+        if let Err(e) = set_keepalive(&stream, &ctx.timeouts.keepalive) {
+            tracing::debug!(client_addr = %peer, error = %e, "cannot set TCP keepalive");
+        }
         let ctx = Arc::clone(&ctx);
         let database = Arc::clone(&database);
-        tokio::spawn(async move {
-            conn::serve(ctx, database, stream, peer).await;
-            drop(permit);
-        });
+        tokio::spawn(conn::serve(ctx, database, stream, peer, admission));
     }
 }
 
-fn refuse_over_limit(ctx: &Context, database: &str, stream: TcpStream, peer: SocketAddr) {
+/// Closes a socket over budget before any byte is read or any crypto is done.
+fn refuse_at_accept(
+    ctx: &Context,
+    database: &str,
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: ErrorKind,
+) {
     drop(stream);
     if let Some(db) = ctx.snapshot.load().databases.get(database) {
-        db.metrics.refuse(ErrorKind::TooManyConnections);
+        db.metrics.refuse(kind);
     }
     tracing::info!(
         client_addr = %peer,
         database,
         outcome = "refused",
-        error_kind = ErrorKind::TooManyConnections.as_str(),
+        error_kind = kind.as_str(),
         "connection closed"
     );
+}
+
+/// Keepalive probes and `TCP_USER_TIMEOUT`, so that a peer that vanished without a FIN or
+/// RST is noticed and its connection (and, through it, the other side) is closed.
+pub fn set_keepalive(stream: &TcpStream, k: &Keepalive) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    match k.idle {
+        Some(idle) => sock.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(k.interval)
+                .with_retries(k.count),
+        )?,
+        None => sock.set_keepalive(false)?,
+    }
+    // `None` writes 0, the kernel's "off".
+    sock.set_tcp_user_timeout(k.user_timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn keepalive_settings_land_on_the_socket() {
+        let (_c, s) = pair().await;
+        let k = Keepalive::new(
+            Some(Duration::from_secs(7)),
+            Duration::from_secs(3),
+            4,
+            Some(Some(Duration::from_millis(12_500))),
+        );
+        set_keepalive(&s, &k).unwrap();
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_millis(12_500))
+        );
+    }
+
+    #[tokio::test]
+    async fn keepalive_off_clears_both_options() {
+        let (_c, s) = pair().await;
+        set_keepalive(&s, &Keepalive::default()).unwrap();
+        set_keepalive(&s, &Keepalive::new(None, Duration::from_secs(1), 1, None)).unwrap();
+        let sock = socket2::SockRef::from(&s);
+        assert!(!sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_user_timeout().unwrap(), None);
+    }
 }

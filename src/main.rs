@@ -90,6 +90,22 @@ struct QuickArgs {
     admin_listen: Option<String>,
     #[arg(long, env = "PGMTLS_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Connections that have not finished TLS, all together.
+    #[arg(long, env = "PGMTLS_MAX_HANDSHAKES")]
+    max_handshakes: Option<usize>,
+    /// Connections that have not finished TLS from one client address.
+    #[arg(long, env = "PGMTLS_MAX_HANDSHAKES_PER_SOURCE")]
+    max_handshakes_per_source: Option<usize>,
+    /// Idle time before TCP keepalive probes start, or "off".
+    #[arg(long, env = "PGMTLS_TCP_KEEPALIVES_IDLE")]
+    tcp_keepalives_idle: Option<String>,
+    #[arg(long, env = "PGMTLS_TCP_KEEPALIVES_INTERVAL")]
+    tcp_keepalives_interval: Option<humantime::Duration>,
+    #[arg(long, env = "PGMTLS_TCP_KEEPALIVES_COUNT")]
+    tcp_keepalives_count: Option<usize>,
+    /// TCP_USER_TIMEOUT, or "off" (default: idle + interval * count).
+    #[arg(long, env = "PGMTLS_TCP_USER_TIMEOUT")]
+    tcp_user_timeout: Option<String>,
     /// Data-plane threads (default: one fewer than the CPUs, at least one).
     #[arg(long, env = "PGMTLS_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -184,6 +200,7 @@ fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
     let allow = cidr_flag("--allow", &q.allow)?;
     pgmtls::state::validate_database_name(&q.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
     let mut config = Config::default();
+    config.timeouts.keepalive = keepalive_flags(&q, config.timeouts.keepalive)?;
     if let Some(a) = q.admin_listen {
         config.admin_listen = if a == "off" {
             None
@@ -196,6 +213,12 @@ fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
     }
     if let Some(m) = q.max_connections {
         config.max_connections = m;
+    }
+    if let Some(m) = q.max_handshakes {
+        config.max_handshakes = m;
+    }
+    if let Some(m) = q.max_handshakes_per_source {
+        config.max_handshakes_per_source = m;
     }
     if let Some(w) = q.worker_threads.filter(|w| *w > 0) {
         config.worker_threads = Some(w);
@@ -284,6 +307,40 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+/// The `--tcp-*` flags, checked like their `pgmtls.yaml` keys; errors name the flag.
+fn keepalive_flags(
+    q: &QuickArgs,
+    d: pgmtls::config::Keepalive,
+) -> anyhow::Result<pgmtls::config::Keepalive> {
+    use pgmtls::config::{process, yaml::convert};
+    let flag = |name: &'static str| move |e: String| anyhow::anyhow!("{name}: {e}");
+    let idle = match &q.tcp_keepalives_idle {
+        None => d.idle,
+        Some(s) => convert::duration_or_off_str(s)
+            .and_then(|o| o.map(process::keepalive_seconds).transpose())
+            .map_err(flag("--tcp-keepalives-idle"))?,
+    };
+    let interval = match q.tcp_keepalives_interval {
+        None => d.interval,
+        Some(i) => {
+            process::keepalive_seconds(i.into()).map_err(flag("--tcp-keepalives-interval"))?
+        }
+    };
+    let count = match q.tcp_keepalives_count {
+        None => d.count,
+        Some(n) => process::keepalive_count(n).map_err(flag("--tcp-keepalives-count"))?,
+    };
+    let user = q
+        .tcp_user_timeout
+        .as_deref()
+        .map(|s| {
+            convert::duration_or_off_str(s).and_then(|o| o.map(process::user_timeout).transpose())
+        })
+        .transpose()
+        .map_err(flag("--tcp-user-timeout"))?;
+    Ok(pgmtls::config::Keepalive::new(idle, interval, count, user))
 }
 
 /// A repeatable CIDR flag, checked like IP rules; errors name the flag.

@@ -436,6 +436,19 @@ pub fn restart_needed(running: &Config, file: &Config) -> Vec<&'static str> {
         "max_connections",
     );
     check(
+        running.max_handshakes != file.max_handshakes,
+        "max_handshakes",
+    );
+    check(
+        running.max_handshakes_per_source != file.max_handshakes_per_source,
+        "max_handshakes_per_source",
+    );
+    let (rk, fk) = (running.timeouts.keepalive, file.timeouts.keepalive);
+    check(rk.idle != fk.idle, "tcp_keepalives_idle");
+    check(rk.interval != fk.interval, "tcp_keepalives_interval");
+    check(rk.count != fk.count, "tcp_keepalives_count");
+    check(rk.user_timeout != fk.user_timeout, "tcp_user_timeout");
+    check(
         running.reload_poll_interval != file.reload_poll_interval,
         "reload_poll_interval",
     );
@@ -715,11 +728,15 @@ mod tests {
         b.admin_listen = None;
         b.worker_threads = Some(1);
         b.proxy_protocol_from = vec!["10.0.0.0/8".parse().unwrap()];
+        b.max_handshakes_per_source = 1;
+        b.timeouts.keepalive.user_timeout = None;
         assert_eq!(
             restart_needed(&a, &b),
             vec![
                 "admin_listen",
                 "max_connections",
+                "max_handshakes_per_source",
+                "tcp_user_timeout",
                 "worker_threads",
                 "proxy_protocol_from"
             ]

@@ -73,7 +73,7 @@ fn check_config_accepts_a_valid_file_with_an_empty_state_dir() {
 }
 
 #[test]
-fn quick_mode_cidr_flags_refuse_bad_blocks_naming_the_flag() {
+fn quick_mode_cidr_and_keepalive_flags_refuse_bad_values_naming_the_flag() {
     for (flag, value, needle) in [
         (
             "--allow",
@@ -89,6 +89,21 @@ fn quick_mode_cidr_flags_refuse_bad_blocks_naming_the_flag() {
             "--proxy-protocol-from",
             "10.0.0.1/8",
             "--proxy-protocol-from: 10.0.0.1/8 has host bits set",
+        ),
+        (
+            "--tcp-keepalives-idle",
+            "500ms",
+            "--tcp-keepalives-idle: must be whole seconds",
+        ),
+        (
+            "--tcp-keepalives-count",
+            "500",
+            "--tcp-keepalives-count: must be from 1 to 127",
+        ),
+        (
+            "--tcp-user-timeout",
+            "soon",
+            "--tcp-user-timeout: invalid duration",
         ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_pgmtls"))

@@ -126,6 +126,22 @@ fn check_manifest(name: &str) {
             "{name}: state secret lacks {f}"
         );
     }
+    // The connection budgets fit the memory limit, at the measured costs (docs/CONFIG.md).
+    let limit = c["resources"]["limits"]["memory"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name}: pgmtls has no memory limit"));
+    let limit_kib: u64 = match limit.strip_suffix("Mi") {
+        Some(n) => n.parse::<u64>().unwrap() * 1024,
+        None => limit.strip_suffix("Gi").unwrap().parse::<u64>().unwrap() * 1024 * 1024,
+    };
+    let (at_rest, per_handshake, per_session) = (32 * 1024, 70, 12);
+    let budget = at_rest
+        + per_handshake * cfg.max_handshakes as u64
+        + per_session * cfg.max_connections as u64;
+    assert!(
+        budget <= limit_kib,
+        "{name}: budgets need {budget} KiB, memory limit is {limit}"
+    );
     let grace = pod["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
         .unwrap();

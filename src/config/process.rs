@@ -38,7 +38,12 @@ pub struct Config {
     /// `None` disables the admin endpoint.
     pub admin_listen: Option<SocketAddr>,
     pub timeouts: Timeouts,
+    /// Sessions (connections past TLS) open at once, all databases together.
     pub max_connections: usize,
+    /// Connections that have not finished TLS, all databases together.
+    pub max_handshakes: usize,
+    /// Connections that have not finished TLS from one client address (an IPv6 /64).
+    pub max_handshakes_per_source: usize,
     pub reload_poll_interval: Duration,
     pub enforce_on_live_sessions: bool,
     pub log_format: LogFormat,
@@ -60,6 +65,85 @@ pub struct Timeouts {
     pub auth: Duration,
     /// How long live sessions may run after SIGTERM before they are closed.
     pub shutdown_grace: Duration,
+    /// Dead-peer detection on client and upstream TCP sockets.
+    pub keepalive: Keepalive,
+}
+
+/// TCP keepalive and `TCP_USER_TIMEOUT` on every client and upstream TCP socket, modelled on
+/// Postgres' `tcp_keepalives_*` and `tcp_user_timeout`: without them a client that vanishes
+/// without a FIN or RST (a dead host, a cut link, a NAT that forgot the flow) keeps its
+/// session slot and its Postgres backend, with any locks it holds, for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe; `None` turns keepalive off.
+    pub idle: Option<Duration>,
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub count: u32,
+    /// How long sent data (probes included) may stay unacknowledged; `None` is off.
+    pub user_timeout: Option<Duration>,
+}
+
+/// Linux caps `TCP_KEEPIDLE` and `TCP_KEEPINTVL` at this many seconds.
+pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
+/// Linux caps `TCP_KEEPCNT` at this.
+pub const MAX_KEEPALIVE_COUNT: u32 = 127;
+
+impl Keepalive {
+    /// With `user_timeout` not given, a dead peer is declared after the last probe goes
+    /// unanswered: idle + interval * count, so both mechanisms agree.
+    pub fn new(
+        idle: Option<Duration>,
+        interval: Duration,
+        count: u32,
+        user_timeout: Option<Option<Duration>>,
+    ) -> Keepalive {
+        let derived = idle.map(|i| i + interval * count);
+        Keepalive {
+            idle,
+            interval,
+            count,
+            user_timeout: user_timeout.unwrap_or(derived),
+        }
+    }
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive::new(
+            Some(Duration::from_secs(60)),
+            Duration::from_secs(10),
+            6,
+            None,
+        )
+    }
+}
+
+/// `tcp_keepalives_idle` / `_interval`: whole seconds, within what the kernel accepts.
+pub fn keepalive_seconds(d: Duration) -> Result<Duration, String> {
+    if d.subsec_nanos() != 0 || d.as_secs() == 0 || d.as_secs() > MAX_KEEPALIVE_SECS {
+        return Err(format!(
+            "must be whole seconds from 1s to {MAX_KEEPALIVE_SECS}s, not {}",
+            humantime::format_duration(d)
+        ));
+    }
+    Ok(d)
+}
+
+/// `tcp_keepalives_count`.
+pub fn keepalive_count(n: usize) -> Result<u32, String> {
+    match u32::try_from(n) {
+        Ok(n) if (1..=MAX_KEEPALIVE_COUNT).contains(&n) => Ok(n),
+        _ => Err(format!("must be from 1 to {MAX_KEEPALIVE_COUNT}")),
+    }
+}
+
+/// `tcp_user_timeout`: milliseconds in a 32-bit kernel field.
+pub fn user_timeout(d: Duration) -> Result<Duration, String> {
+    if d.as_millis() == 0 || d.as_millis() > u128::from(u32::MAX) {
+        return Err("must be from 1ms to about 49 days".into());
+    }
+    Ok(d)
 }
 
 impl Default for Timeouts {
@@ -69,6 +153,7 @@ impl Default for Timeouts {
             upstream_connect: Duration::from_secs(5),
             auth: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            keepalive: Keepalive::default(),
         }
     }
 }
@@ -81,6 +166,10 @@ impl Default for Config {
             admin_listen: DEFAULT_ADMIN_LISTEN.parse().ok(),
             timeouts: Timeouts::default(),
             max_connections: 10_000,
+            // About 69 KiB each while a large ClientHello is half sent (docs/CONFIG.md), so
+            // at most ~70 MiB held by peers that have shown no certificate.
+            max_handshakes: 1_000,
+            max_handshakes_per_source: 16,
             reload_poll_interval: Duration::from_secs(30),
             enforce_on_live_sessions: true,
             log_format: LogFormat::Text,
@@ -99,6 +188,12 @@ pub const KEYS: &[&str] = &[
     "auth_timeout",
     "shutdown_grace",
     "max_connections",
+    "max_handshakes",
+    "max_handshakes_per_source",
+    "tcp_keepalives_idle",
+    "tcp_keepalives_interval",
+    "tcp_keepalives_count",
+    "tcp_user_timeout",
     "reload_poll_interval",
     "enforce_on_live_sessions",
     "log_format",
@@ -151,6 +246,30 @@ impl Config {
             shutdown_grace: f
                 .optional_with("shutdown_grace", convert::duration)
                 .unwrap_or(d.timeouts.shutdown_grace),
+            keepalive: {
+                let dk = d.timeouts.keepalive;
+                let idle = f
+                    .optional_with("tcp_keepalives_idle", |v| {
+                        convert::duration_or_off(v)?
+                            .map(keepalive_seconds)
+                            .transpose()
+                    })
+                    .unwrap_or(dk.idle);
+                let interval = f
+                    .optional_with("tcp_keepalives_interval", |v| {
+                        keepalive_seconds(convert::duration(v)?)
+                    })
+                    .unwrap_or(dk.interval);
+                let count = f
+                    .optional_with("tcp_keepalives_count", |v| {
+                        keepalive_count(convert::positive_usize(v)?)
+                    })
+                    .unwrap_or(dk.count);
+                let user = f.optional_with("tcp_user_timeout", |v| {
+                    convert::duration_or_off(v)?.map(user_timeout).transpose()
+                });
+                Keepalive::new(idle, interval, count, user)
+            },
         };
         let cfg = Config {
             source: Some(path.to_path_buf()),
@@ -160,6 +279,12 @@ impl Config {
             max_connections: f
                 .optional_with("max_connections", convert::positive_usize)
                 .unwrap_or(d.max_connections),
+            max_handshakes: f
+                .optional_with("max_handshakes", convert::positive_usize)
+                .unwrap_or(d.max_handshakes),
+            max_handshakes_per_source: f
+                .optional_with("max_handshakes_per_source", convert::positive_usize)
+                .unwrap_or(d.max_handshakes_per_source),
             reload_poll_interval: f
                 .optional_with("reload_poll_interval", convert::duration)
                 .unwrap_or(d.reload_poll_interval),
@@ -196,7 +321,9 @@ mod tests {
         let text = "state_dir: /var/lib/pgmtls\nadmin_listen: \"off\"\nhandshake_timeout: 3s\n\
                     upstream_connect_timeout: 1s\nauth_timeout: 7s\nshutdown_grace: 1m\nmax_connections: 50\n\
                     reload_poll_interval: 5s\nenforce_on_live_sessions: false\nlog_format: json\n\
-                    worker_threads: 1\nproxy_protocol_from: [10.0.0.0/16, \"2001:db8::/48\"]\n";
+                    worker_threads: 1\nproxy_protocol_from: [10.0.0.0/16, \"2001:db8::/48\"]\n\
+                    max_handshakes: 7\nmax_handshakes_per_source: 3\ntcp_keepalives_idle: 30s\n\
+                    tcp_keepalives_interval: 5s\ntcp_keepalives_count: 4\ntcp_user_timeout: 45s\n";
         let c = Config::parse(Path::new("p.yaml"), text).unwrap();
         assert_eq!(c.admin_listen, None);
         assert_eq!(c.timeouts.shutdown_grace, Duration::from_secs(60));
@@ -206,8 +333,69 @@ mod tests {
         assert_eq!(c.worker_threads, Some(1));
         assert_eq!(c.proxy_protocol_from.len(), 2);
         assert!(!c.enforce_on_live_sessions);
+        assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (7, 3));
+        let k = c.timeouts.keepalive;
+        assert_eq!(k.idle, Some(Duration::from_secs(30)));
+        assert_eq!(k.interval, Duration::from_secs(5));
+        assert_eq!(k.count, 4);
+        assert_eq!(k.user_timeout, Some(Duration::from_secs(45)));
         for key in KEYS {
             assert!(text.contains(&format!("{key}:")), "{key} untested");
+        }
+    }
+
+    #[test]
+    fn keepalive_is_on_by_default_and_can_be_turned_off() {
+        let k = Keepalive::default();
+        assert_eq!(k.idle, Some(Duration::from_secs(60)));
+        assert_eq!(k.user_timeout, Some(Duration::from_secs(120)));
+        let c = Config::parse(
+            Path::new("p.yaml"),
+            "state_dir: s\ntcp_keepalives_idle: 10s\ntcp_keepalives_interval: 2s\n",
+        )
+        .unwrap();
+        // Not given: the user timeout follows the probes.
+        assert_eq!(
+            c.timeouts.keepalive.user_timeout,
+            Some(Duration::from_secs(22))
+        );
+        let c = Config::parse(
+            Path::new("p.yaml"),
+            "state_dir: s\ntcp_keepalives_idle: \"off\"\ntcp_user_timeout: 0\n",
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.keepalive.idle, None);
+        assert_eq!(c.timeouts.keepalive.user_timeout, None);
+    }
+
+    #[test]
+    fn keepalive_values_the_kernel_would_refuse_name_their_key() {
+        for (line, needle) in [
+            (
+                "tcp_keepalives_idle: 500ms",
+                "p.yaml:2: tcp_keepalives_idle: must be whole seconds",
+            ),
+            (
+                "tcp_keepalives_interval: 10h",
+                "p.yaml:2: tcp_keepalives_interval: must be whole seconds",
+            ),
+            (
+                "tcp_keepalives_count: 200",
+                "p.yaml:2: tcp_keepalives_count: must be from 1 to 127",
+            ),
+            (
+                "tcp_user_timeout: soon",
+                "p.yaml:2: tcp_user_timeout: invalid duration",
+            ),
+            (
+                "max_handshakes: 0",
+                "p.yaml:2: max_handshakes: must be a positive integer",
+            ),
+        ] {
+            let s = Config::parse(Path::new("p.yaml"), &format!("state_dir: s\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(s.contains(needle), "{line}: {s}");
         }
     }
 

@@ -234,6 +234,25 @@ pub mod convert {
         Ok(d)
     }
 
+    /// A duration, or `off` (also `0`) for none. Keepalive settings take whole seconds.
+    pub fn duration_or_off(v: Value) -> Result<Option<Duration>, String> {
+        match v {
+            Value::Number(n) if n.as_u64() == Some(0) => Ok(None),
+            Value::String(s) => duration_or_off_str(&s),
+            _ => Err("must be a duration such as \"60s\", or \"off\"".into()),
+        }
+    }
+
+    /// As [`duration_or_off`], from a command-line flag.
+    pub fn duration_or_off_str(s: &str) -> Result<Option<Duration>, String> {
+        if s == "off" || s == "0" {
+            return Ok(None);
+        }
+        let d = humantime::parse_duration(s)
+            .map_err(|e| format!("invalid duration {s:?}: {e} (or \"off\")"))?;
+        Ok((!d.is_zero()).then_some(d))
+    }
+
     pub fn socket_addr(v: Value) -> Result<SocketAddr, String> {
         let s = v
             .as_str()

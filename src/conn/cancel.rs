@@ -2,13 +2,12 @@
 //! proxy must not become a way to guess cancel keys of other sessions on the upstream. The
 //! same path cancels the statement of a session the proxy cuts (see [`send`]).
 
-use std::time::Duration;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::error::{ConnError, ErrorKind};
 use super::upstream;
 use super::Context;
+use crate::config::Timeouts;
 use crate::snapshot::{DatabaseRuntime, UpstreamTarget};
 use crate::wire::frontend::CancelKey;
 
@@ -20,24 +19,26 @@ pub async fn forward(ctx: &Context, db: &DatabaseRuntime, key: CancelKey) -> Res
             "cancel key of no session relayed by this proxy",
         ));
     }
-    send(&db.upstream, ctx.timeouts.upstream_connect, &key).await?;
+    send(&db.upstream, &ctx.timeouts, &key).await?;
     db.metrics.cancel_forwarded.inc();
     Ok(())
 }
 
-/// Sends one CancelRequest for `key` to the upstream and waits, all within `timeout`, until
+/// Sends one CancelRequest for `key` to the upstream and waits, all within the upstream
+/// connect timeout, until
 /// the server closes that connection, which it does once it has signalled the backend (libpq
 /// waits the same way). A caller that then closes the session's own socket knows the cancel
 /// reached the backend while it still served that session, so the key cannot hit a later
 /// backend that reused the process id.
 pub async fn send(
     target: &UpstreamTarget,
-    timeout: Duration,
+    timeouts: &Timeouts,
     key: &CancelKey,
 ) -> Result<(), ConnError> {
+    let timeout = timeouts.upstream_connect;
     let io = |e: std::io::Error| ConnError::new(ErrorKind::UpstreamIo, e.to_string());
     let exchange = async {
-        let mut up = upstream::connect(target, timeout).await?;
+        let mut up = upstream::connect(target, timeouts).await?;
         up.write_all(&key.to_request()).await.map_err(io)?;
         up.flush().await.map_err(io)?;
         // The server sends nothing back; EOF, or a reset or a TLS close without close_notify,

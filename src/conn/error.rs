@@ -12,6 +12,8 @@ pub enum ErrorKind {
     ProxyProtocolInvalid,
     IpNotAllowed,
     TooManyConnections,
+    TooManyHandshakes,
+    TooManyFromSource,
     DatabaseDisabled,
     HandshakeTimeout,
     TlsRequired,
@@ -43,6 +45,8 @@ impl ErrorKind {
         ErrorKind::ProxyProtocolInvalid,
         ErrorKind::IpNotAllowed,
         ErrorKind::TooManyConnections,
+        ErrorKind::TooManyHandshakes,
+        ErrorKind::TooManyFromSource,
         ErrorKind::DatabaseDisabled,
         ErrorKind::HandshakeTimeout,
         ErrorKind::TlsRequired,
@@ -74,6 +78,8 @@ impl ErrorKind {
             ErrorKind::ProxyProtocolInvalid => "proxy_protocol_invalid",
             ErrorKind::IpNotAllowed => "ip_not_allowed",
             ErrorKind::TooManyConnections => "too_many_connections",
+            ErrorKind::TooManyHandshakes => "too_many_handshakes",
+            ErrorKind::TooManyFromSource => "too_many_from_source",
             ErrorKind::DatabaseDisabled => "database_disabled",
             ErrorKind::HandshakeTimeout => "handshake_timeout",
             ErrorKind::TlsRequired => "tls_required",
@@ -166,6 +172,12 @@ pub const NOTICE_AUTH_TIMEOUT: ClientNotice = ClientNotice {
     hint: None,
 };
 
+pub const NOTICE_TOO_MANY_CONNECTIONS: ClientNotice = ClientNotice {
+    sqlstate: "53300",
+    message: "pgmtls: too many sessions are open",
+    hint: None,
+};
+
 pub const NOTICE_SHUTDOWN: ClientNotice = ClientNotice {
     sqlstate: "57P01",
     message: "pgmtls: the proxy is shutting down",
@@ -210,6 +222,8 @@ impl ConnError {
             // Reached only before the relay: a session cut mid-stream is sent nothing.
             ErrorKind::RevokedLive => Some(NOTICE_REVOKED),
             ErrorKind::Shutdown => Some(NOTICE_SHUTDOWN),
+            // Only after TLS: before it, over-limit sockets are closed without a byte.
+            ErrorKind::TooManyConnections => Some(NOTICE_TOO_MANY_CONNECTIONS),
             _ => None,
         }
     }

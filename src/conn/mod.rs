@@ -26,6 +26,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::Timeouts;
+use crate::limits::Admission;
 use crate::metrics::Metrics;
 use crate::sessions::{SessionGuard, Sessions};
 use crate::snapshot::{DatabaseRuntime, Snapshot};
@@ -79,13 +80,20 @@ struct ConnLog {
 }
 
 /// Serves one accepted socket of `database`'s listener to the end, then logs one line.
-pub async fn serve(ctx: Arc<Context>, database: Arc<str>, stream: TcpStream, peer: SocketAddr) {
+/// `admission` is held until then (boxed: every idle session's task carries it).
+pub async fn serve(
+    ctx: Arc<Context>,
+    database: Arc<str>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut admission: Box<Admission>,
+) {
     let started = Instant::now();
     let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let db = ctx.snapshot.load().databases.get(&*database).cloned();
     let mut log = ConnLog::default();
     let result = match &db {
-        Some(db) => run(&ctx, db, stream, peer, conn_id, &mut log).await,
+        Some(db) => run(&ctx, db, stream, peer, conn_id, &mut admission, &mut log).await,
         None => Err(ConnError::new(
             ErrorKind::DatabaseDisabled,
             "database is no longer served",
@@ -134,11 +142,12 @@ async fn run(
     stream: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
+    admission: &mut Admission,
     log: &mut ConnLog,
 ) -> Result<(), ConnError> {
     // The stages before the relay run once; boxed, their state lives on the heap only while
     // they run, and the task an idle session keeps holds just the relay's state.
-    let prelude = Box::pin(establish(ctx, db, stream, peer, conn_id, log)).await;
+    let prelude = Box::pin(establish(ctx, db, stream, peer, conn_id, admission, log)).await;
     // The startup packet and the authentication exchange count like relayed bytes.
     db.metrics.bytes_to_upstream.inc_by(log.stats.to_upstream);
     db.metrics.bytes_to_client.inc_by(log.stats.to_client);
@@ -214,7 +223,7 @@ async fn cancel_cut_session(
     key: &crate::wire::frontend::CancelKey,
     conn_id: u64,
 ) {
-    match cancel::send(&db.upstream, ctx.timeouts.upstream_connect, key).await {
+    match cancel::send(&db.upstream, &ctx.timeouts, key).await {
         Ok(()) => tracing::info!(
             conn_id,
             database = &*db.name,
@@ -269,6 +278,7 @@ async fn establish(
     mut stream: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
+    admission: &mut Admission,
     log: &mut ConnLog,
 ) -> Result<Prelude, ConnError> {
     let deadline = tokio::time::Instant::now() + ctx.timeouts.handshake;
@@ -283,6 +293,10 @@ async fn establish(
         peer::ClientAddr::direct(peer)
     };
     log.client = Some(client_addr);
+    // A balancer's client counts against its own source's handshake cap from here on.
+    admission
+        .count_source(client_addr.addr.ip())
+        .map_err(|k| ConnError::new(k, "max_handshakes_per_source reached"))?;
 
     // Stage: admit. Before a byte of the client's own is read or any crypto is done.
     let Some(rule) = accepted_db.allowlist.check(client_addr.addr.ip()) else {
@@ -316,6 +330,10 @@ async fn establish(
     // Moved by pointer from here on: the relay keeps exactly one copy of the TLS state.
     let mut client = Box::new(client);
     log.identity = identity;
+    // Stage: session slot. Only a client that completed mutual TLS takes one.
+    if let Err(e) = admission.promote() {
+        return Err(notify(&mut client, e).await);
+    }
 
     // Stage: re-admit. The handshake may have taken seconds, and a reload in between may have
     // revoked the certificate or deleted the rule: check again under the snapshot in force
@@ -385,7 +403,7 @@ async fn establish(
         &mut guard,
         upstream::connect_timed(
             &db.upstream,
-            ctx.timeouts.upstream_connect,
+            &ctx.timeouts,
             &db.metrics.upstream_connect_seconds,
         ),
     )
@@ -467,7 +485,8 @@ mod tests {
             crate::config::Timeouts::default(),
         ));
         let peer = s.local_addr().unwrap();
-        let fut = super::serve(ctx, "x".into(), s, peer);
+        let admission = Box::new(crate::limits::Limits::new(1, 1, 1).admit(None).unwrap());
+        let fut = super::serve(ctx, "x".into(), s, peer, admission);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 1280, "serve() future grew to {size} bytes");
     }

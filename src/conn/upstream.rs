@@ -4,7 +4,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
@@ -12,6 +12,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::error::{ConnError, ErrorKind};
+use crate::config::Timeouts;
 use crate::snapshot::UpstreamTarget;
 use crate::wire::frontend::SSL_REQUEST_CODE;
 
@@ -28,11 +29,13 @@ impl UpstreamStream {
     }
 }
 
+/// Dials under `upstream_connect_timeout`, with the keepalive settings on a TCP socket.
 pub async fn connect(
     target: &UpstreamTarget,
-    timeout: Duration,
+    timeouts: &Timeouts,
 ) -> Result<UpstreamStream, ConnError> {
-    match tokio::time::timeout(timeout, dial(target)).await {
+    let timeout = timeouts.upstream_connect;
+    match tokio::time::timeout(timeout, dial(target, timeouts)).await {
         Ok(r) => r,
         Err(_) => Err(ConnError::new(
             ErrorKind::UpstreamUnavailable,
@@ -44,16 +47,16 @@ pub async fn connect(
 /// Measures [`connect`] into the database's histogram.
 pub async fn connect_timed(
     target: &UpstreamTarget,
-    timeout: Duration,
+    timeouts: &Timeouts,
     histogram: &prometheus_client::metrics::histogram::Histogram,
 ) -> Result<UpstreamStream, ConnError> {
     let started = Instant::now();
-    let r = connect(target, timeout).await;
+    let r = connect(target, timeouts).await;
     histogram.observe(started.elapsed().as_secs_f64());
     r
 }
 
-async fn dial(target: &UpstreamTarget) -> Result<UpstreamStream, ConnError> {
+async fn dial(target: &UpstreamTarget, timeouts: &Timeouts) -> Result<UpstreamStream, ConnError> {
     let unavailable = |e: io::Error| ConnError::new(ErrorKind::UpstreamUnavailable, e.to_string());
     if let Some(path) = target.addr.unix_path() {
         return UnixStream::connect(path)
@@ -66,6 +69,11 @@ async fn dial(target: &UpstreamTarget) -> Result<UpstreamStream, ConnError> {
         .map_err(unavailable)?;
     // Postgres messages are small and latency-bound; never let Nagle hold them back.
     let _ = tcp.set_nodelay(true);
+    // An upstream host that dies silently would otherwise keep the client's session open
+    // until the client gives up. A unix socket cannot vanish that way.
+    if let Err(e) = crate::listener::set_keepalive(&tcp, &timeouts.keepalive) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive on the upstream socket");
+    }
     let Some((config, name)) = &target.tls else {
         return Ok(UpstreamStream::Plain(tcp));
     };
@@ -129,5 +137,49 @@ impl AsyncWrite for UpstreamStream {
             UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Keepalive;
+
+    #[tokio::test]
+    async fn the_upstream_socket_gets_the_keepalive_settings() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = UpstreamTarget {
+            addr: crate::state::UpstreamAddr {
+                host: "127.0.0.1".into(),
+                port: l.local_addr().unwrap().port(),
+            },
+            tls: None,
+        };
+        let timeouts = Timeouts {
+            keepalive: Keepalive::new(
+                Some(Duration::from_secs(9)),
+                Duration::from_secs(2),
+                3,
+                None,
+            ),
+            ..Timeouts::default()
+        };
+        let UpstreamStream::Plain(s) = connect(&target, &timeouts).await.unwrap() else {
+            panic!("plaintext upstream expected");
+        };
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(9));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(15))
+        );
     }
 }
