@@ -150,11 +150,15 @@ fn refuse_over_limit(ctx: &Context, database: &str, stream: TcpStream, peer: Soc
     if let Some(db) = ctx.snapshot.load().databases.get(database) {
         db.metrics.refuse(ErrorKind::TooManyConnections);
     }
+    let reason = ErrorKind::TooManyConnections.as_str();
+    if !crate::refusal_log::admit(Some(database), reason) {
+        return;
+    }
     tracing::info!(
         client_addr = %peer,
         database,
         outcome = "refused",
-        error_kind = ErrorKind::TooManyConnections.as_str(),
+        error_kind = reason,
         "connection closed"
     );
 }
