@@ -9,8 +9,9 @@
 //! directory) are read through one parser each; [`pki`] issues and revokes certificates;
 //! [`app`] builds the snapshot, binds listeners, reloads and drains; [`reload`] watches the
 //! files and turns changes, SIGHUP and a poll into reloads; [`metrics`] and
-//! [`process_metrics`] count; [`admin`] serves metrics, health and status over HTTP;
-//! [`control`] is the one mutation path: every change to state, validated and audited;
+//! [`process_metrics`] count; [`logging`] writes the log without blocking and
+//! [`refusal_log`] rate-limits refusal lines; [`admin`] serves metrics, health and status over
+//! HTTP; [`control`] is the one mutation path: every change to state, validated and audited;
 //! [`cli`] holds the control commands that parse flags, call it and read `/status`.
 
 pub mod admin;
@@ -41,9 +42,11 @@ pub mod control;
 pub mod demo;
 pub mod limits;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod process_metrics;
+pub mod refusal_log;
 pub mod reload;
 pub mod sessions;
 pub mod snapshot;

@@ -165,11 +165,15 @@ fn refuse_at_accept(
     if let Some(db) = ctx.snapshot.load().databases.get(database) {
         db.metrics.refuse(kind);
     }
+    let reason = kind.as_str();
+    if !crate::refusal_log::admit(Some(database), reason) {
+        return;
+    }
     tracing::info!(
         client_addr = %peer,
         database,
         outcome = "refused",
-        error_kind = kind.as_str(),
+        error_kind = reason,
         "connection closed"
     );
 }

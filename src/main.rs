@@ -137,7 +137,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Demo(a) => pgmtls::demo::run(a),
         Command::Serve(args) => {
             let (config, source) = serve_inputs(*args)?;
-            init_logging(cli.log_format.unwrap_or(config.log_format));
+            // Held to the end of `run`: dropping it writes out the lines still queued.
+            let _log = pgmtls::logging::init(cli.log_format.unwrap_or(config.log_format));
             // Connections run on the data-plane threads; this runtime keeps the control plane
             // (signals, reloads, the admin endpoint) off their path.
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -278,10 +279,14 @@ async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("admin_listen: cannot listen on {addr}"))?;
         let bound = listener.local_addr().context("admin socket address")?;
-        pgmtls::admin::spawn(listener, Arc::clone(&app));
+        let options = pgmtls::admin::AdminOptions {
+            status_from: app.config.admin_status_from.clone(),
+        };
+        pgmtls::admin::spawn(listener, Arc::clone(&app), options);
         tracing::info!(addr = %bound, "admin endpoint listening");
         println!("pgmtls: admin addr={bound}");
     }
+    pgmtls::refusal_log::spawn_ticker();
     println!("pgmtls: ready");
     loop {
         tokio::select! {
@@ -293,20 +298,9 @@ async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
     }
     app.shutdown().await;
     drop(reloader);
+    // The last window's counts, so the log adds up to the refusal metrics.
+    pgmtls::refusal_log::flush();
     Ok(())
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PGMTLS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
 }
 
 /// The `--tcp-*` flags, checked like their `pgmtls.yaml` keys; errors name the flag.

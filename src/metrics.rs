@@ -298,6 +298,9 @@ impl Metrics {
             build_info.clone(),
         );
         registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+        registry.register_collector(Box::new(crate::logging::LogCollector));
+        registry.register_collector(Box::new(crate::refusal_log::RefusalLogCollector));
+        registry.register_collector(Box::new(crate::admin::AdminCollector));
         for &kind in ReloadKind::ALL {
             for result in [ReloadResult::ok, ReloadResult::error] {
                 let _ = reloads.get_or_create(&ReloadLabels { kind, result });

@@ -419,6 +419,10 @@ pub fn restart_needed(running: &Config, file: &Config) -> Vec<&'static str> {
     check(running.state_dir != file.state_dir, "state_dir");
     check(running.admin_listen != file.admin_listen, "admin_listen");
     check(
+        running.admin_status_from != file.admin_status_from,
+        "admin_status_from",
+    );
+    check(
         running.timeouts.handshake != file.timeouts.handshake,
         "handshake_timeout",
     );
@@ -726,6 +730,7 @@ mod tests {
         assert!(restart_needed(&a, &b).is_empty());
         b.max_connections = 5;
         b.admin_listen = None;
+        b.admin_status_from = Vec::new();
         b.worker_threads = Some(1);
         b.proxy_protocol_from = vec!["10.0.0.0/8".parse().unwrap()];
         b.max_handshakes_per_source = 1;
@@ -734,6 +739,7 @@ mod tests {
             restart_needed(&a, &b),
             vec![
                 "admin_listen",
+                "admin_status_from",
                 "max_connections",
                 "max_handshakes_per_source",
                 "tcp_user_timeout",

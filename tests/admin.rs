@@ -342,3 +342,243 @@ async fn peer_supplied_strings_are_escaped_in_the_log() {
         "a raw escape reached the log"
     );
 }
+
+/// The admin endpoint's limits (src/admin.rs `MAX_PER_SOURCE`, `MAX_CONNECTIONS`), spelled out
+/// so the attack reads the same against any build.
+const PER_SOURCE: usize = 16;
+const GENERAL_SLOTS: usize = 256;
+
+/// `GET path` from source address `src` with `Connection: close`: the status code and body.
+async fn get_from(src: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = connect_from(src.parse::<IpAddr>().unwrap(), addr).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// A kept-alive connection from `src` that has had one `/healthz` answered, then sits idle;
+/// `None` if the endpoint closed it or did not answer within a second.
+async fn held_keep_alive(src: IpAddr, addr: SocketAddr) -> Option<tokio::net::TcpStream> {
+    let attempt = async {
+        let mut s = connect_from(src, addr).await.ok()?;
+        let req = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 512];
+        while !raw.ends_with(b"ok\n") {
+            let n = s.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        (!head.contains("connection: close")).then_some(s)
+    };
+    tokio::time::timeout(Duration::from_secs(1), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// `/healthz` and `/readyz` from 127.0.0.1, each answered 200 within 100 ms (user-visible
+/// bound: a kubelet probe with a tight timeout).
+async fn assert_probes_answer_quickly(admin: SocketAddr) {
+    for path in ["/healthz", "/readyz"] {
+        let t = std::time::Instant::now();
+        let r =
+            tokio::time::timeout(Duration::from_secs(2), get_from("127.0.0.1", admin, path)).await;
+        let took = t.elapsed();
+        let (code, _) = r
+            .unwrap_or_else(|_| panic!("{path} did not answer within 2 s"))
+            .unwrap();
+        assert_eq!(code, 200, "{path}");
+        assert!(took < Duration::from_millis(100), "{path} took {took:?}");
+    }
+}
+
+fn admin_only_proxy() -> (TestState, ProxyProcess) {
+    let pki = TestPki::new();
+    let state = TestState::new("");
+    let upstream: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    state.add_database(
+        "orders",
+        &pki,
+        "127.0.0.1:0",
+        upstream,
+        &[("r2", "127.0.0.2/32")],
+    );
+    state.add_certificate_record("orders", "app-1", &pki.client);
+    let proxy = ProxyProcess::with_config(&state.config);
+    (state, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_while_one_peer_holds_idle_and_kept_alive_connections() {
+    let (_state, proxy) = admin_only_proxy();
+    let admin = proxy.admin();
+    let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+    // More than the 64 slots the endpoint used to have, of both kinds, all from one peer.
+    let kept =
+        futures_util::future::join_all((0..70).map(|_| held_keep_alive(attacker, admin))).await;
+    let mut idle = Vec::new();
+    for _ in 0..70 {
+        if let Ok(s) = connect_from(attacker, admin).await {
+            idle.push(s);
+        }
+    }
+    assert_probes_answer_quickly(admin).await;
+    // The peer got its share and no more, and the refusals are counted.
+    let kept = kept.into_iter().flatten().count();
+    assert!(kept <= PER_SOURCE, "{kept} kept-alive connections");
+    let m = scrape(admin).await;
+    assert!(
+        m.value(
+            "pgmtls_admin_connections_refused_total",
+            r#"reason="per_source_limit""#
+        ) >= 70.0,
+        "{}",
+        m.text
+    );
+    drop(idle);
+}
+
+/// A connection from `src` that asks for `/healthz` once a second, keeping its slot however
+/// long setting up the others takes; says on `held` whether its first answer kept it alive.
+async fn busy_keep_alive(src: IpAddr, addr: SocketAddr, held: tokio::sync::mpsc::Sender<bool>) {
+    let Ok(mut s) = connect_from(src, addr).await else {
+        let _ = held.send(false).await;
+        return;
+    };
+    let req = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut first = true;
+    loop {
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 512];
+        let answered = s.write_all(req.as_bytes()).await.is_ok()
+            && loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break false,
+                    Ok(n) => raw.extend_from_slice(&buf[..n]),
+                }
+                if raw.ends_with(b"ok\n") {
+                    break true;
+                }
+            };
+        let kept = answered
+            && !String::from_utf8_lossy(&raw)
+                .to_ascii_lowercase()
+                .contains("connection: close");
+        if first {
+            let _ = held.send(kept).await;
+            first = false;
+        }
+        if !kept {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_have_room_reserved_when_many_peers_fill_the_endpoint() {
+    let (_state, proxy) = admin_only_proxy();
+    let admin = proxy.admin();
+    // One source more than it takes to fill every general slot at the per-source cap, each
+    // connection busy enough that the header deadline never frees it.
+    let sources = GENERAL_SLOTS / PER_SOURCE + 1;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(sources * PER_SOURCE);
+    let mut tasks = Vec::new();
+    for i in 1..=sources {
+        let src: IpAddr = format!("127.0.1.{i}").parse().unwrap();
+        for _ in 0..PER_SOURCE {
+            tasks.push(tokio::spawn(busy_keep_alive(src, admin, tx.clone())));
+        }
+    }
+    drop(tx);
+    let mut held = 0;
+    let settle = async {
+        for _ in 0..tasks.len() {
+            match rx.recv().await {
+                Some(kept) => held += usize::from(kept),
+                None => break,
+            }
+        }
+    };
+    // On a build that makes connections wait for a slot, most never hear back.
+    let _ = tokio::time::timeout(Duration::from_secs(5), settle).await;
+    assert_probes_answer_quickly(admin).await;
+    // Every general slot is held (the last source's extra connections got the reserve, which
+    // closes after one answer, or were refused), and the probe came in on the reserve: the
+    // other routes wait for a general slot.
+    assert_eq!(held, GENERAL_SLOTS);
+    let (code, body) = get_from("127.0.0.1", admin, "/metrics").await.unwrap();
+    assert_eq!(code, 503, "/metrics: {body}");
+    for t in tasks {
+        t.abort();
+    }
+}
+
+#[tokio::test]
+async fn status_is_only_for_admin_status_from() {
+    let (state, proxy) = admin_only_proxy();
+    let admin = proxy.admin();
+    // Default: loopback 127.0.0.1 only. 127.0.0.2 stands for a peer on the pod network.
+    let (code, body) = get_from("127.0.0.2", admin, "/status").await.unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        !body.contains("orders") && !body.contains("app-1"),
+        "{body}"
+    );
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            get_from("127.0.0.2", admin, path).await.unwrap().0,
+            200,
+            "{path}"
+        );
+    }
+    let (code, body) = get_from("127.0.0.1", admin, "/status").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("app-1"), "{body}");
+    drop(proxy);
+
+    // A listed network gets it; the rest, loopback 127.0.0.1 aside, do not.
+    state.write_config("admin_status_from: [127.0.0.2/32]\n");
+    let proxy = ProxyProcess::with_config(&state.config);
+    let admin = proxy.admin();
+    assert_eq!(
+        get_from("127.0.0.2", admin, "/status").await.unwrap().0,
+        200
+    );
+    assert_eq!(
+        get_from("127.0.0.3", admin, "/status").await.unwrap().0,
+        403
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_give_their_slot_back_within_the_header_deadline() {
+    let (_state, proxy) = admin_only_proxy();
+    let admin = proxy.admin();
+    let src: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut kept = held_keep_alive(src, admin).await.expect("kept alive");
+    let mut idle = connect_from(src, admin).await.unwrap();
+    for s in [&mut kept, &mut idle] {
+        let t = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(4), s.read_to_end(&mut rest)).await;
+        assert!(r.is_ok(), "still open after {:?}", t.elapsed());
+    }
+}

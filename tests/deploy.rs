@@ -52,6 +52,16 @@ fn check_manifest(name: &str) {
     let cfg = Config::parse(Path::new("pgmtls.yaml"), cfg_text)
         .unwrap_or_else(|e| panic!("{name}: embedded config: {e}"));
     let admin_port = cfg.admin_listen.expect("admin enabled for probes").port();
+    // The admin port is open to the pod network for probes and scraping; /status is not.
+    assert!(
+        !cfg.admin_status_from.is_empty()
+            && cfg
+                .admin_status_from
+                .iter()
+                .all(|n| n.addr().is_loopback() && n.prefix_len() == n.max_prefix_len()),
+        "{name}: admin_status_from must stay inside the pod: {:?}",
+        cfg.admin_status_from
+    );
 
     let deploy = find(&docs, "Deployment")[0];
     let pod = &deploy["spec"]["template"];
@@ -151,7 +161,15 @@ fn check_manifest(name: &str) {
     );
     for svc in find(&docs, "Service") {
         for p in svc["spec"]["ports"].as_array().unwrap() {
-            port_of(p["targetPort"].as_str().unwrap());
+            let target = p["targetPort"].as_str().unwrap();
+            port_of(target);
+            // Prometheus scrapes pods directly; no Service carries the admin port further.
+            assert_ne!(target, "admin", "{name}: a Service exposes the admin port");
+            assert_ne!(
+                p["port"].as_u64(),
+                Some(u64::from(admin_port)),
+                "{name}: a Service exposes the admin port"
+            );
         }
     }
 }

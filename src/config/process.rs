@@ -51,6 +51,8 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     /// Load balancers whose connections open with a PROXY protocol header naming the client.
     pub proxy_protocol_from: Vec<IpNet>,
+    /// Peers allowed the admin endpoint's `/status`; loopback by default.
+    pub admin_status_from: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +177,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             worker_threads: None,
             proxy_protocol_from: Vec::new(),
+            admin_status_from: crate::admin::AdminOptions::default().status_from,
         }
     }
 }
@@ -199,6 +202,7 @@ pub const KEYS: &[&str] = &[
     "log_format",
     "worker_threads",
     "proxy_protocol_from",
+    "admin_status_from",
 ];
 
 impl Config {
@@ -298,6 +302,9 @@ impl Config {
             proxy_protocol_from: f
                 .optional_with("proxy_protocol_from", convert::cidr_list)
                 .unwrap_or_default(),
+            admin_status_from: f
+                .optional_with("admin_status_from", convert::cidr_list)
+                .unwrap_or(d.admin_status_from),
         };
         f.finish().into_result(cfg)
     }
@@ -312,6 +319,10 @@ mod tests {
         let c = Config::parse(Path::new("/etc/pgmtls/p.yaml"), "state_dir: state\n").unwrap();
         assert_eq!(c.state_dir, Some(PathBuf::from("/etc/pgmtls/state")));
         assert!(c.admin_listen.is_some_and(|a| a.ip().is_loopback()));
+        assert!(
+            c.admin_status_from.len() == 2
+                && c.admin_status_from.iter().all(|n| n.addr().is_loopback())
+        );
         assert_eq!(c.timeouts, Timeouts::default());
         assert!(c.enforce_on_live_sessions);
     }
@@ -323,7 +334,8 @@ mod tests {
                     reload_poll_interval: 5s\nenforce_on_live_sessions: false\nlog_format: json\n\
                     worker_threads: 1\nproxy_protocol_from: [10.0.0.0/16, \"2001:db8::/48\"]\n\
                     max_handshakes: 7\nmax_handshakes_per_source: 3\ntcp_keepalives_idle: 30s\n\
-                    tcp_keepalives_interval: 5s\ntcp_keepalives_count: 4\ntcp_user_timeout: 45s\n";
+                    tcp_keepalives_interval: 5s\ntcp_keepalives_count: 4\ntcp_user_timeout: 45s\n\
+                    admin_status_from: [10.0.0.0/24]\n";
         let c = Config::parse(Path::new("p.yaml"), text).unwrap();
         assert_eq!(c.admin_listen, None);
         assert_eq!(c.timeouts.shutdown_grace, Duration::from_secs(60));
@@ -332,6 +344,10 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.worker_threads, Some(1));
         assert_eq!(c.proxy_protocol_from.len(), 2);
+        assert_eq!(
+            c.admin_status_from,
+            ["10.0.0.0/24".parse::<IpNet>().unwrap()]
+        );
         assert!(!c.enforce_on_live_sessions);
         assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (7, 3));
         let k = c.timeouts.keepalive;

@@ -111,6 +111,11 @@ pub async fn serve(
     };
     let detail = result.as_ref().err().map(|e| e.detail.as_str());
     let client = log.client.unwrap_or(peer::ClientAddr::direct(peer));
+    // Refusals are rate-limited (their count is in the metric); sessions are always logged.
+    let reason = error_kind.map_or("", ErrorKind::as_str);
+    if outcome == "refused" && !crate::refusal_log::admit(Some(&database), reason) {
+        return;
+    }
     tracing::info!(
         conn_id,
         client_addr = %client.addr,

@@ -249,6 +249,20 @@ impl ProxyProcess {
         assert!(ok, "kill -{sig} failed");
     }
 
+    /// Waits until stderr reaches its end (the process has exited and closed it), so every
+    /// line it wrote is in the log.
+    pub fn wait_log_end(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log_rx.recv_timeout(left) {
+                Ok(_) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => panic!("stderr still open after {timeout:?}"),
+            }
+        }
+    }
+
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
