@@ -364,6 +364,9 @@ impl App {
         self.ctx
             .metrics
             .record_reload(trigger, ok, now.unix_timestamp());
+        self.ctx
+            .metrics
+            .set_rejected(errors.databases.keys().cloned().collect());
         // Also after a rejected reload: building it may have created series for databases
         // that are not served.
         self.ctx.snapshot.load().publish_metrics(&self.ctx.metrics);

@@ -14,7 +14,7 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::admin::{status, wait_status};
+use common::admin::{scrape, status, wait_status};
 use common::clients::{app_session_over, connect_from, ConnTask};
 use common::pg::{pg_available_or_skip, PgServer};
 use common::pki::{Role, TestPki};
@@ -268,6 +268,15 @@ async fn a_typo_in_one_database_does_not_hold_back_a_revocation_in_another() {
     assert!(s["last_reload"]["database_errors"]["orders"].is_null());
     assert_eq!(s["databases"]["billing"]["operational"], true);
     assert_eq!(s["databases"]["billing"]["rules"][0], "lo");
+    let m = scrape(admin).await;
+    let rejected = |db: &str| {
+        m.value(
+            "pgmtls_database_change_rejected",
+            &format!("database=\"{db}\""),
+        )
+    };
+    assert_eq!(rejected("billing"), 1.0);
+    assert_eq!(rejected("orders"), 0.0);
 
     // Fixed, billing's change is applied and its error clears.
     state.write_rules("billing", &[("lo", "127.0.0.0/8"), ("ten", "10.0.0.0/8")]);
@@ -279,4 +288,9 @@ async fn a_typo_in_one_database_does_not_hold_back_a_revocation_in_another() {
         "{s:#}"
     );
     assert_eq!(s["databases"]["billing"]["rules"][1], "ten");
+    let m = scrape(admin).await;
+    assert_eq!(
+        m.value("pgmtls_database_change_rejected", r#"database="billing""#),
+        0.0
+    );
 }
