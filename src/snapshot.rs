@@ -239,9 +239,13 @@ impl DatabaseRuntime {
                 "",
                 None,
                 format!(
-                    "CRL has no CRL number, but the CRL in force has number {in_force}; \
-                     an older CRL could let revoked certificates back in (keeping the CRL in \
-                     force)"
+                    "{what}, but the CRL in force has number {in_force}; an older CRL could \
+                     let revoked certificates back in (keeping the CRL in force)",
+                    what = if self.inputs.crl.is_empty() {
+                        "no CRL"
+                    } else {
+                        "CRL has no CRL number"
+                    }
                 ),
             )),
         }
@@ -475,4 +479,171 @@ fn listen_taken(s: &DatabaseState, other: &str) -> ConfigErrors {
             s.settings.listen
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{build_crl, create_ca, issue_server, CaSigner, KeyType};
+    use crate::state::{MaterialPaths, UpstreamAddr};
+
+    struct Pki {
+        ca: String,
+        signer: CaSigner,
+        cert: String,
+        key: String,
+    }
+
+    fn pki() -> Pki {
+        let ca = create_ca("snap ca", KeyType::EcdsaP256, time::Duration::days(30)).unwrap();
+        let signer = CaSigner::from_issued(&ca).unwrap();
+        let server = issue_server(
+            &signer,
+            &["localhost".into()],
+            KeyType::EcdsaP256,
+            time::Duration::days(2),
+        )
+        .unwrap();
+        Pki {
+            ca: ca.cert_pem,
+            signer,
+            cert: server.cert_pem,
+            key: server.key_pem,
+        }
+    }
+
+    fn crl(p: &Pki, number: u64) -> Vec<u8> {
+        let now = OffsetDateTime::now_utc();
+        build_crl::<&str>(&p.signer, &[], number, now, now + time::Duration::days(7))
+            .unwrap()
+            .into_bytes()
+    }
+
+    /// Database `name` on `listen` with `rules` IP rules and a CRL numbered `crl_number`.
+    fn state(p: &Pki, name: &str, listen: &str, rules: usize, crl_number: u64) -> DatabaseState {
+        let dir = std::path::PathBuf::from(format!("/s/databases/{name}"));
+        let at = OffsetDateTime::UNIX_EPOCH;
+        DatabaseState {
+            name: name.into(),
+            paths: MaterialPaths::in_dir(&dir),
+            dir,
+            settings: DatabaseSettings {
+                listen: listen.parse().unwrap(),
+                upstream: UpstreamAddr {
+                    host: "127.0.0.1".into(),
+                    port: 5432,
+                },
+                upstream_tls: UpstreamTls::Disable,
+                upstream_ca: None,
+                upstream_server_name: None,
+                allow_plaintext_remote_upstream: false,
+                server_names: Vec::new(),
+                user_must_match_cn: false,
+                enabled_by: None,
+                created_at: None,
+            },
+            rules: (0..rules)
+                .map(|i| IpRule {
+                    id: format!("r{i}"),
+                    cidr: format!("10.0.0.{i}/32").parse().unwrap(),
+                    description: String::new(),
+                    created_at: at,
+                    updated_at: at,
+                })
+                .collect(),
+            server_cert_pem: p.cert.clone().into_bytes(),
+            server_key_pem: p.key.clone().into_bytes(),
+            ca_pem: p.ca.clone().into_bytes(),
+            crl_pem: Some(crl(p, crl_number)),
+            crl_required: true,
+            certificates: Vec::new(),
+        }
+    }
+
+    fn loaded(states: Vec<DatabaseState>) -> Vec<LoadedDatabase> {
+        states
+            .into_iter()
+            .map(|s| (s.name.clone(), Ok(s)))
+            .collect()
+    }
+
+    #[test]
+    fn each_database_is_applied_or_kept_on_its_own() {
+        let p = pki();
+        let m = Metrics::new();
+        let first = [
+            state(&p, "a", "127.0.0.1:7001", 1, 1),
+            state(&p, "b", "127.0.0.1:7002", 1, 1),
+            state(&p, "c", "127.0.0.1:7003", 1, 5),
+        ];
+        let previous = Snapshot::build(1, &first, &m).unwrap();
+        let mut broken = state(&p, "b", "127.0.0.1:7002", 2, 1);
+        broken.crl_pem = None;
+        let next = vec![
+            // a changes and stays on its address; a new database and b both move onto it.
+            ("a".into(), Ok(state(&p, "a", "127.0.0.1:7001", 2, 1))),
+            (
+                "b".into(),
+                Err(ConfigErrors::one(Path::new("/s/b"), "", None, "bad")),
+            ),
+            ("c".into(), Ok(state(&p, "c", "127.0.0.1:7003", 2, 4))),
+            ("d".into(), Ok(state(&p, "d", "127.0.0.1:7001", 1, 1))),
+            ("e".into(), Ok(state(&p, "e", "127.0.0.1:7005", 1, 1))),
+        ];
+        let (snap, failed) = Snapshot::rebuild(2, next, &previous, &m);
+
+        assert_eq!(snap.databases["a"].rules.len(), 2, "a's change is applied");
+        assert!(Arc::ptr_eq(&snap.databases["b"], &previous.databases["b"]));
+        assert_eq!(failed["b"].to_string(), "/s/b: bad");
+        // c's CRL went from number 5 to 4: refused, the old runtime stays.
+        assert!(Arc::ptr_eq(&snap.databases["c"], &previous.databases["c"]));
+        assert!(failed["c"].to_string().contains(
+            "/s/databases/c/crl.pem: CRL number 4 is lower than 5, the number of the CRL in force"
+        ));
+        assert!(
+            !snap.databases.contains_key("d"),
+            "a new database that fails is not added"
+        );
+        assert_eq!(
+            failed["d"].to_string(),
+            "/s/databases/d/database.yaml: listen: 127.0.0.1:7001 is also the listen address \
+             of database a"
+        );
+        assert_eq!(
+            snap.databases["e"].rules.len(),
+            1,
+            "a new valid database is added"
+        );
+        assert_eq!(failed.len(), 3);
+
+        // A database that moves onto a served address falls back to its previous runtime.
+        let (snap, failed) = Snapshot::rebuild(
+            3,
+            loaded(vec![
+                first[0].clone(),
+                state(&p, "b", "127.0.0.1:7001", 3, 1),
+                first[2].clone(),
+            ]),
+            &previous,
+            &m,
+        );
+        assert!(Arc::ptr_eq(&snap.databases["a"], &previous.databases["a"]));
+        assert!(Arc::ptr_eq(&snap.databases["b"], &previous.databases["b"]));
+        assert!(failed["b"]
+            .to_string()
+            .contains("also the listen address of database a"));
+        assert_eq!(failed.len(), 1);
+        assert_eq!(snap.content_hash(), previous.content_hash());
+
+        // A database without its CRL is refused by name; quick mode's optional CRL is not.
+        let (_, failed) = Snapshot::rebuild(4, loaded(vec![broken.clone()]), &previous, &m);
+        assert!(failed["b"]
+            .to_string()
+            .contains("/s/databases/b/crl.pem: missing"));
+        broken.crl_required = false;
+        let none = Snapshot::default();
+        let (snap, failed) = Snapshot::rebuild(4, loaded(vec![broken]), &none, &m);
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(snap.databases.contains_key("b"));
+    }
 }
