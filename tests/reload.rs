@@ -1,6 +1,6 @@
 //! Hot reload of the state directory: every way a file gets replaced is seen (in-place write,
-//! rename, Kubernetes' `..data` symlink swap, SIGHUP); broken changes are rejected as a whole
-//! and shown in `/status` and the metrics; databases come and go; a rotated server
+//! rename, Kubernetes' `..data` symlink swap, SIGHUP); a database's broken change is rejected
+//! as a whole and shown in `/status` and the metrics; databases come and go; a rotated server
 //! certificate is served to the next connection.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
