@@ -456,7 +456,7 @@ impl App {
         }
         let snapshot = match snapshot {
             Some(s) if s.content_hash() != old.content_hash() => s,
-            unchanged => {
+            _ => {
                 // Still enforce: a certificate may have expired since the last look.
                 let closed = self.enforce(&old);
                 self.record_outcome(trigger, &errors);
@@ -478,7 +478,6 @@ impl App {
                 tracing::warn!(
                     trigger = trigger.as_str(),
                     failed = ?errors.failed(),
-                    state_read = unchanged.is_some(),
                     errors = %all,
                     "reload rejected; keeping the previous configuration"
                 );

@@ -69,8 +69,8 @@ fn reloaded_with(text: &str) -> impl Fn(&Value) -> bool + '_ {
     }
 }
 
-/// The record of `certificate revoke` (written after the CRL) has been applied.
-const RECORD_UPDATED: &str = "orders: certificate records 1 -> 1 (updated)";
+/// The record of `certificates revoke` (written after the CRL) has been applied.
+const RECORD_UPDATED: &str = "orders: certificate records 1 -> 1 (revoked app-1)";
 
 /// Waits for the connection task to end (the proxy closed the socket), at most `limit`.
 async fn closed_within(conn: ConnTask, limit: Duration) {
