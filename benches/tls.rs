@@ -49,6 +49,7 @@ fn setup() -> Setup {
         server.key_pem.as_bytes(),
         ca.cert_pem.as_bytes(),
         Some(crl.as_bytes()),
+        &std::collections::HashSet::new(),
     )
     .expect("server tls");
     let mut roots = RootCertStore::empty();

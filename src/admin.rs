@@ -117,6 +117,11 @@ pub struct LastReload {
     /// When a configuration was last loaded successfully.
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_success_at: Option<OffsetDateTime>,
+    /// Per database whose change the last reload rejected, its errors (one per line). Such a
+    /// database keeps serving its previous configuration; a new one is not served. Empty when
+    /// every database was applied.
+    #[serde(default)]
+    pub database_errors: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +139,10 @@ pub struct DatabaseStatus {
     pub server_cert_expires_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub ca_expires_at: Option<OffsetDateTime>,
+    /// Why the last reload rejected this database's change (it serves its previous
+    /// configuration); null when its files were applied.
+    #[serde(default)]
+    pub reload_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,7 +152,8 @@ pub struct CertificateStatus {
     pub serial: String,
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
-    /// On the CRL in force: the proxy refuses this certificate and has closed its sessions.
+    /// On the CRL in force or its record has `revoked_at`: the proxy refuses this certificate
+    /// and has closed its sessions.
     pub revoked: bool,
 }
 
@@ -169,6 +179,7 @@ impl DatabaseStatus {
             crl_entries: db.tls.revoked_serials.len(),
             server_cert_expires_at: db.tls.server_not_after,
             ca_expires_at: db.tls.ca_not_after,
+            reload_error: None,
         }
     }
 }
@@ -549,6 +560,7 @@ mod tests {
                     ok: false,
                     error: Some("f.yaml: rules[0].cidr: bad".into()),
                     last_success_at: None,
+                    database_errors: BTreeMap::new(),
                 },
                 databases: BTreeMap::new(),
             }

@@ -22,8 +22,8 @@ use crate::reload::{describe_changes, restart_needed, Reloadable, WatchPlan};
 use crate::sessions::EndReason;
 use crate::snapshot::Snapshot;
 use crate::state::{
-    read_private_key, DatabaseSettings, DatabaseState, IpRule, MaterialPaths, StateDir,
-    UpstreamAddr, UpstreamTls,
+    read_private_key, DatabaseSettings, DatabaseState, IpRule, LoadedDatabase, MaterialPaths,
+    StateDir, UpstreamAddr, UpstreamTls,
 };
 
 /// Where the databases come from.
@@ -98,7 +98,10 @@ impl QuickSpec {
                  --allow-plaintext-remote-upstream",
             ));
         }
-        let now = OffsetDateTime::now_utc();
+        // One time for the process, not the time of this load: the rules are part of the
+        // content hash, and an unchanged command line must give an unchanged hash.
+        static RULES_CREATED: std::sync::OnceLock<OffsetDateTime> = std::sync::OnceLock::new();
+        let now = *RULES_CREATED.get_or_init(OffsetDateTime::now_utc);
         let rules = self
             .allow
             .iter()
@@ -127,6 +130,8 @@ impl QuickSpec {
                 server_key_pem: k,
                 ca_pem: ca,
                 crl_pem: crl,
+                // `--crl` is optional in quick mode; one that was given must be there.
+                crl_required: false,
                 certificates: Vec::new(),
             }),
             _ => Err(errors),
@@ -139,6 +144,14 @@ impl Source {
         match self {
             Source::StateDir(s) => s.load_all(),
             Source::Quick(q) => q.load().map(|d| vec![d]),
+        }
+    }
+
+    /// Every database with what loading it gave, for a reload that applies each on its own.
+    pub fn load_each(&self) -> Result<Vec<LoadedDatabase>, ConfigErrors> {
+        match self {
+            Source::StateDir(s) => s.load_each(),
+            Source::Quick(q) => Ok(vec![(q.name.clone(), q.load())]),
         }
     }
 
@@ -167,6 +180,36 @@ pub struct ReloadStatus {
     pub last_success: Option<OffsetDateTime>,
     pub last_error: Option<String>,
     pub last_trigger: Option<ReloadKind>,
+    /// The errors of each database the last reload could not apply; each such database
+    /// keeps serving its previous configuration, if it had one.
+    pub database_errors: BTreeMap<String, String>,
+}
+
+/// What a reload could not apply: the config file or the state as a whole (`global`), and
+/// each database that failed on its own.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadErrors {
+    pub global: ConfigErrors,
+    pub databases: BTreeMap<String, ConfigErrors>,
+}
+
+impl ReloadErrors {
+    pub fn is_empty(&self) -> bool {
+        self.global.is_empty() && self.databases.values().all(ConfigErrors::is_empty)
+    }
+
+    /// Every error, the global ones first.
+    pub fn all(&self) -> ConfigErrors {
+        let mut all = self.global.clone();
+        for e in self.databases.values() {
+            all.extend(e.clone());
+        }
+        all
+    }
+
+    fn failed(&self) -> Vec<String> {
+        self.databases.keys().cloned().collect()
+    }
 }
 
 /// What a successful reload changed.
@@ -176,6 +219,8 @@ pub struct ReloadReport {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub changed: Vec<String>,
+    /// Databases whose change was rejected; they keep their previous configuration.
+    pub failed: Vec<String>,
     pub sessions_closed: usize,
 }
 
@@ -252,6 +297,7 @@ impl App {
                 last_success: Some(OffsetDateTime::now_utc()),
                 last_error: None,
                 last_trigger: Some(ReloadKind::startup),
+                database_errors: BTreeMap::new(),
             }),
             draining,
         });
@@ -302,9 +348,12 @@ impl App {
         self.generation.load(Ordering::Relaxed)
     }
 
-    /// Re-reads the config file and the source, validates all of it, and swaps it in; on any
-    /// error the previous snapshot stays. Live sessions no longer admitted are closed when the
-    /// config says so. An unchanged configuration is not swapped and keeps its generation.
+    /// Re-reads the config file and the source, validates each database on its own, and swaps
+    /// in every one that is valid; one with an error keeps its previous runtime (a new one is
+    /// not added) and is named in `ReloadReport::failed`, the log and `/status`. Live sessions
+    /// no longer admitted are closed when the config says so. An unchanged configuration is
+    /// not swapped and keeps its generation. `Err` when nothing could be applied and something
+    /// failed.
     pub async fn reload(&self, trigger: ReloadKind) -> Result<ReloadReport, ConfigErrors> {
         let _serial = self.reload_lock.lock().await;
         self.reload_locked(trigger).await
@@ -312,23 +361,45 @@ impl App {
 
     /// Makes the outcome visible in `/status` and the metrics. Called before the outcome's log
     /// line, so whoever reacts to the line finds status and metrics already agreeing with it.
-    fn record_outcome(&self, trigger: ReloadKind, error: Option<&ConfigErrors>) {
+    fn record_outcome(&self, trigger: ReloadKind, errors: &ReloadErrors) {
         let now = OffsetDateTime::now_utc();
+        let ok = errors.is_empty();
         self.ctx
             .metrics
-            .record_reload(trigger, error.is_none(), now.unix_timestamp());
+            .record_reload(trigger, ok, now.unix_timestamp());
+        self.ctx
+            .metrics
+            .set_rejected(errors.databases.keys().cloned().collect());
         // Also after a rejected reload: building it may have created series for databases
         // that are not served.
         self.ctx.snapshot.load().publish_metrics(&self.ctx.metrics);
         let mut st = lock(&self.reload_status);
         st.last_attempt = Some(now);
         st.last_trigger = Some(trigger);
-        match error {
-            None => {
-                st.last_success = Some(now);
-                st.last_error = None;
-            }
-            Some(e) => st.last_error = Some(e.to_string()),
+        st.database_errors = errors
+            .databases
+            .iter()
+            .map(|(name, e)| (name.clone(), e.to_string()))
+            .collect();
+        if ok {
+            st.last_success = Some(now);
+            st.last_error = None;
+        } else {
+            st.last_error = Some(errors.all().to_string());
+        }
+    }
+
+    /// One line per database whose change was not applied, naming it.
+    fn log_failed_databases(&self, trigger: ReloadKind, errors: &ReloadErrors) {
+        let snap = self.ctx.snapshot.load();
+        for (name, e) in &errors.databases {
+            tracing::warn!(
+                trigger = trigger.as_str(),
+                database = name.as_str(),
+                kept_previous = snap.databases.contains_key(name),
+                errors = %e,
+                "database change rejected; it keeps its previous configuration"
+            );
         }
     }
 
@@ -337,75 +408,89 @@ impl App {
         let source = self.source.clone();
         let config_file = self.config.source.clone();
         let metrics = Arc::clone(&self.ctx.metrics);
+        let old = self.ctx.snapshot.load_full();
+        let previous = Arc::clone(&old);
         // Reading files and parsing certificates blocks: keep it off the async workers so
         // that accept loops and relays never wait behind a reload.
-        let built = tokio::task::spawn_blocking(move || {
+        let (file_config, snapshot, errors) = tokio::task::spawn_blocking(move || {
             let _lock = match &source {
                 Source::StateDir(s) => crate::reload::read_lock(s.root()),
                 Source::Quick(_) => None,
             };
-            let mut errors = ConfigErrors::default();
+            let mut errors = ReloadErrors::default();
             let config = config_file
                 .as_deref()
                 .map(Config::load)
                 .transpose()
-                .map_err(|e| errors.extend(e))
+                .map_err(|e| errors.global.extend(e))
                 .ok()
                 .flatten();
-            let snapshot = source
-                .load()
-                .and_then(|states| Snapshot::build(next_gen, &states, &metrics))
-                .map_err(|e| errors.extend(e))
-                .ok();
-            match snapshot {
-                Some(s) if errors.is_empty() => Ok((config, s)),
-                _ => Err(errors),
-            }
+            // Each database stands on its own: one that fails keeps its previous runtime and
+            // holds back no other (nor does a broken config file hold back any database).
+            let snapshot = match source.load_each() {
+                Ok(loaded) => {
+                    let (snapshot, failed) =
+                        Snapshot::rebuild(next_gen, loaded, &previous, &metrics);
+                    errors.databases = failed;
+                    Some(snapshot)
+                }
+                Err(e) => {
+                    errors.global.extend(e);
+                    None
+                }
+            };
+            (config, snapshot, errors)
         })
         .await
         .unwrap_or_else(|e| {
-            Err(ConfigErrors::one(
-                Path::new("."),
-                "",
-                None,
-                format!("reload task failed: {e}"),
-            ))
+            let errors = ReloadErrors {
+                global: ConfigErrors::one(
+                    Path::new("."),
+                    "",
+                    None,
+                    format!("reload task failed: {e}"),
+                ),
+                databases: BTreeMap::new(),
+            };
+            (None, None, errors)
         });
-        let (file_config, snapshot) = match built {
-            Ok(b) => b,
-            Err(e) => {
-                self.record_outcome(trigger, Some(&e));
-                tracing::warn!(
-                    trigger = trigger.as_str(),
-                    errors = %e,
-                    "reload rejected; keeping the previous configuration"
-                );
-                return Err(e);
-            }
-        };
         if let Some(fc) = &file_config {
             self.apply_file_config(fc);
         }
-        let old = self.ctx.snapshot.load_full();
-        if snapshot.content_hash() == old.content_hash() {
-            // Still enforce: a certificate may have expired since the last look.
-            let closed = self.enforce(&old);
-            self.record_outcome(trigger, None);
-            tracing::info!(
-                trigger = trigger.as_str(),
-                generation = old.generation,
-                sessions_closed = closed,
-                "configuration unchanged"
-            );
-            return Ok(ReloadReport {
-                generation: old.generation,
-                sessions_closed: closed,
-                ..Default::default()
-            });
-        }
+        let snapshot = match snapshot {
+            Some(s) if s.content_hash() != old.content_hash() => s,
+            _ => {
+                // Still enforce: a certificate may have expired since the last look.
+                let closed = self.enforce(&old);
+                self.record_outcome(trigger, &errors);
+                if errors.is_empty() {
+                    tracing::info!(
+                        trigger = trigger.as_str(),
+                        generation = old.generation,
+                        sessions_closed = closed,
+                        "configuration unchanged"
+                    );
+                    return Ok(ReloadReport {
+                        generation: old.generation,
+                        sessions_closed: closed,
+                        ..Default::default()
+                    });
+                }
+                self.log_failed_databases(trigger, &errors);
+                let all = errors.all();
+                tracing::warn!(
+                    trigger = trigger.as_str(),
+                    failed = ?errors.failed(),
+                    errors = %all,
+                    "reload rejected; keeping the previous configuration"
+                );
+                return Err(all);
+            }
+        };
         let changes = describe_changes(&old, &snapshot);
         let mut report = ReloadReport {
             generation: next_gen,
+            failed: errors.failed(),
             ..Default::default()
         };
         for (name, db) in &snapshot.databases {
@@ -464,13 +549,23 @@ impl App {
             }
         }
         report.sessions_closed = self.enforce(&snapshot);
-        self.record_outcome(trigger, None);
+        self.record_outcome(trigger, &errors);
+        if !errors.is_empty() {
+            self.log_failed_databases(trigger, &errors);
+            tracing::warn!(
+                trigger = trigger.as_str(),
+                failed = ?report.failed,
+                errors = %errors.all(),
+                "reload partly rejected; what failed keeps its previous configuration"
+            );
+        }
         tracing::info!(
             trigger = trigger.as_str(),
             generation = next_gen,
             added = ?report.added,
             removed = ?report.removed,
             changed = ?report.changed,
+            failed = ?report.failed,
             changes = %changes.join("; "),
             databases = database_count,
             ip_rules,
@@ -596,8 +691,15 @@ impl AdminSource for App {
                 ok: st.last_error.is_none(),
                 error: st.last_error,
                 last_success_at: st.last_success,
+                database_errors: st.database_errors.clone(),
             },
-            databases: Status::databases_of(&snap, &self.bound_addrs()),
+            databases: Status::databases_of(&snap, &self.bound_addrs())
+                .into_iter()
+                .map(|(name, mut db)| {
+                    db.reload_error = st.database_errors.get(&name).cloned();
+                    (name, db)
+                })
+                .collect(),
         }
     }
 }

@@ -15,8 +15,13 @@
 //! `now` lies inside every presented certificate's validity period; outside it, the inner
 //! verifier decides again. Only accepted chains are stored, so a peer without a valid
 //! certificate cannot grow the cache.
+//!
+//! Besides the CRLs, the verifier refuses a fixed set of end-entity serials as revoked: those
+//! of the certificate records marked `revoked_at`. So the handshake, `/status` and live
+//! enforcement agree on one set (`DatabaseRuntime::is_revoked`) even when the CRL lacks an
+//! entry the records have.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -46,6 +51,10 @@ impl Window {
 pub struct CachingClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     accepted: Mutex<HashMap<Vec<u8>, Window>>,
+    /// End-entity serials (lowercase hex, as `tls_store::serial_hex`) refused as revoked
+    /// besides what the inner verifier's CRLs say: the certificate records marked
+    /// `revoked_at`, so that a CRL missing an entry does not let a revoked certificate back.
+    refused: HashSet<String>,
 }
 
 impl CachingClientVerifier {
@@ -53,7 +62,27 @@ impl CachingClientVerifier {
         Self {
             inner,
             accepted: Mutex::new(HashMap::new()),
+            refused: HashSet::new(),
         }
+    }
+
+    /// Also refuses end-entity certificates with these serials, as revoked. Fixed for the
+    /// verifier's lifetime like the CRLs, so a remembered chain was checked against them.
+    pub fn refusing(mut self, serials: HashSet<String>) -> Self {
+        self.refused = serials;
+        self
+    }
+
+    /// Whether the end-entity certificate's serial is refused. A certificate that does not
+    /// parse is left to the inner verifier, which refuses it.
+    fn is_refused(&self, end_entity: &CertificateDer<'_>) -> bool {
+        if self.refused.is_empty() {
+            return false;
+        }
+        x509_parser::parse_x509_certificate(end_entity.as_ref()).is_ok_and(|(_, cert)| {
+            self.refused
+                .contains(&crate::tls_store::serial_hex(cert.raw_serial()))
+        })
     }
 
     fn lookup(&self, key: &[u8], now: UnixTime) -> bool {
@@ -125,6 +154,10 @@ impl ClientCertVerifier for CachingClientVerifier {
         let key = chain_key(end_entity, intermediates);
         if self.lookup(&key, now) {
             return Ok(ClientCertVerified::assertion());
+        }
+        // Only accepted chains are remembered, so a refused serial never reaches the cache.
+        if self.is_refused(end_entity) {
+            return Err(Error::InvalidCertificate(rustls::CertificateError::Revoked));
         }
         let verified = self
             .inner
@@ -321,5 +354,31 @@ mod tests {
         assert_eq!(v.accepted.lock().unwrap().len(), 1);
         assert!(v.lookup(b"one more", UnixTime::now()));
         assert!(!v.lookup(&0usize.to_be_bytes(), UnixTime::now()));
+    }
+
+    #[test]
+    fn a_refused_serial_is_revoked_although_no_crl_lists_it() {
+        let ca = create_ca("refusing", KeyType::EcdsaP256, time::Duration::days(30)).unwrap();
+        let signer = CaSigner::from_issued(&ca).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let (start, end) = (
+            now - time::Duration::hours(1),
+            now + time::Duration::days(2),
+        );
+        let revoked = issue_client(&signer, "gone", KeyType::EcdsaP256, start, end).unwrap();
+        let kept = issue_client(&signer, "kept", KeyType::EcdsaP256, start, end).unwrap();
+        let (count, v) = verifier_for(&ca.cert_pem, Vec::new());
+        let v = v.refusing([revoked.serial.clone()].into_iter().collect());
+        let leaf = CertificateDer::from_pem_slice(revoked.cert_pem.as_bytes()).unwrap();
+        for _ in 0..2 {
+            assert!(matches!(
+                v.verify_client_cert(&leaf, &[], at(now)),
+                Err(Error::InvalidCertificate(rustls::CertificateError::Revoked))
+            ));
+        }
+        assert!(v.accepted.lock().unwrap().is_empty());
+        let other = CertificateDer::from_pem_slice(kept.cert_pem.as_bytes()).unwrap();
+        v.verify_client_cert(&other, &[], at(now)).unwrap();
+        assert_eq!(count.calls.load(Ordering::SeqCst), 1);
     }
 }

@@ -154,6 +154,8 @@ pub struct Metrics {
     pub config_last_reload_success_seconds: Gauge,
     pub ip_rules: Family<DbLabel, Gauge>,
     pub crl_entries: Family<DbLabel, Gauge>,
+    /// 1 while the last reload rejected the database's change (it serves its previous one).
+    pub change_rejected: Family<DbLabel, Gauge>,
     pub client_cert_expiry: Family<CertLabels, Gauge>,
     pub server_cert_expiry: Family<DbLabel, Gauge>,
     pub ca_cert_expiry: Family<DbLabel, Gauge>,
@@ -166,6 +168,8 @@ pub struct Metrics {
 struct Known {
     databases: BTreeSet<String>,
     certs: BTreeSet<CertLabels>,
+    /// Databases whose change the last reload rejected.
+    rejected: BTreeSet<String>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -243,6 +247,7 @@ impl Metrics {
         let config_last_reload_success_seconds = Gauge::default();
         let ip_rules = Family::<DbLabel, Gauge>::default();
         let crl_entries = Family::<DbLabel, Gauge>::default();
+        let change_rejected = Family::<DbLabel, Gauge>::default();
         let client_cert_expiry = Family::<CertLabels, Gauge>::default();
         let server_cert_expiry = Family::<DbLabel, Gauge>::default();
         let ca_cert_expiry = Family::<DbLabel, Gauge>::default();
@@ -276,6 +281,11 @@ impl Metrics {
             "crl_entries",
             "Revoked certificates listed in the database's CRL",
             crl_entries.clone(),
+        );
+        registry.register(
+            "database_change_rejected",
+            "1 while the last reload rejected the database's change; it serves its previous configuration",
+            change_rejected.clone(),
         );
         registry.register(
             "client_certificate_expiry_timestamp_seconds",
@@ -327,6 +337,7 @@ impl Metrics {
             config_last_reload_success_seconds,
             ip_rules,
             crl_entries,
+            change_rejected,
             client_cert_expiry,
             server_cert_expiry,
             ca_cert_expiry,
@@ -351,6 +362,15 @@ impl Metrics {
         }
     }
 
+    /// Remembers which databases' changes the last reload rejected, for
+    /// `pgmtls_database_change_rejected` at the next [`Metrics::publish_config`].
+    pub fn set_rejected(&self, databases: BTreeSet<String>) {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .rejected = databases;
+    }
+
     /// Sets the configuration gauges from the snapshot being served and removes every series
     /// of a database or certificate it no longer has, so label sets stay bounded by what the
     /// state directory holds.
@@ -368,6 +388,9 @@ impl Metrics {
             self.crl_entries
                 .get_or_create(&db)
                 .set(count(d.crl_entries));
+            self.change_rejected
+                .get_or_create(&db)
+                .set(i64::from(known.rejected.contains(&d.name)));
             for (family, value) in [
                 (&self.server_cert_expiry, d.server_cert_expiry),
                 (&self.ca_cert_expiry, d.ca_cert_expiry),
@@ -413,6 +436,7 @@ impl Metrics {
         self.session_seconds.remove(&db);
         self.ip_rules.remove(&db);
         self.crl_entries.remove(&db);
+        self.change_rejected.remove(&db);
         self.server_cert_expiry.remove(&db);
         self.ca_cert_expiry.remove(&db);
         for &reason in ErrorKind::ALL {

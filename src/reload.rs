@@ -549,6 +549,19 @@ fn describe_database(
             .map(|id| format!("+{id}"))
             .collect();
         parts.extend(before.difference(&after).map(|id| format!("-{id}")));
+        // A record newly marked `revoked_at` is a revocation; say which.
+        let revoked = |db: &DatabaseRuntime| -> BTreeSet<String> {
+            db.certificates
+                .values()
+                .filter(|c| c.revoked_at.is_some())
+                .map(|c| c.id.clone())
+                .collect()
+        };
+        parts.extend(
+            revoked(new)
+                .difference(&revoked(old))
+                .map(|id| format!("revoked {id}")),
+        );
         if parts.is_empty() {
             parts.push("updated".into());
         }

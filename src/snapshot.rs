@@ -1,7 +1,7 @@
 //! The validated, immutable view of every served database that the data plane reads: one
 //! `Arc<Snapshot>` per reload, loaded once per accepted connection.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,7 +13,9 @@ use time::OffsetDateTime;
 use crate::allowlist::{AllowRule, Allowlist};
 use crate::config::ConfigErrors;
 use crate::metrics::{DatabaseFigures, DbMetrics, Metrics};
-use crate::state::{CertificateRecord, DatabaseSettings, DatabaseState, IpRule, UpstreamTls};
+use crate::state::{
+    CertificateRecord, DatabaseSettings, DatabaseState, IpRule, LoadedDatabase, UpstreamTls,
+};
 use crate::tls_store::{build_server_tls, build_upstream_tls, ServerTls, UpstreamVerify};
 
 /// Where and how to dial the database behind the proxy.
@@ -44,11 +46,16 @@ pub struct DatabaseRuntime {
     pub upstream: UpstreamTarget,
     /// Client certificate records by serial (lowercase hex), to name certificates in logs.
     pub certificates: HashMap<String, CertificateRecord>,
+    /// Every serial refused as revoked: the CRL's entries and the records marked
+    /// `revoked_at`. The TLS verifier refuses the same set.
+    revoked: HashSet<String>,
     pub metrics: DbMetrics,
     /// SHA-256 over every input file, to tell what a reload changed.
     pub content_hash: String,
     /// SHA-256 of each input on its own, to say in the reload log what changed.
     pub inputs: InputDigests,
+    /// The CRL file, to name it in errors.
+    crl_file: std::path::PathBuf,
 }
 
 /// Hex SHA-256 of each input of one database. `crl` and `upstream_ca` are empty when absent.
@@ -101,13 +108,35 @@ impl InputDigests {
 
 impl DatabaseRuntime {
     pub fn build(state: &DatabaseState, metrics: &Metrics) -> Result<Self, ConfigErrors> {
-        let tls = build_server_tls(
-            &state.paths,
-            &state.server_cert_pem,
-            &state.server_key_pem,
-            &state.ca_pem,
-            state.crl_pem.as_deref(),
-        );
+        let revoked_by_record: HashSet<String> = state
+            .certificates
+            .iter()
+            .filter(|c| c.revoked_at.is_some())
+            .map(|c| c.serial.clone())
+            .collect();
+        let tls = if state.crl_required && state.crl_pem.is_none() {
+            // Serving on would accept every certificate the lost CRL listed.
+            Err(ConfigErrors::one(
+                &state.paths.crl,
+                "",
+                None,
+                format!(
+                    "missing: a database in the state directory must have its CRL (one with no \
+                     entries revokes nothing); restore it, or write a new one with \
+                     `pgmtls certificates renew {}`",
+                    state.name
+                ),
+            ))
+        } else {
+            build_server_tls(
+                &state.paths,
+                &state.server_cert_pem,
+                &state.server_key_pem,
+                &state.ca_pem,
+                state.crl_pem.as_deref(),
+                &revoked_by_record,
+            )
+        };
         let upstream = build_upstream(&state.dir, &state.settings);
         let (tls, upstream, inputs) = match (tls, upstream) {
             (Ok(t), Ok((u, upstream_ca))) => {
@@ -135,11 +164,14 @@ impl DatabaseRuntime {
                 })
                 .collect(),
         );
+        let mut revoked = tls.revoked_serials.clone();
+        revoked.extend(revoked_by_record);
         Ok(DatabaseRuntime {
             name: state.name.as_str().into(),
             settings: state.settings.clone(),
             rules: state.rules.clone(),
             allowlist,
+            revoked,
             tls,
             upstream,
             certificates: state
@@ -148,6 +180,7 @@ impl DatabaseRuntime {
                 .map(|c| (c.serial.clone(), c.clone()))
                 .collect(),
             metrics: metrics.for_database(&state.name),
+            crl_file: state.paths.crl.clone(),
             content_hash: inputs.combined(),
             inputs,
         })
@@ -175,9 +208,47 @@ impl DatabaseRuntime {
         }
     }
 
-    /// Whether a client certificate with this serial is on the CRL.
+    /// Whether a client certificate with this serial is revoked: on the CRL, or its record is
+    /// marked `revoked_at`. The one question the handshake, re-admission and live enforcement
+    /// ask, so they cannot disagree.
     pub fn is_revoked(&self, serial: &str) -> bool {
-        self.tls.revoked_serials.contains(serial)
+        self.revoked.contains(serial)
+    }
+
+    /// Refuses a CRL older than `previous`'s: replacing the CRL in force by one with a lower
+    /// cRLNumber (an old copy restored, a stale Secret) would un-revoke what was revoked since.
+    fn check_crl_not_older(&self, previous: &DatabaseRuntime) -> Result<(), ConfigErrors> {
+        let Some(in_force) = previous.tls.crl_number else {
+            return Ok(());
+        };
+        let file = &self.crl_file;
+        match self.tls.crl_number {
+            Some(n) if n >= in_force => Ok(()),
+            Some(n) => Err(ConfigErrors::one(
+                file,
+                "",
+                None,
+                format!(
+                    "CRL number {n} is lower than {in_force}, the number of the CRL in force; \
+                     an older CRL could let revoked certificates back in (keeping the CRL in \
+                     force)"
+                ),
+            )),
+            None => Err(ConfigErrors::one(
+                file,
+                "",
+                None,
+                format!(
+                    "{what}, but the CRL in force has number {in_force}; an older CRL could \
+                     let revoked certificates back in (keeping the CRL in force)",
+                    what = if self.inputs.crl.is_empty() {
+                        "no CRL"
+                    } else {
+                        "CRL has no CRL number"
+                    }
+                ),
+            )),
+        }
     }
 }
 
@@ -243,7 +314,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds a snapshot from loaded states; any database failing to build fails the whole
-    /// snapshot, so a reload is all or nothing.
+    /// snapshot. Start-up and `check-config` use this: a proxy that starts serves all of its
+    /// state or refuses to start.
     pub fn build(
         generation: u64,
         states: &[DatabaseState],
@@ -254,15 +326,7 @@ impl Snapshot {
         let mut listens: HashMap<std::net::SocketAddr, &str> = HashMap::new();
         for s in states {
             if let Some(other) = listens.insert(s.settings.listen, &s.name) {
-                errors.extend(ConfigErrors::one(
-                    &s.dir.join(crate::state::DATABASE_YAML),
-                    "listen",
-                    None,
-                    format!(
-                        "{} is also the listen address of database {other}",
-                        s.settings.listen
-                    ),
-                ));
+                errors.extend(listen_taken(s, other));
             }
             match DatabaseRuntime::build(s, metrics) {
                 Ok(db) => {
@@ -276,6 +340,115 @@ impl Snapshot {
             databases,
             loaded_at: Some(OffsetDateTime::now_utc()),
         })
+    }
+
+    /// Builds the next snapshot database by database, for a reload: each database that loads
+    /// and builds is taken whole; one that does not keeps its runtime from `previous` (a new
+    /// one is left out) and its errors are returned under its name. So a typo in one database
+    /// never holds back a revocation in another, and no database is ever half applied.
+    pub fn rebuild(
+        generation: u64,
+        loaded: Vec<LoadedDatabase>,
+        previous: &Snapshot,
+        metrics: &Metrics,
+    ) -> (Snapshot, BTreeMap<String, ConfigErrors>) {
+        let mut failed: BTreeMap<String, ConfigErrors> = BTreeMap::new();
+        let mut states: HashMap<String, DatabaseState> = HashMap::new();
+        let mut databases: BTreeMap<String, Arc<DatabaseRuntime>> = BTreeMap::new();
+        for (name, result) in loaded {
+            let built = result.and_then(|state| {
+                let db = DatabaseRuntime::build(&state, metrics)?;
+                if let Some(prev) = previous.databases.get(&name) {
+                    db.check_crl_not_older(prev)?;
+                }
+                states.insert(name.clone(), state);
+                Ok(db)
+            });
+            match built {
+                Ok(db) => {
+                    // An unchanged database keeps its runtime, and with it the TLS verifier's
+                    // cache of accepted chains.
+                    let db = match previous.databases.get(&name) {
+                        Some(prev) if prev.content_hash == db.content_hash => Arc::clone(prev),
+                        _ => Arc::new(db),
+                    };
+                    databases.insert(name, db);
+                }
+                Err(e) => {
+                    if let Some(prev) = previous.databases.get(&name) {
+                        databases.insert(name.clone(), Arc::clone(prev));
+                    }
+                    failed.insert(name, e);
+                }
+            }
+        }
+        // Two databases on one address: the one already served there keeps it; a database
+        // that moved onto it (or a new one) fails and falls back to its previous runtime, at
+        // an address it holds, so it never loses again and the loop ends.
+        loop {
+            let mut by_listen: BTreeMap<std::net::SocketAddr, Vec<String>> = BTreeMap::new();
+            for (name, db) in &databases {
+                by_listen
+                    .entry(db.settings.listen)
+                    .or_default()
+                    .push(name.clone());
+            }
+            let mut losers = Vec::new();
+            for (addr, names) in by_listen.iter().filter(|(_, n)| n.len() > 1) {
+                // At most one: the previous snapshot had no two databases on one address.
+                let holder = names.iter().find(|n| {
+                    previous
+                        .databases
+                        .get(*n)
+                        .is_some_and(|p| p.settings.listen == *addr)
+                });
+                for n in names {
+                    if Some(n) != holder {
+                        let other = holder
+                            .or_else(|| names.iter().find(|o| *o != n))
+                            .cloned()
+                            .unwrap_or_default();
+                        losers.push((n.clone(), other));
+                    }
+                }
+            }
+            if losers.is_empty() {
+                break;
+            }
+            for (name, other) in losers {
+                let file = states
+                    .get(&name)
+                    .map(|s| s.dir.join(crate::state::DATABASE_YAML))
+                    .unwrap_or_default();
+                let listen = databases
+                    .get(&name)
+                    .map(|d| d.settings.listen.to_string())
+                    .unwrap_or_default();
+                failed
+                    .entry(name.clone())
+                    .or_default()
+                    .extend(ConfigErrors::one(
+                        &file,
+                        "listen",
+                        None,
+                        format!("{listen} is also the listen address of database {other}"),
+                    ));
+                match previous.databases.get(&name) {
+                    Some(prev) => {
+                        databases.insert(name, Arc::clone(prev));
+                    }
+                    None => {
+                        databases.remove(&name);
+                    }
+                }
+            }
+        }
+        let snapshot = Snapshot {
+            generation,
+            databases,
+            loaded_at: Some(OffsetDateTime::now_utc()),
+        };
+        (snapshot, failed)
     }
 
     /// A digest of every database's inputs, shown in `/status`.
@@ -293,5 +466,184 @@ impl Snapshot {
     pub fn publish_metrics(&self, metrics: &Metrics) {
         let figures: Vec<DatabaseFigures> = self.databases.values().map(|d| d.figures()).collect();
         metrics.publish_config(self.generation, &figures);
+    }
+}
+
+fn listen_taken(s: &DatabaseState, other: &str) -> ConfigErrors {
+    ConfigErrors::one(
+        &s.dir.join(crate::state::DATABASE_YAML),
+        "listen",
+        None,
+        format!(
+            "{} is also the listen address of database {other}",
+            s.settings.listen
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{build_crl, create_ca, issue_server, CaSigner, KeyType};
+    use crate::state::{MaterialPaths, UpstreamAddr};
+
+    struct Pki {
+        ca: String,
+        signer: CaSigner,
+        cert: String,
+        key: String,
+    }
+
+    fn pki() -> Pki {
+        let ca = create_ca("snap ca", KeyType::EcdsaP256, time::Duration::days(30)).unwrap();
+        let signer = CaSigner::from_issued(&ca).unwrap();
+        let server = issue_server(
+            &signer,
+            &["localhost".into()],
+            KeyType::EcdsaP256,
+            time::Duration::days(2),
+        )
+        .unwrap();
+        Pki {
+            ca: ca.cert_pem,
+            signer,
+            cert: server.cert_pem,
+            key: server.key_pem,
+        }
+    }
+
+    fn crl(p: &Pki, number: u64) -> Vec<u8> {
+        let now = OffsetDateTime::now_utc();
+        build_crl::<&str>(&p.signer, &[], number, now, now + time::Duration::days(7))
+            .unwrap()
+            .into_bytes()
+    }
+
+    /// Database `name` on `listen` with `rules` IP rules and a CRL numbered `crl_number`.
+    fn state(p: &Pki, name: &str, listen: &str, rules: usize, crl_number: u64) -> DatabaseState {
+        let dir = std::path::PathBuf::from(format!("/s/databases/{name}"));
+        let at = OffsetDateTime::UNIX_EPOCH;
+        DatabaseState {
+            name: name.into(),
+            paths: MaterialPaths::in_dir(&dir),
+            dir,
+            settings: DatabaseSettings {
+                listen: listen.parse().unwrap(),
+                upstream: UpstreamAddr {
+                    host: "127.0.0.1".into(),
+                    port: 5432,
+                },
+                upstream_tls: UpstreamTls::Disable,
+                upstream_ca: None,
+                upstream_server_name: None,
+                allow_plaintext_remote_upstream: false,
+                server_names: Vec::new(),
+                user_must_match_cn: false,
+                enabled_by: None,
+                created_at: None,
+            },
+            rules: (0..rules)
+                .map(|i| IpRule {
+                    id: format!("r{i}"),
+                    cidr: format!("10.0.0.{i}/32").parse().unwrap(),
+                    description: String::new(),
+                    created_at: at,
+                    updated_at: at,
+                })
+                .collect(),
+            server_cert_pem: p.cert.clone().into_bytes(),
+            server_key_pem: p.key.clone().into_bytes(),
+            ca_pem: p.ca.clone().into_bytes(),
+            crl_pem: Some(crl(p, crl_number)),
+            crl_required: true,
+            certificates: Vec::new(),
+        }
+    }
+
+    fn loaded(states: Vec<DatabaseState>) -> Vec<LoadedDatabase> {
+        states
+            .into_iter()
+            .map(|s| (s.name.clone(), Ok(s)))
+            .collect()
+    }
+
+    #[test]
+    fn each_database_is_applied_or_kept_on_its_own() {
+        let p = pki();
+        let m = Metrics::new();
+        let first = [
+            state(&p, "a", "127.0.0.1:7001", 1, 1),
+            state(&p, "b", "127.0.0.1:7002", 1, 1),
+            state(&p, "c", "127.0.0.1:7003", 1, 5),
+        ];
+        let previous = Snapshot::build(1, &first, &m).unwrap();
+        let mut broken = state(&p, "b", "127.0.0.1:7002", 2, 1);
+        broken.crl_pem = None;
+        let next = vec![
+            // a changes and stays on its address; a new database and b both move onto it.
+            ("a".into(), Ok(state(&p, "a", "127.0.0.1:7001", 2, 1))),
+            (
+                "b".into(),
+                Err(ConfigErrors::one(Path::new("/s/b"), "", None, "bad")),
+            ),
+            ("c".into(), Ok(state(&p, "c", "127.0.0.1:7003", 2, 4))),
+            ("d".into(), Ok(state(&p, "d", "127.0.0.1:7001", 1, 1))),
+            ("e".into(), Ok(state(&p, "e", "127.0.0.1:7005", 1, 1))),
+        ];
+        let (snap, failed) = Snapshot::rebuild(2, next, &previous, &m);
+
+        assert_eq!(snap.databases["a"].rules.len(), 2, "a's change is applied");
+        assert!(Arc::ptr_eq(&snap.databases["b"], &previous.databases["b"]));
+        assert_eq!(failed["b"].to_string(), "/s/b: bad");
+        // c's CRL went from number 5 to 4: refused, the old runtime stays.
+        assert!(Arc::ptr_eq(&snap.databases["c"], &previous.databases["c"]));
+        assert!(failed["c"].to_string().contains(
+            "/s/databases/c/crl.pem: CRL number 4 is lower than 5, the number of the CRL in force"
+        ));
+        assert!(
+            !snap.databases.contains_key("d"),
+            "a new database that fails is not added"
+        );
+        assert_eq!(
+            failed["d"].to_string(),
+            "/s/databases/d/database.yaml: listen: 127.0.0.1:7001 is also the listen address \
+             of database a"
+        );
+        assert_eq!(
+            snap.databases["e"].rules.len(),
+            1,
+            "a new valid database is added"
+        );
+        assert_eq!(failed.len(), 3);
+
+        // A database that moves onto a served address falls back to its previous runtime.
+        let (snap, failed) = Snapshot::rebuild(
+            3,
+            loaded(vec![
+                first[0].clone(),
+                state(&p, "b", "127.0.0.1:7001", 3, 1),
+                first[2].clone(),
+            ]),
+            &previous,
+            &m,
+        );
+        assert!(Arc::ptr_eq(&snap.databases["a"], &previous.databases["a"]));
+        assert!(Arc::ptr_eq(&snap.databases["b"], &previous.databases["b"]));
+        assert!(failed["b"]
+            .to_string()
+            .contains("also the listen address of database a"));
+        assert_eq!(failed.len(), 1);
+        assert_eq!(snap.content_hash(), previous.content_hash());
+
+        // A database without its CRL is refused by name; quick mode's optional CRL is not.
+        let (_, failed) = Snapshot::rebuild(4, loaded(vec![broken.clone()]), &previous, &m);
+        assert!(failed["b"]
+            .to_string()
+            .contains("/s/databases/b/crl.pem: missing"));
+        broken.crl_required = false;
+        let none = Snapshot::default();
+        let (snap, failed) = Snapshot::rebuild(4, loaded(vec![broken]), &none, &m);
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(snap.databases.contains_key("b"));
     }
 }

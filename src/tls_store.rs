@@ -57,15 +57,20 @@ pub struct ServerTls {
     pub ca_not_after: Option<OffsetDateTime>,
     /// Serials (lowercase hex) listed in the CRL.
     pub revoked_serials: HashSet<String>,
+    /// The highest cRLNumber in the CRL file; `None` without a CRL or without the extension.
+    pub crl_number: Option<u64>,
 }
 
 /// Builds the server side of one database's TLS. `paths` only name files in errors.
+/// `also_revoked` are serials refused at the handshake besides the CRL's (the records marked
+/// `revoked_at`), so that a CRL that lost an entry cannot let a revoked certificate back in.
 pub fn build_server_tls(
     paths: &MaterialPaths,
     cert_pem: &[u8],
     key_pem: &[u8],
     ca_pem: &[u8],
     crl_pem: Option<&[u8]>,
+    also_revoked: &HashSet<String>,
 ) -> Result<ServerTls, ConfigErrors> {
     let mut errors = ConfigErrors::default();
     let (cert_file, key_file, ca_file, crl_file) =
@@ -86,6 +91,7 @@ pub fn build_server_tls(
         .ok();
     let ca = certs(ca_file, ca_pem).map_err(|e| errors.extend(e)).ok();
     let mut revoked_serials = HashSet::new();
+    let mut crl_number = None;
     let crls = match crl_pem {
         None => Some(Vec::new()),
         Some(pem) => {
@@ -93,9 +99,20 @@ pub fn build_server_tls(
                 CertificateRevocationListDer::pem_slice_iter(pem).collect();
             match parsed {
                 Ok(list) => {
+                    if list.is_empty() {
+                        errors.extend(ConfigErrors::one(
+                            crl_file,
+                            "",
+                            None,
+                            "no PEM X509 CRL found",
+                        ));
+                    }
                     for crl in &list {
-                        match crl_serials(crl) {
-                            Ok(s) => revoked_serials.extend(s),
+                        match crl_facts(crl) {
+                            Ok((serials, number)) => {
+                                revoked_serials.extend(serials);
+                                crl_number = crl_number.max(number);
+                            }
                             Err(m) => errors.extend(ConfigErrors::one(crl_file, "", None, m)),
                         }
                     }
@@ -138,7 +155,7 @@ pub fn build_server_tls(
         .build()
         .map_err(|e| ConfigErrors::one(crl_file, "", None, format!("CA or CRL rejected: {e}")))?;
     // One cache per build: a reload with a new CA or CRL starts from an empty one.
-    let verifier = Arc::new(CachingClientVerifier::new(verifier));
+    let verifier = Arc::new(CachingClientVerifier::new(verifier).refusing(also_revoked.clone()));
 
     let server_not_after = chain.first().and_then(|c| not_after(c));
     let ca_not_after = ca.first().and_then(|c| not_after(c));
@@ -166,6 +183,7 @@ pub fn build_server_tls(
         server_not_after,
         ca_not_after,
         revoked_serials,
+        crl_number,
     })
 }
 
@@ -194,13 +212,11 @@ fn not_after(der: &CertificateDer<'_>) -> Option<OffsetDateTime> {
     Some(cert.validity().not_after.to_datetime())
 }
 
-fn crl_serials(der: &CertificateRevocationListDer<'_>) -> Result<Vec<String>, String> {
-    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
-        .map_err(|e| format!("CRL does not parse: {e}"))?;
-    Ok(crl
-        .iter_revoked_certificates()
-        .map(|r| serial_hex(r.raw_serial()))
-        .collect())
+/// The serials a CRL lists and its cRLNumber.
+fn crl_facts(der: &CertificateRevocationListDer<'_>) -> Result<(Vec<String>, Option<u64>), String> {
+    let info =
+        crate::pki::parse_crl_der(der.as_ref()).map_err(|e| format!("CRL does not parse: {e}"))?;
+    Ok((info.revoked_serials, info.crl_number))
 }
 
 /// Lowercase hex of a certificate serial without leading zeros ("0" for zero): the one format
@@ -306,6 +322,7 @@ mod tests {
             b"junk",
             b"-----BEGIN CERTIFICATE-----\nnotbase64!\n-----END CERTIFICATE-----\n",
             Some(b"-----BEGIN X509 CRL-----\n!!\n-----END X509 CRL-----\n"),
+            &HashSet::new(),
         )
         .unwrap_err();
         let s = e.to_string();
@@ -378,6 +395,7 @@ mod handshake_tests {
             server.key_pem.as_bytes(),
             ca.cert_pem.as_bytes(),
             None,
+            &HashSet::new(),
         )
         .unwrap();
         let mut roots = RootCertStore::empty();

@@ -532,3 +532,31 @@ fn prefixed_download_still_warns_about_unprefixed_files_left_in_the_default_dire
         "someone else's root"
     );
 }
+
+/// A database that lost its CRL is invalid (the proxy would accept what it revoked); the CLI
+/// says so, and `certificates renew` writes a new CRL from the records marked revoked.
+#[test]
+fn a_lost_crl_is_reported_and_renew_rewrites_it_from_the_records() {
+    let env = Env::new();
+    env.create_db("app", "127.0.0.1:0", "127.0.0.1:5432");
+    let a = env.run(&["certificates", "create", "app", "--json"]).json();
+    let serial = a["serial"].as_str().unwrap().to_owned();
+    env.run(&[
+        "certificates",
+        "revoke",
+        "app",
+        "--id",
+        a["id"].as_str().unwrap(),
+    ])
+    .ok();
+    std::fs::remove_file(env.db_dir("app").join("crl.pem")).unwrap();
+
+    let out = env.run(&["databases"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("crl.pem: missing"), "{}", out.stderr);
+
+    env.run(&["certificates", "renew", "app"]).ok();
+    let c = crl(&env);
+    assert_eq!(c.revoked_serials, vec![serial]);
+    env.run(&["databases"]).ok();
+}

@@ -631,3 +631,50 @@ fn mtls_create_accepts_a_unix_socket_upstream() {
         .to_owned();
     assert!(e.contains("absolute path"), "{e}");
 }
+
+/// A proxy that rejected one database's change says so for that database only: `mtls DB` and
+/// `databases` show the error next to the database it concerns.
+#[test]
+fn a_database_the_proxy_rejected_shows_its_error_and_only_there() {
+    let env = Env::new();
+    env.create_db("app", &free_listen(), "127.0.0.1:5432");
+    env.create_db("other", &free_listen(), "127.0.0.1:5432");
+    let error = "/s/databases/app/ip-rules.yaml: error: line 2: did not find expected node";
+    let db = |reload_error: Option<&str>| {
+        json!({"operational": true, "listen": "127.0.0.1:6432", "rules": [], "certificates": [],
+               "crl_entries": 0, "reload_error": reload_error})
+    };
+    let status = json!({
+        "generation": 4,
+        "content_hash": "abc",
+        "last_reload": {"at": "2026-05-05T12:00:00Z", "trigger": "watch", "ok": false,
+                        "error": error, "database_errors": {"app": error}},
+        "databases": {"app": db(Some(error)), "other": db(None)}
+    });
+    let url = fake_admin(status.to_string());
+    let with = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["--admin-url", &url]);
+        env.run(&a)
+    };
+    let text = with(&["mtls", "app"]).ok().to_owned();
+    assert!(text.contains("proxy_reload_error"), "{text}");
+    assert!(text.contains("did not find expected node"), "{text}");
+    let json = with(&["mtls", "app", "--json"]).json();
+    assert_eq!(json["proxy_reload_error"], error);
+    let text = with(&["mtls", "other"]).ok().to_owned();
+    assert!(!text.contains("proxy_reload_error"), "{text}");
+    assert!(with(&["mtls", "other", "--json"]).json()["proxy_reload_error"].is_null());
+
+    let out = with(&["databases", "--json"]);
+    let rows = out.json();
+    assert_eq!(rows[0]["name"], "app");
+    assert_eq!(rows[0]["proxy_reload_error"], error);
+    assert!(rows[1]["proxy_reload_error"].is_null());
+    assert!(
+        out.stderr
+            .contains("the proxy rejected the last change of database app"),
+        "{}",
+        out.stderr
+    );
+}

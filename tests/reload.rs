@@ -1,6 +1,6 @@
 //! Hot reload of the state directory: every way a file gets replaced is seen (in-place write,
-//! rename, Kubernetes' `..data` symlink swap, SIGHUP); broken changes are rejected as a whole
-//! and shown in `/status` and the metrics; databases come and go; a rotated server
+//! rename, Kubernetes' `..data` symlink swap, SIGHUP); a database's broken change is rejected
+//! as a whole and shown in `/status` and the metrics; databases come and go; a rotated server
 //! certificate is served to the next connection.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -294,7 +294,7 @@ async fn broken_changes_keep_the_previous_rules_and_show_in_status_and_metrics()
     );
 
     // A good change clears the error.
-    std::fs::remove_file(state.db_dir("orders").join("crl.pem")).unwrap();
+    state.write_file("orders", "crl.pem", crl_pem(&pki, &[]).as_bytes(), 0o644);
     state.write_file("orders", "server.key", pki.server.key_pem.as_bytes(), 0o600);
     state.write_rules("orders", &[("r3", "127.0.0.3/32")]);
     let s = wait_status(admin, WAIT, |s| s["generation"] == 2).await;
@@ -539,4 +539,52 @@ async fn handshake_with(
         .await?;
     let mut b = [0u8; 1];
     tls.read(&mut b).await
+}
+
+/// Quick mode's inputs are its command line and PEM files: with none of them changed, a
+/// reload changes nothing, not even the content hash.
+#[tokio::test]
+async fn quick_mode_unchanged_input_keeps_its_content_hash() {
+    let pki = TestPki::new();
+    let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let proxy = ProxyProcess::quick(&pki, upstream, &["127.0.0.2/32", "127.0.0.3/32"], &[]);
+    proxy.signal("HUP");
+    let line = proxy.wait_for_log(WAIT, |v| {
+        v["trigger"] == "sighup"
+            && (v["message"] == "configuration unchanged"
+                || v["message"] == "configuration reloaded")
+    });
+    assert_eq!(line["message"], "configuration unchanged", "{line}");
+    assert_eq!(line["generation"], 1);
+}
+
+/// A new database on the address another already serves is refused on its own; the one
+/// serving there is untouched.
+#[tokio::test]
+async fn a_new_database_on_a_taken_listen_address_is_refused_alone() {
+    let pki = TestPki::new();
+    let (state, proxy) = start(&pki, "");
+    let addr = proxy.addr();
+    let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let staging = state.root.join("databases/.billing.tmp");
+    // `orders` is configured as 127.0.0.1:0 too.
+    write_database(
+        &staging,
+        &pki,
+        "127.0.0.1:0",
+        upstream,
+        &[("b2", "127.0.0.2/32")],
+    );
+    std::fs::rename(&staging, state.db_dir("billing")).unwrap();
+    let line = proxy.wait_for_log(WAIT, rejected);
+    let errors = line["errors"].as_str().unwrap();
+    assert!(
+        errors.contains("billing/database.yaml: listen: 127.0.0.1:0 is also the listen address of database orders"),
+        "{line}"
+    );
+    let s = status(proxy.admin()).await;
+    assert!(s["databases"]["billing"].is_null(), "{s:#}");
+    assert!(s["last_reload"]["database_errors"]["billing"].is_string());
+    assert!(s["databases"]["orders"]["reload_error"].is_null());
+    assert!(admits("127.0.0.2", addr).await);
 }

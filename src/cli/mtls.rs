@@ -275,6 +275,8 @@ struct StatusView {
     ip_rules: usize,
     certificates: Vec<CertView>,
     proxy: serde_json::Value,
+    /// Why the proxy rejected this database's last change (it serves the previous one).
+    proxy_reload_error: Option<String>,
 }
 
 fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
@@ -303,6 +305,7 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         ip_rules: db.rules.len(),
         certificates: certs,
         proxy: proxy.summary(),
+        proxy_reload_error: proxy.database_error(&name).map(str::to_owned),
     };
     if args.json {
         say_raw!("{}", output::json(&view));
@@ -330,8 +333,8 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         )
         .row("ca_expires_at", opt_time(view.ca_expires_at))
         .row("ip_rules", view.ip_rules.to_string());
-    if let Some(e) = proxy.reload_error() {
-        block = block.row("proxy_reload_error", e);
+    if let Some(e) = &view.proxy_reload_error {
+        block = block.row("proxy_reload_error", output::clean(e));
     }
     say_raw!("{}", block.render());
     say!();
@@ -357,6 +360,8 @@ struct DatabaseRow {
     tls_status: &'static str,
     /// Why the database does not load, if it does not.
     error: Option<String>,
+    /// Why the proxy rejected the database's last change (it serves the previous one).
+    proxy_reload_error: Option<String>,
 }
 
 pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
@@ -375,7 +380,14 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     let mut broken = 0;
     for name in names {
-        match ctx.state.load_database(&name) {
+        // What the proxy would make of it, not only whether the files parse: a database
+        // without its CRL loads but is refused.
+        let loaded = ctx.state.load_database(&name).and_then(|db| {
+            let metrics = crate::metrics::Metrics::new();
+            crate::snapshot::DatabaseRuntime::build(&db, &metrics).map(|_| db)
+        });
+        let proxy_reload_error = proxy.database_error(&name).map(str::to_owned);
+        match loaded {
             Ok(db) => rows.push(DatabaseRow {
                 tls_status: proxy.tls_status(&name).as_json(),
                 listen: Some(db.settings.listen.to_string()),
@@ -383,6 +395,7 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
                 ip_rules: Some(db.rules.len()),
                 certificates: Some(db.certificates.len()),
                 error: None,
+                proxy_reload_error,
                 name,
             }),
             Err(e) => {
@@ -394,6 +407,7 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
                     ip_rules: None,
                     certificates: None,
                     error: Some(one_line(&e)),
+                    proxy_reload_error,
                     name,
                 })
             }
@@ -435,9 +449,15 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
     for r in &rows {
         if let Some(e) = &r.error {
             eprintln!("pgmtls: error: database {} does not load: {e}", r.name);
+        } else if let Some(e) = &r.proxy_reload_error {
+            eprintln!(
+                "pgmtls: warning: the proxy rejected the last change of database {}: {}",
+                r.name,
+                output::clean(e)
+            );
         }
     }
-    // A database that does not load makes the proxy refuse every reload: say so in the exit code.
+    // A database that does not load is not served as it is on disk: say so in the exit code.
     Ok(if broken > 0 {
         ExitCode::FAILURE
     } else {

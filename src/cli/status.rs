@@ -41,6 +41,9 @@ pub struct LastReload {
     pub ok: bool,
     #[serde(default)]
     pub error: Option<String>,
+    /// Per database whose change the last reload rejected, its errors.
+    #[serde(default)]
+    pub database_errors: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +63,9 @@ pub struct DatabaseStatus {
     pub server_cert_expires_at: Option<String>,
     #[serde(default)]
     pub ca_expires_at: Option<String>,
+    /// Why the proxy rejected this database's last change (it serves the previous one).
+    #[serde(default)]
+    pub reload_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -372,6 +378,30 @@ impl ProxyView {
         }
     }
 
+    /// Why the last reload rejected database `db`'s change, when it did: the proxy then serves
+    /// the database's previous configuration (or, for a new one, nothing). A proxy that names
+    /// no database in its errors (an older one, or a broken config file) gives its whole error.
+    pub fn database_error(&self, db: &str) -> Option<&str> {
+        let ProxyView::Reachable { status, .. } = self else {
+            return None;
+        };
+        let last = status.last_reload.as_ref().filter(|r| !r.ok)?;
+        if let Some(e) = last.database_errors.get(db) {
+            return Some(e);
+        }
+        if let Some(e) = status
+            .databases
+            .get(db)
+            .and_then(|d| d.reload_error.as_deref())
+        {
+            return Some(e);
+        }
+        if last.database_errors.is_empty() {
+            return last.error.as_deref();
+        }
+        None
+    }
+
     /// A JSON summary for `--json` output.
     pub fn summary(&self) -> serde_json::Value {
         match self {
@@ -442,6 +472,28 @@ mod tests {
                 .to_owned()
         });
         (AdminUrl::from_listen(addr), h)
+    }
+
+    #[test]
+    fn a_database_error_is_told_for_its_database_only() {
+        let doc = r#"{"generation": 2, "content_hash": "ab",
+            "last_reload": {"ok": false, "error": "b/ip-rules.yaml: bad",
+                            "database_errors": {"b": "b/ip-rules.yaml: bad", "new": "new/crl.pem: missing"}},
+            "databases": {"a": {"operational": true}, "b": {"operational": true, "reload_error": "b/ip-rules.yaml: bad"}}}"#;
+        let view = ProxyView::Reachable {
+            url: AdminUrl::from_listen("127.0.0.1:1".parse().unwrap()),
+            status: serde_json::from_str(doc).unwrap(),
+        };
+        assert_eq!(view.database_error("a"), None);
+        assert_eq!(view.database_error("b"), Some("b/ip-rules.yaml: bad"));
+        assert_eq!(view.database_error("new"), Some("new/crl.pem: missing"));
+        // A proxy that names no database: its whole error concerns every database.
+        let old = r#"{"last_reload": {"ok": false, "error": "pgmtls.yaml:3: bad"}, "databases": {"a": {}}}"#;
+        let view = ProxyView::Reachable {
+            url: AdminUrl::from_listen("127.0.0.1:1".parse().unwrap()),
+            status: serde_json::from_str(old).unwrap(),
+        };
+        assert_eq!(view.database_error("a"), Some("pgmtls.yaml:3: bad"));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!     database.yaml           DatabaseSettings
 //!     server.crt server.key   what the proxy presents (chain, key 0600)
 //!     ca.crt ca.key           the client CA (the proxy reads only ca.crt)
-//!     crl.pem                 revoked client certificates (optional)
+//!     crl.pem                 revoked client certificates (required: missing is invalid)
 //!     ip-rules.yaml           IpRules
 //!     certificates/ID/        certificate.yaml, client.crt, client.key
 //!   archive/NAME-TIMESTAMP/   databases whose mTLS was disabled
@@ -116,15 +116,32 @@ impl StateDir {
     pub fn load_all(&self) -> Result<Vec<DatabaseState>, ConfigErrors> {
         let mut errors = ConfigErrors::default();
         let mut out = Vec::new();
-        for name in self.database_names()? {
-            match self.load_database(&name) {
+        for (_, loaded) in self.load_each()? {
+            match loaded {
                 Ok(db) => out.push(db),
                 Err(e) => errors.extend(e),
             }
         }
         errors.into_result(out)
     }
+
+    /// Loads every database on its own, so that a reload can apply the databases that load
+    /// and keep the previous state of those that do not. Only a `databases/` folder that
+    /// cannot be listed fails as a whole.
+    pub fn load_each(&self) -> Result<Vec<LoadedDatabase>, ConfigErrors> {
+        Ok(self
+            .database_names()?
+            .into_iter()
+            .map(|name| {
+                let loaded = self.load_database(&name);
+                (name, loaded)
+            })
+            .collect())
+    }
 }
+
+/// One database folder's name and what loading it gave.
+pub type LoadedDatabase = (String, Result<DatabaseState, ConfigErrors>);
 
 /// Database names become folder names and metric labels: keep them short and path-safe.
 pub fn validate_database_name(name: &str) -> Result<(), String> {

@@ -454,6 +454,11 @@ pub struct DatabaseState {
     pub server_key_pem: Vec<u8>,
     pub ca_pem: Vec<u8>,
     pub crl_pem: Option<Vec<u8>>,
+    /// Whether a missing `crl_pem` makes the database invalid. True in a state directory,
+    /// where every database has a CRL from `mtls create` on, so a missing one means a file was
+    /// lost or removed, and serving on would fail open; false in quick mode, where `--crl` is
+    /// optional.
+    pub crl_required: bool,
     pub certificates: Vec<CertificateRecord>,
 }
 
@@ -523,6 +528,7 @@ impl DatabaseState {
                     server_key_pem: k,
                     ca_pem: ca,
                     crl_pem,
+                    crl_required: true,
                     certificates: certs,
                 })
             }

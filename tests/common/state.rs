@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use pgmtls::state::{
     ip_rules_to_yaml, write_atomic, CertificateRecord, DatabaseSettings, IpRule, UpstreamAddr,
-    UpstreamTls, CA_CERT, CERTIFICATES_DIR, CERTIFICATE_YAML, DATABASE_YAML, IP_RULES, SERVER_CERT,
-    SERVER_KEY,
+    UpstreamTls, CA_CERT, CERTIFICATES_DIR, CERTIFICATE_YAML, CRL, DATABASE_YAML, IP_RULES,
+    SERVER_CERT, SERVER_KEY,
 };
 use rcgen::{Issuer, KeyPair};
 use tempfile::TempDir;
@@ -83,7 +83,26 @@ impl TestState {
 
     /// `certificates/ID/certificate.yaml` describing `role`.
     pub fn add_certificate_record(&self, db: &str, id: &str, role: &Role) {
-        let rec = certificate_record(id, role);
+        self.write_certificate_record(db, &certificate_record(id, role));
+    }
+
+    /// Revokes `role` as `certificates revoke` does: a CRL numbered `crl_number` listing it
+    /// first, then its record `id` marked `revoked_at`.
+    pub fn revoke(&self, db: &str, pki: &TestPki, id: &str, role: &Role, crl_number: u64) {
+        let crl = crl_pem_numbered(pki, &[role], crl_number);
+        self.write_file(db, CRL, crl.as_bytes(), 0o644);
+        self.mark_revoked(db, id, role);
+    }
+
+    /// Marks the record `id` of `role` `revoked_at`, leaving the CRL as it is.
+    pub fn mark_revoked(&self, db: &str, id: &str, role: &Role) {
+        let mut rec = certificate_record(id, role);
+        rec.revoked_at = Some(OffsetDateTime::now_utc().replace_nanosecond(0).unwrap());
+        self.write_certificate_record(db, &rec);
+    }
+
+    fn write_certificate_record(&self, db: &str, rec: &CertificateRecord) {
+        let id = &rec.id;
         let path = self
             .db_dir(db)
             .join(CERTIFICATES_DIR)
@@ -127,6 +146,8 @@ pub fn write_database(
     write_atomic(&dir.join(SERVER_KEY), pki.server.key_pem.as_bytes(), 0o600).unwrap();
     write_atomic(&dir.join(CA_CERT), pki.ca.cert_pem.as_bytes(), 0o644).unwrap();
     write_atomic(&dir.join(IP_RULES), rules_yaml(rules).as_bytes(), 0o644).unwrap();
+    // As `mtls create`: every database in a state directory has a CRL, number 1, empty.
+    write_atomic(&dir.join(CRL), crl_pem(pki, &[]).as_bytes(), 0o644).unwrap();
 }
 
 pub fn rule(id: &str, cidr: &str) -> IpRule {
@@ -177,8 +198,13 @@ pub fn certificate_record(id: &str, role: &Role) -> CertificateRecord {
 }
 
 /// A PEM CRL signed by the test CA listing `revoked`, made by `pgmtls::pki::build_crl`, the
-/// function the CLI revokes with.
+/// function the CLI revokes with. Its CRL number is 1, as the first CRL `mtls create` writes.
 pub fn crl_pem(pki: &TestPki, revoked: &[&Role]) -> String {
+    crl_pem_numbered(pki, revoked, 1)
+}
+
+/// As [`crl_pem`], with CRL number `number`.
+pub fn crl_pem_numbered(pki: &TestPki, revoked: &[&Role], number: u64) -> String {
     let signer = pgmtls::pki::CaSigner::from_pem(&pki.ca.cert_pem, &pki.ca.key_pem).unwrap();
     let now = OffsetDateTime::now_utc();
     let entries: Vec<(String, OffsetDateTime)> = revoked
@@ -188,7 +214,7 @@ pub fn crl_pem(pki: &TestPki, revoked: &[&Role]) -> String {
     pgmtls::pki::build_crl(
         &signer,
         &entries,
-        1,
+        number,
         now - Duration::minutes(1),
         now + Duration::days(7),
     )
