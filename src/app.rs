@@ -523,8 +523,14 @@ impl App {
         self.generation.store(next_gen, Ordering::Relaxed);
 
         for name in &report.removed {
-            if let Some(h) = lock(&self.listeners).remove(name) {
+            let removed = lock(&self.listeners).remove(name);
+            if let Some(h) = removed {
                 h.tasks.iter().for_each(JoinHandle::abort);
+                // An aborted task drops its socket only when its runtime next polls it: wait
+                // for that, so the line below is true when it is written.
+                for t in h.tasks {
+                    let _ = t.await;
+                }
                 tracing::info!(
                     database = name.as_str(),
                     "database disabled; listener closed"
