@@ -1,6 +1,9 @@
 # Multi-stage build: compile with cargo in the official Rust image, run in distroless/cc as a
 # non-root user. Not built in CI (no Docker engine there); see README.
 FROM rust:1.95-bookworm AS build
+# protoc: the etcd client compiles etcd's gRPC API at build time.
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -51,5 +51,6 @@ pub mod reload;
 pub mod sessions;
 pub mod snapshot;
 pub mod state;
+pub mod store;
 pub mod tls_store;
 pub mod wire;

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod clients;
+pub mod etcd;
 pub mod pg;
 pub mod pki;
 pub mod proxy;

@@ -1,0 +1,257 @@
+//! The etcd v3 store: records under `PREFIX/`, read at one revision, committed in one
+//! transaction guarded by what was read, followed by watch.
+//!
+//! The guard: every commit also rewrites `PREFIX/.revision`, and succeeds only if that key's
+//! last change is the one the writer read (and no record under the prefix changed after the
+//! read, which also catches a writer that bypasses pgmtls). So two writers that read the same
+//! state never both win, whatever keys they touch: the loser gets
+//! [`StoreError::Conflict`] and nothing of its change is written.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+};
+
+use super::{check_key, Batch, Event, Listing, StoreError, Write};
+
+/// The key every commit rewrites, relative to the prefix. A dot-name: never a record.
+const GUARD_KEY: &str = ".revision";
+
+/// How to reach the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `http://HOST:PORT` or `https://HOST:PORT`, one or more members.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this pgmtls installation, e.g. `/pgmtls`; no trailing slash.
+    pub prefix: String,
+    /// etcd user and password, when the cluster has authentication on.
+    pub user: Option<(String, String)>,
+    /// Dial and per-request timeout.
+    pub timeout: Duration,
+}
+
+impl EtcdConfig {
+    pub fn new(endpoints: Vec<String>, prefix: &str) -> EtcdConfig {
+        EtcdConfig {
+            endpoints,
+            prefix: prefix.trim_end_matches('/').to_owned(),
+            user: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A connected etcd store. Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    config: EtcdConfig,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.config.endpoints)
+            .field("prefix", &self.config.prefix)
+            .finish()
+    }
+}
+
+impl EtcdStore {
+    pub async fn connect(config: EtcdConfig) -> Result<EtcdStore, StoreError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(config.timeout)
+            .with_timeout(config.timeout)
+            .with_keep_alive(Duration::from_secs(10), config.timeout);
+        if let Some((user, password)) = &config.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        let client = Client::connect(&config.endpoints, Some(options))
+            .await
+            .map_err(|e| unavailable(&config, "cannot connect", e))?;
+        Ok(EtcdStore { client, config })
+    }
+
+    pub fn config(&self) -> &EtcdConfig {
+        &self.config
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}/{key}", self.config.prefix)
+    }
+
+    /// The range every record lives in: `PREFIX/`.
+    fn range(&self) -> String {
+        format!("{}/", self.config.prefix)
+    }
+
+    /// Every record under the prefix, at one revision.
+    pub async fn load(&self) -> Result<Listing, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .get(self.range(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| unavailable(&self.config, "cannot read", e))?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        let mut listing = Listing {
+            revision,
+            ..Listing::default()
+        };
+        let range = self.range();
+        for kv in response.kvs() {
+            let Some(key) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|k| k.strip_prefix(range.as_str()))
+            else {
+                continue;
+            };
+            if key == GUARD_KEY {
+                listing.guard = kv.mod_revision();
+                continue;
+            }
+            listing.records.insert(key.to_owned(), kv.value().to_vec());
+        }
+        Ok(listing)
+    }
+
+    /// Writes `write` as one transaction, only if nothing changed since `read` was loaded.
+    /// Returns the new revision.
+    pub async fn commit(&self, read: &Listing, write: &Write) -> Result<i64, StoreError> {
+        for key in write.puts.keys().chain(&write.deletes) {
+            check_key(key)?;
+        }
+        let guard = self.full_key(GUARD_KEY);
+        let compares = vec![
+            Compare::mod_revision(guard.clone(), CompareOp::Equal, read.guard),
+            // Nothing under the prefix changed after the read (a write that bypassed pgmtls).
+            Compare::mod_revision(self.range(), CompareOp::Less, read.revision + 1).with_prefix(),
+        ];
+        let mut ops: Vec<TxnOp> = Vec::with_capacity(write.puts.len() + write.deletes.len() + 1);
+        for (key, bytes) in &write.puts {
+            ops.push(TxnOp::put(self.full_key(key), bytes.clone(), None));
+        }
+        for key in &write.deletes {
+            ops.push(TxnOp::delete(self.full_key(key), None));
+        }
+        ops.push(TxnOp::put(guard, read.revision.to_string(), None));
+        let txn = Txn::new().when(compares).and_then(ops);
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .txn(txn)
+            .await
+            .map_err(|e| unavailable(&self.config, "cannot commit", e))?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        if response.succeeded() {
+            Ok(revision)
+        } else {
+            Err(StoreError::Conflict { current: revision })
+        }
+    }
+
+    /// Follows every change after `from`, one committed revision at a time. Ends with
+    /// [`StoreError::Compacted`] when that history is gone, or `Unavailable` when the
+    /// connection is lost; either way the caller reloads and watches again.
+    pub async fn watch(&self, from: i64) -> Result<Watch, StoreError> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from + 1);
+        let mut client = self.client.watch_client();
+        let stream = client
+            .watch(self.range(), Some(options))
+            .await
+            .map_err(|e| unavailable(&self.config, "cannot watch", e))?;
+        Ok(Watch {
+            stream,
+            pending: Default::default(),
+            range: self.range(),
+            from,
+            config: self.config.clone(),
+        })
+    }
+}
+
+/// A running watch.
+pub struct Watch {
+    stream: etcd_client::WatchStream,
+    /// Revisions received but not yet handed out.
+    pending: std::collections::VecDeque<Batch>,
+    range: String,
+    from: i64,
+    config: EtcdConfig,
+}
+
+impl Watch {
+    /// The next revision's changes to records (guard-key writes are left out, so a batch may
+    /// be empty: the revision still counts as seen).
+    pub async fn next(&mut self) -> Result<Batch, StoreError> {
+        loop {
+            if let Some(batch) = self.pending.pop_front() {
+                self.from = batch.revision;
+                return Ok(batch);
+            }
+            let message = self
+                .stream
+                .message()
+                .await
+                .map_err(|e| unavailable(&self.config, "watch failed", e))?;
+            let Some(response) = message else {
+                return Err(StoreError::Unavailable {
+                    what: format!("watch of {} ended", self.range),
+                    detail: "the server closed the stream".into(),
+                });
+            };
+            if response.compact_revision() > 0 {
+                return Err(StoreError::Compacted {
+                    requested: self.from + 1,
+                    compacted: response.compact_revision(),
+                });
+            }
+            if response.canceled() {
+                return Err(StoreError::Unavailable {
+                    what: format!("watch of {} was cancelled", self.range),
+                    detail: response.cancel_reason().to_owned(),
+                });
+            }
+            // One response may carry several revisions: each becomes its own batch.
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                let revision = kv.mod_revision();
+                if self.pending.back().is_none_or(|b| b.revision != revision) {
+                    self.pending.push_back(Batch {
+                        revision,
+                        events: Vec::new(),
+                    });
+                }
+                let Some(key) = std::str::from_utf8(kv.key())
+                    .ok()
+                    .and_then(|k| k.strip_prefix(self.range.as_str()))
+                else {
+                    continue;
+                };
+                if key == GUARD_KEY {
+                    continue;
+                }
+                let change = match event.event_type() {
+                    EventType::Put => Event::Put {
+                        key: key.to_owned(),
+                        bytes: kv.value().to_vec(),
+                    },
+                    EventType::Delete => Event::Delete {
+                        key: key.to_owned(),
+                    },
+                };
+                if let Some(batch) = self.pending.back_mut() {
+                    batch.events.push(change);
+                }
+            }
+        }
+    }
+}
+
+fn unavailable(config: &EtcdConfig, what: &str, e: etcd_client::Error) -> StoreError {
+    StoreError::Unavailable {
+        what: format!("{what} etcd at {}", config.endpoints.join(",")),
+        detail: e.to_string(),
+    }
+}

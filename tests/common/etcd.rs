@@ -1,0 +1,159 @@
+//! A throwaway etcd per test: the `etcd` binary (Debian: `apt-get install etcd-server`), a
+//! temp data dir, free client and peer ports on loopback, torn down on drop. Ready when etcd
+//! logs that it serves client traffic.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use super::clients::free_port;
+
+/// Call at the top of every test that needs etcd; `return` when false.
+///
+/// False (and says so) only when `PGMTLS_SKIP_ETCD_TESTS=1`; otherwise panics with install
+/// instructions when the binary is missing, so CI can never skip silently.
+pub fn etcd_available_or_skip() -> bool {
+    if std::env::var("PGMTLS_SKIP_ETCD_TESTS").as_deref() == Ok("1") {
+        eprintln!("skipping: PGMTLS_SKIP_ETCD_TESTS=1 is set and this test needs etcd");
+        return false;
+    }
+    etcd_bin();
+    true
+}
+
+/// `$PGMTLS_ETCD_BIN`, else `etcd` on PATH.
+pub fn etcd_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PGMTLS_ETCD_BIN") {
+        return PathBuf::from(p);
+    }
+    let found = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("etcd"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_default();
+    found.unwrap_or_else(|| {
+        panic!(
+            "etcd not found: install it (Debian/Ubuntu: apt-get install etcd-server) or set \
+             PGMTLS_ETCD_BIN; on a laptop without it, PGMTLS_SKIP_ETCD_TESTS=1 skips these tests"
+        )
+    })
+}
+
+pub struct EtcdServer {
+    child: Option<Child>,
+    client_port: u16,
+    _dir: TempDir,
+    log: PathBuf,
+}
+
+impl EtcdServer {
+    pub fn start() -> EtcdServer {
+        let dir = tempfile::Builder::new()
+            .prefix("pgmtls-etcd-")
+            .tempdir()
+            .expect("temp dir for etcd");
+        for _attempt in 0..5 {
+            if let Some(s) = Self::try_start(&dir) {
+                return EtcdServer {
+                    child: Some(s.0),
+                    client_port: s.1,
+                    log: s.2,
+                    _dir: dir,
+                };
+            }
+        }
+        panic!(
+            "etcd did not start; see the logs in {}",
+            dir.path().display()
+        );
+    }
+
+    /// One attempt on fresh ports; `None` when etcd exited (a port was taken meanwhile).
+    fn try_start(dir: &TempDir) -> Option<(Child, u16, PathBuf)> {
+        let (client, peer) = (free_port(), free_port());
+        let data = dir.path().join(format!("data-{client}"));
+        let log = dir.path().join(format!("etcd-{client}.log"));
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut child = Command::new(etcd_bin())
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=test={peer_url}"))
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn etcd");
+        let stderr = child.stderr.take().expect("etcd stderr");
+        let (tx, rx) = mpsc::channel();
+        let log_path = log.clone();
+        // Copy the log to a file (for failures) and report readiness.
+        std::thread::spawn(move || {
+            let mut file = std::fs::File::create(&log_path).ok();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(f) = file.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(f, "{line}");
+                }
+                // etcd 3.4's zap logger says this once the member has joined its cluster and
+                // the client port answers (older loggers said "ready to serve client requests").
+                if line.contains("serving client traffic")
+                    || line.contains("ready to serve client requests")
+                {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(()) => Some((child, client, log)),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Stops the server (SIGKILL: as an outage looks to a client).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `etcdctl` against this server.
+    pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .args(args)
+            .output()
+            .expect("run etcdctl (Debian: apt-get install etcd-client)")
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
