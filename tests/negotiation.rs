@@ -230,11 +230,11 @@ async fn bad_lengths_garbage_and_oversize_packets_are_closed() {
         assert!(reply.is_empty(), "{name}: pre-TLS reply {reply:?}");
         good_client_queries(&pki, proxy.addr()).await;
     }
-    let refusals = proxy
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("\"error_kind\":\"protocol_violation\""))
-        .count();
+    // The log is written off the data path: wait for the seventh line, then check no more.
+    proxy.wait_for_nth_log(7, Duration::from_secs(10), |v| {
+        v["error_kind"] == "protocol_violation"
+    });
+    let refusals = proxy.count_logs(|v| v["error_kind"] == "protocol_violation");
     assert_eq!(refusals, 7, "{}", proxy.log_text());
 }
 
