@@ -31,6 +31,7 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Validate a config file and the state directory it names; exit non-zero on any error.
     CheckConfig {
+        /// The pgmtls.yaml to check (and the state directory it names).
         #[arg(long, env = "PGMTLS_CONFIG")]
         config: PathBuf,
     },
@@ -58,6 +59,7 @@ struct QuickArgs {
     /// Upstream Postgres HOST:PORT.
     #[arg(long, env = "PGMTLS_UPSTREAM")]
     upstream: Option<String>,
+    /// TLS to the upstream: disable (loopback or unix: only), require, verify-full.
     #[arg(long, env = "PGMTLS_UPSTREAM_TLS", default_value = "disable")]
     upstream_tls: String,
     /// CA for --upstream-tls verify-full.
@@ -81,13 +83,17 @@ struct QuickArgs {
     /// Name of the database in logs and metrics.
     #[arg(long, env = "PGMTLS_NAME", default_value = "default")]
     name: String,
+    /// Allow plaintext to a non-loopback upstream (passwords and data cross the network).
     #[arg(long, env = "PGMTLS_ALLOW_PLAINTEXT_REMOTE_UPSTREAM")]
     allow_plaintext_remote_upstream: bool,
     /// Refuse sessions whose user name is not the client certificate's common name.
     #[arg(long, env = "PGMTLS_USER_MUST_MATCH_CN")]
     user_must_match_cn: bool,
+    /// Admin endpoint (/metrics, /healthz, /readyz, /status) ADDR:PORT, or "off"
+    /// [default: 127.0.0.1:9480].
     #[arg(long, env = "PGMTLS_ADMIN_LISTEN")]
     admin_listen: Option<String>,
+    /// Sessions (clients past mutual TLS) at once, all databases together [default: 10000].
     #[arg(long, env = "PGMTLS_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
     /// Connections that have not finished TLS, all together.
@@ -99,8 +105,10 @@ struct QuickArgs {
     /// Idle time before TCP keepalive probes start, or "off".
     #[arg(long, env = "PGMTLS_TCP_KEEPALIVES_IDLE")]
     tcp_keepalives_idle: Option<String>,
+    /// Time between TCP keepalive probes [default: 10s].
     #[arg(long, env = "PGMTLS_TCP_KEEPALIVES_INTERVAL")]
     tcp_keepalives_interval: Option<humantime::Duration>,
+    /// Unanswered keepalive probes before the connection is dropped [default: 6].
     #[arg(long, env = "PGMTLS_TCP_KEEPALIVES_COUNT")]
     tcp_keepalives_count: Option<usize>,
     /// TCP_USER_TIMEOUT, or "off" (default: idle + interval * count).
@@ -109,8 +117,10 @@ struct QuickArgs {
     /// Data-plane threads (default: one fewer than the CPUs, at least one).
     #[arg(long, env = "PGMTLS_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// How long live sessions may finish after SIGTERM before they are closed [default: 30s].
     #[arg(long, env = "PGMTLS_SHUTDOWN_GRACE")]
     shutdown_grace: Option<humantime::Duration>,
+    /// Deadline from accept to the end of the StartupMessage [default: 10s].
     #[arg(long, env = "PGMTLS_HANDSHAKE_TIMEOUT")]
     handshake_timeout: Option<humantime::Duration>,
     /// CIDR of a load balancer whose connections open with a PROXY protocol header naming the
@@ -120,7 +130,12 @@ struct QuickArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(e) = pgmtls::cli::subcommand_typo(&argv, &<Cli as clap::CommandFactory>::command())
+    {
+        e.exit();
+    }
+    let cli = Cli::parse_from(argv);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

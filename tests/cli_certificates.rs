@@ -46,9 +46,13 @@ fn download_writes_the_libpq_file_set_and_refuses_to_overwrite() {
         text.contains(&format!("your certificates are now in {d}")),
         "{text}"
     );
+    // The directory did not exist: the command made it and says so, nothing else.
     assert_eq!(
-        out.stderr.trim(),
-        "Downloading certificates for database app... done"
+        out.stderr.trim().lines().collect::<Vec<_>>(),
+        [
+            format!("pgmtls: created {d} (and any missing parents), mode 0700").as_str(),
+            "Downloading certificates for database app... done"
+        ]
     );
 
     let crt = dir.join("demo_postgresql.crt");

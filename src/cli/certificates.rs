@@ -75,8 +75,8 @@ pub struct CreateArgs {
     /// Subject common name [default: the certificate id].
     #[arg(long, value_name = "CN")]
     pub common_name: Option<String>,
-    /// Key type: p256, p384, rsa2048, rsa4096.
-    #[arg(long, value_name = "TYPE", default_value = "p256")]
+    /// Key type of the new certificate.
+    #[arg(long, value_name = "TYPE", default_value = "p256", value_parser = super::key_type_parser())]
     pub key_type: KeyType,
     /// Print JSON.
     #[arg(long)]
@@ -417,6 +417,9 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
         Some(d) => d.clone(),
         None => default_dir.as_ref().map_err(|e| anyhow!("{e}"))?.clone(),
     };
+    if dir.exists() && !dir.is_dir() {
+        bail!("--dir {} is not a directory", dir.display());
+    }
     let names = download_names(&args.prefix);
     if !args.force {
         for n in &names {
@@ -444,12 +447,17 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
     }
     chain.extend_from_slice(&db.ca_pem);
 
-    if !dir.exists() {
+    let created_dir = !dir.exists();
+    if created_dir {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(state::PRIVATE_DIR_MODE)
             .create(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
+        eprintln!(
+            "pgmtls: created {} (and any missing parents), mode 0700",
+            dir.display()
+        );
     }
     let contents: [(&[u8], u32); 4] = [
         (&chain, PUBLIC_MODE),
@@ -504,6 +512,8 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
                 "sslkey": shown[1],
                 "sslrootcert": shown[2],
                 "pk8": shown[3],
+                "dir_created": created_dir,
+                "connect": connect_line(&db, record, &ctx.proxy(), &shown),
             }))
         );
     } else {
@@ -519,15 +529,72 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
                 .render()
         );
         say!(
-            "connect with: psql \"host=HOST port={} dbname=DB user=USER sslmode=verify-ca \
-             sslcert={} sslkey={} sslrootcert={}\"",
-            db.settings.listen.port(),
-            shown[0],
-            shown[1],
-            shown[2]
+            "connect with: psql \"{}\"",
+            connect_line(&db, record, &ctx.proxy(), &shown)
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The libpq connection string for the downloaded files, with what pgmtls knows filled in:
+/// the host clients use (the first server name, else a specific listen address), the port the
+/// proxy serves (asked of the proxy when the configured port is 0), and the user when the
+/// database binds certificates to their CN. Only what pgmtls cannot know stays a placeholder.
+fn connect_line(
+    db: &DatabaseState,
+    record: &CertificateRecord,
+    proxy: &ProxyView,
+    files: &[String],
+) -> String {
+    let listen = db.settings.listen;
+    let host = match db.settings.server_names.first() {
+        Some(name) => name.clone(),
+        None if !listen.ip().is_unspecified() => listen.ip().to_string(),
+        None => "HOST".to_owned(),
+    };
+    let served = proxy
+        .database(&db.name)
+        .and_then(|d| d.listen.as_deref())
+        .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.port());
+    let port = match (listen.port(), served) {
+        (0, Some(p)) => p.to_string(),
+        (0, None) => "PORT".to_owned(),
+        (p, _) => p.to_string(),
+    };
+    let user = if db.settings.user_must_match_cn {
+        record.common_name.clone()
+    } else {
+        "USER".to_owned()
+    };
+    [
+        ("host", host.as_str()),
+        ("port", &port),
+        ("dbname", "DBNAME"),
+        ("user", &user),
+        ("sslmode", "verify-ca"),
+        ("sslcert", &files[0]),
+        ("sslkey", &files[1]),
+        ("sslrootcert", &files[2]),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{k}={}", conninfo_value(v)))
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
+/// A libpq connection-string value: single-quoted, with `\` and `'` escaped, when it holds
+/// anything but plain characters (a CN or a path with a space, say).
+fn conninfo_value(v: &str) -> String {
+    if !v.is_empty()
+        && !v
+            .chars()
+            .any(|c| c.is_whitespace() || c == '\'' || c == '\\')
+    {
+        return v.to_owned();
+    }
+    let escaped = v.replace('\\', "\\\\").replace('\'', "\\'");
+    format!("'{escaped}'")
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -743,6 +810,17 @@ mod tests {
         assert_eq!(v.status, "revoked");
         assert_eq!(v.served, Some(true));
         assert_eq!(v.status_text, "revoked (proxy has not reloaded yet)");
+    }
+
+    #[test]
+    fn conninfo_values_are_quoted_only_when_needed() {
+        assert_eq!(
+            conninfo_value("/tmp/x_postgresql.crt"),
+            "/tmp/x_postgresql.crt"
+        );
+        assert_eq!(conninfo_value("my app"), "'my app'");
+        assert_eq!(conninfo_value(r"o'brien\x"), r"'o\'brien\\x'");
+        assert_eq!(conninfo_value(""), "''");
     }
 
     #[test]

@@ -84,12 +84,13 @@ pub struct GetArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("rule").required(true).args(["id", "cidr"])))]
 pub struct DeleteArgs {
     /// Database name.
     #[arg(value_name = "DATABASE")]
     pub database: String,
     /// Rule id.
-    #[arg(long, required_unless_present = "cidr", conflicts_with = "cidr")]
+    #[arg(long)]
     pub id: Option<String>,
     /// The rule's CIDR block.
     #[arg(long)]
@@ -224,6 +225,12 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         &actor(&args.change),
     )?;
     done(&format!("Creating IP rule for database {name}"));
+    if !args.cidr.contains('/') {
+        eprintln!(
+            "pgmtls: note: --cidr {} is the single address {}",
+            args.cidr, created.rule.cidr
+        );
+    }
     print_one(&RuleView::new(name, &created.rule, &ctx.proxy()), args.json);
     Ok(ExitCode::SUCCESS)
 }

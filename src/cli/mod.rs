@@ -65,6 +65,16 @@ pub struct StateArgs {
     pub admin_url: Option<String>,
 }
 
+/// `--key-type`: clap lists the values in `--help` and refuses others before anything runs.
+pub(crate) fn key_type_parser() -> impl clap::builder::TypedValueParser<Value = crate::pki::KeyType>
+{
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(
+        crate::pki::KeyType::ALL.map(crate::pki::KeyType::as_str),
+    )
+    .try_map(|s| s.parse::<crate::pki::KeyType>())
+}
+
 /// Options of every command that changes something.
 #[derive(Args, Debug, Clone, Default)]
 pub struct ChangeArgs {
@@ -197,4 +207,88 @@ pub(crate) fn confirm(database: &str, given: Option<&str>, question: &str) -> an
 /// stdout carries only the result.
 pub(crate) fn done(what: &str) {
     eprintln!("{what}... done");
+}
+
+/// A mistyped subcommand of a command group, such as `certificates downlaod orders`: clap reads
+/// `downlaod` as the database and then cannot place `orders`, and says so in terms of that
+/// misreading. When a group gets two words where the first is no subcommand of it, this names
+/// the unknown subcommand and the closest real one instead, as clap does for flags.
+pub fn subcommand_typo(argv: &[std::ffi::OsString], root: &clap::Command) -> Option<clap::Error> {
+    let words = positionals(argv.get(1..).unwrap_or_default(), root);
+    let group_name = words.first()?;
+    let group = root.find_subcommand(group_name)?;
+    if !group.has_subcommands() {
+        return None;
+    }
+    let rest = positionals(
+        argv.iter()
+            .skip_while(|a| a.to_str() != Some(group_name.as_str()))
+            .skip(1)
+            .cloned()
+            .collect::<Vec<_>>()
+            .as_slice(),
+        group,
+    );
+    let [typed, _database, ..] = rest.as_slice() else {
+        return None;
+    };
+    let known = |name: &str| {
+        name == "help"
+            || group
+                .get_subcommands()
+                .any(|s| s.get_name() == name || s.get_all_aliases().any(|a| a == name))
+    };
+    if known(typed) {
+        return None;
+    }
+    let best = group
+        .get_subcommands()
+        .map(|s| (strsim::jaro(typed, s.get_name()), s.get_name()))
+        .filter(|(score, _)| *score > 0.7)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let tip = best
+        .map(|(_, name)| format!("\n\n  tip: a similar subcommand exists: '{name}'"))
+        .unwrap_or_default();
+    Some(clap::Error::raw(
+        clap::error::ErrorKind::InvalidSubcommand,
+        format!(
+            "unrecognized subcommand '{typed}' for 'pgmtls {group_name}'{tip}\n\nUsage: pgmtls \
+             {group_name} <COMMAND> <DATABASE> [OPTIONS]\n\nFor more information, try 'pgmtls \
+             {group_name} --help'.\n"
+        ),
+    ))
+}
+
+/// The words of `args` that are not options of `cmd` or their values.
+fn positionals(args: &[std::ffi::OsString], cmd: &clap::Command) -> Vec<String> {
+    let takes_value = |word: &str| {
+        cmd.get_arguments().any(|a| {
+            let named = word
+                .strip_prefix("--")
+                .map(|l| a.get_long() == Some(l))
+                .or_else(|| {
+                    word.strip_prefix('-').map(|s| {
+                        s.len() == 1 && a.get_short().map(String::from).as_deref() == Some(s)
+                    })
+                })
+                .unwrap_or(false);
+            named && a.get_action().takes_values()
+        })
+    };
+    let mut out = Vec::new();
+    let mut iter = args.iter().filter_map(|a| a.to_str());
+    while let Some(word) = iter.next() {
+        if word == "--" {
+            out.extend(iter.map(str::to_owned));
+            break;
+        }
+        if word.starts_with('-') && word.len() > 1 {
+            if !word.contains('=') && takes_value(word) {
+                iter.next();
+            }
+            continue;
+        }
+        out.push(word.to_owned());
+    }
+    out
 }

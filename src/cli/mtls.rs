@@ -85,7 +85,7 @@ pub struct CreateArgs {
     #[arg(long = "server-name", value_name = "NAME")]
     pub server_names: Vec<String>,
     /// Key type of the CA, server and first client certificate.
-    #[arg(long, value_name = "TYPE", default_value = "p256")]
+    #[arg(long, value_name = "TYPE", default_value = "p256", value_parser = super::key_type_parser())]
     pub key_type: KeyType,
     /// Common name of the first client certificate [default: its id].
     #[arg(long, value_name = "CN")]
