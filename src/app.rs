@@ -270,9 +270,14 @@ impl App {
             true,
             OffsetDateTime::now_utc().unix_timestamp(),
         );
+        let fleet = match &config.fleet {
+            Some(f) => Some(Arc::new(crate::fleet::Fleet::new(f)?)),
+            None => None,
+        };
         let ctx = Arc::new(
             Context::new(snapshot, metrics, config.timeouts)
-                .with_proxy_protocol_from(config.proxy_protocol_from.clone()),
+                .with_proxy_protocol_from(config.proxy_protocol_from.clone())
+                .with_fleet(fleet.clone()),
         );
         ctx.sessions.set_enforcing(config.enforce_on_live_sessions);
         let (stop, _) = watch::channel(false);
@@ -312,6 +317,23 @@ impl App {
         for (name, addr) in dbs {
             app.start_listener(&name, addr)
                 .map_err(|e| anyhow::anyhow!("database {name}: cannot listen on {addr}: {e}"))?;
+        }
+        if let Some(fleet) = fleet {
+            let addr = fleet.listen;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("peer_listen: cannot listen on {addr}: {e}"))?;
+            tracing::info!(
+                replica_id = fleet.replica_id(),
+                addr = %listener.local_addr().unwrap_or(addr),
+                "peer channel listening"
+            );
+            tokio::spawn(crate::fleet::channel::serve(
+                fleet,
+                listener,
+                app.ctx.clone(),
+                app.stop.subscribe(),
+            ));
         }
         Ok(app)
     }

@@ -40,6 +40,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod demo;
+pub mod fleet;
 pub mod limits;
 pub mod listener;
 pub mod logging;

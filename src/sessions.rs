@@ -77,10 +77,17 @@ impl Entry {
     }
 }
 
+struct CancelEntry {
+    database: Arc<str>,
+    real: Option<CancelKey>,
+}
+
 #[derive(Default)]
 pub struct Sessions {
     live: Mutex<HashMap<u64, Entry>>,
-    cancel_keys: Mutex<HashMap<CancelKey, Arc<str>>>,
+    /// Client-visible cancel key -> the session's database and, in a fleet, the backend's own
+    /// key (a single node hands out the backend's key itself: `None`).
+    cancel_keys: Mutex<HashMap<CancelKey, CancelEntry>>,
     /// `enforce_on_live_sessions: false`. Stored negated so that `Default` enforces.
     keep_live: AtomicBool,
 }
@@ -100,9 +107,12 @@ pub struct SessionGuard {
 }
 
 impl SessionGuard {
-    /// The backend's cancel key, once the authentication phase has learned it.
-    pub fn cancel_key(&self) -> Option<&CancelKey> {
-        self.cancel_key.as_ref()
+    /// The backend's own cancel key, once the authentication phase has learned it.
+    pub fn cancel_key(&self) -> Option<CancelKey> {
+        let visible = self.cancel_key.as_ref()?;
+        let keys = lock(&self.sessions.cancel_keys);
+        let e = keys.get(visible)?;
+        Some(e.real.clone().unwrap_or_else(|| visible.clone()))
     }
 
     /// Why the session was told to end, if it was.
@@ -119,9 +129,29 @@ impl SessionGuard {
         }
     }
 
-    pub fn set_cancel_key(&mut self, key: CancelKey, database: Arc<str>) {
-        lock(&self.sessions.cancel_keys).insert(key.clone(), database);
-        self.cancel_key = Some(key);
+    /// Records the backend's key `real` and, in a fleet, the key the client was given
+    /// instead. A visible key already held by another live session (a collision of the random
+    /// part with the same process id on another upstream) is not taken over: this session's
+    /// cancels then find nothing, which is safe, where a takeover would cancel a stranger's
+    /// query. Returns whether the key was recorded.
+    pub fn set_cancel_key(
+        &mut self,
+        real: CancelKey,
+        visible: Option<CancelKey>,
+        database: Arc<str>,
+    ) -> bool {
+        let (visible, real) = match visible {
+            Some(v) => (v, Some(real)),
+            None => (real, None),
+        };
+        let mut keys = lock(&self.sessions.cancel_keys);
+        if keys.contains_key(&visible) {
+            return false;
+        }
+        keys.insert(visible.clone(), CancelEntry { database, real });
+        drop(keys);
+        self.cancel_key = Some(visible);
+        true
     }
 }
 
@@ -162,11 +192,13 @@ impl Sessions {
         }
     }
 
-    /// Whether `key` belongs to a session of `database` that this process relays.
-    pub fn cancel_key_known(&self, key: &CancelKey, database: &str) -> bool {
+    /// The backend key behind the client-visible `key`, if it belongs to a session of
+    /// `database` that this process relays.
+    pub fn real_cancel_key(&self, key: &CancelKey, database: &str) -> Option<CancelKey> {
         lock(&self.cancel_keys)
             .get(key)
-            .is_some_and(|d| &**d == database)
+            .filter(|e| &*e.database == database)
+            .map(|e| e.real.clone().unwrap_or_else(|| key.clone()))
     }
 
     pub fn count(&self) -> usize {
@@ -219,5 +251,68 @@ impl Sessions {
             .values()
             .filter(|e| e.kill.send(Some(reason)).is_ok())
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(pid: u32, s: [u8; 4]) -> CancelKey {
+        CancelKey::new(pid, &s).unwrap()
+    }
+
+    #[test]
+    fn the_visible_key_maps_to_the_real_one_and_only_for_its_database() {
+        let sessions = Arc::new(Sessions::default());
+        let mut g = sessions.register(
+            1,
+            "orders".into(),
+            "10.0.0.1".parse().unwrap(),
+            String::new(),
+            None,
+        );
+        let (real, visible) = (key(7, [1, 2, 3, 4]), key(7, [2, 9, 9, 9]));
+        assert!(g.set_cancel_key(real.clone(), Some(visible.clone()), "orders".into()));
+        assert_eq!(
+            sessions.real_cancel_key(&visible, "orders"),
+            Some(real.clone())
+        );
+        assert_eq!(g.cancel_key(), Some(real.clone()));
+        // The real key was never handed out, so it finds nothing; nor does another database.
+        assert_eq!(sessions.real_cancel_key(&real, "orders"), None);
+        assert_eq!(sessions.real_cancel_key(&visible, "billing"), None);
+        // A second session whose random part collides does not take the key over.
+        let mut g2 = sessions.register(
+            2,
+            "orders".into(),
+            "10.0.0.1".parse().unwrap(),
+            String::new(),
+            None,
+        );
+        assert!(!g2.set_cancel_key(key(7, [5, 5, 5, 5]), Some(visible.clone()), "orders".into()));
+        drop(g2);
+        assert_eq!(sessions.real_cancel_key(&visible, "orders"), Some(real));
+        drop(g);
+        assert_eq!(sessions.real_cancel_key(&visible, "orders"), None);
+    }
+
+    #[test]
+    fn a_single_node_key_is_its_own_real_key() {
+        let sessions = Arc::new(Sessions::default());
+        let mut g = sessions.register(
+            1,
+            "orders".into(),
+            "10.0.0.1".parse().unwrap(),
+            String::new(),
+            None,
+        );
+        let real = key(7, [1, 2, 3, 4]);
+        assert!(g.set_cancel_key(real.clone(), None, "orders".into()));
+        assert_eq!(
+            sessions.real_cancel_key(&real, "orders"),
+            Some(real.clone())
+        );
+        assert_eq!(g.cancel_key(), Some(real));
     }
 }

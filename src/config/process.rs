@@ -53,6 +53,8 @@ pub struct Config {
     pub proxy_protocol_from: Vec<IpNet>,
     /// Peers allowed the admin endpoint's `/status`; loopback by default.
     pub admin_status_from: Vec<IpNet>,
+    /// This replica's place in a fleet (`replica_id` and the peer keys); `None`: one node.
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +180,7 @@ impl Default for Config {
             worker_threads: None,
             proxy_protocol_from: Vec::new(),
             admin_status_from: crate::admin::AdminOptions::default().status_from,
+            fleet: None,
         }
     }
 }
@@ -203,6 +206,10 @@ pub const KEYS: &[&str] = &[
     "worker_threads",
     "proxy_protocol_from",
     "admin_status_from",
+    "replica_id",
+    "peer_listen",
+    "peers",
+    "peer_tls",
 ];
 
 impl Config {
@@ -305,6 +312,7 @@ impl Config {
             admin_status_from: f
                 .optional_with("admin_status_from", convert::cidr_list)
                 .unwrap_or(d.admin_status_from),
+            fleet: crate::fleet::config::take(&mut f, base),
         };
         f.finish().into_result(cfg)
     }
@@ -335,8 +343,16 @@ mod tests {
                     worker_threads: 1\nproxy_protocol_from: [10.0.0.0/16, \"2001:db8::/48\"]\n\
                     max_handshakes: 7\nmax_handshakes_per_source: 3\ntcp_keepalives_idle: 30s\n\
                     tcp_keepalives_interval: 5s\ntcp_keepalives_count: 4\ntcp_user_timeout: 45s\n\
-                    admin_status_from: [10.0.0.0/24]\n";
+                    admin_status_from: [10.0.0.0/24]\nreplica_id: 2\npeer_listen: 10.0.0.2:6433\n\
+                    peers: [{id: 1, addr: \"10.0.0.1:6433\"}, {id: 3, addr: \"10.0.0.3:6433\", name: r3.example}]\n\
+                    peer_tls: {cert: peer.crt, key: peer.key, ca: /etc/peer-ca.crt}\n";
         let c = Config::parse(Path::new("p.yaml"), text).unwrap();
+        let fleet = c.fleet.clone().unwrap();
+        assert_eq!(fleet.replica_id, 2);
+        assert_eq!(fleet.peers.len(), 2);
+        assert_eq!(fleet.peers[0].name, "10.0.0.1");
+        assert_eq!(fleet.peers[1].name, "r3.example");
+        assert_eq!(fleet.tls.ca, PathBuf::from("/etc/peer-ca.crt"));
         assert_eq!(c.admin_listen, None);
         assert_eq!(c.timeouts.shutdown_grace, Duration::from_secs(60));
         assert_eq!(c.timeouts.auth, Duration::from_secs(7));
@@ -412,6 +428,58 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(s.contains(needle), "{line}: {s}");
+        }
+    }
+
+    #[test]
+    fn fleet_keys_are_checked_and_name_their_key() {
+        let ok = "peer_listen: 127.0.0.1:1\npeers: [{id: 1, addr: \"127.0.0.1:2\"}]\n\
+                  peer_tls: {cert: c, key: k, ca: a}\n";
+        let single = Config::parse(Path::new("p.yaml"), "state_dir: s\n").unwrap();
+        assert_eq!(single.fleet, None);
+        let zero = Config::parse(Path::new("p.yaml"), "state_dir: s\nreplica_id: 0\n").unwrap();
+        assert_eq!(zero.fleet, None);
+        for (text, needle) in [
+            (
+                "replica_id: 256\n".to_string(),
+                "p.yaml:2: replica_id: must be an integer from 0",
+            ),
+            (
+                "replica_id: 2\n".into(),
+                "replica_id: a replica of a fleet needs peer_listen",
+            ),
+            (
+                format!("replica_id: 1\n{ok}"),
+                "peers: peer id 1 is this replica's own",
+            ),
+            (ok.to_string(), "peer_listen: needs a replica_id"),
+            (
+                "replica_id: 2\npeers: [{id: 1, addr: nowhere}]\n".into(),
+                "p.yaml:3: peers: peer 1: invalid address",
+            ),
+            (
+                "replica_id: 2\npeers: [{id: 0, addr: \"127.0.0.1:2\"}]\n".into(),
+                "peers: peer id 0 is not a replica id",
+            ),
+            (
+                "replica_id: 2\npeers: [{id: 1, addr: \"127.0.0.1:2\", port: 3}]\n".into(),
+                "p.yaml:3: peers: must be a list of",
+            ),
+            (
+                "replica_id: 2\npeer_tls: {cert: c}\n".into(),
+                "p.yaml:3: peer_tls: must be a mapping with cert, key and ca",
+            ),
+            (
+                "replica_id: 3\npeer_listen: 127.0.0.1:1\npeer_tls: {cert: c, key: k, ca: a}\n\
+                 peers: [{id: 1, addr: \"127.0.0.1:2\"}, {id: 1, addr: \"127.0.0.1:3\"}]\n"
+                    .into(),
+                "peers: peer id 1 is listed twice",
+            ),
+        ] {
+            let s = Config::parse(Path::new("p.yaml"), &format!("state_dir: s\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(s.contains(needle), "{text}: {s}");
         }
     }
 

@@ -28,18 +28,23 @@ const TERMINATE: u8 = b'X';
 
 /// What the phase ended with. The buffers hold bytes read past the phase, to relay first.
 pub struct AuthOutcome {
+    /// The backend's own key.
     pub cancel_key: Option<CancelKey>,
+    /// In a fleet, the key the client was given instead (see `fleet::key`).
+    pub client_cancel_key: Option<CancelKey>,
     pub client_leftover: BytesMut,
     pub upstream_leftover: BytesMut,
 }
 
 /// Relays the authentication exchange; the bytes written each way are added to `bytes`, also
-/// when the phase fails.
+/// when the phase fails. With `replica_id` (a replica of a fleet) the client's BackendKeyData
+/// carries a key of this replica's making in place of the backend's.
 pub async fn relay_auth_phase<C, U>(
     client: &mut C,
     upstream: &mut U,
     upstream_is_tls: bool,
     bytes: &mut RelayStats,
+    replica_id: Option<u8>,
 ) -> Result<AuthOutcome, ConnError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -50,6 +55,7 @@ where
     let mut out = Vec::with_capacity(4096);
     let mut plus_offered = false;
     let mut cancel_key = None;
+    let mut client_cancel_key = None;
     let mut authenticated = false;
     let mut rejected = false;
     loop {
@@ -61,17 +67,25 @@ where
                 while let Some((tag, body)) = take_message(&mut up_buf, MAX_AUTH_PHASE_MESSAGE)
                     .map_err(|e| ConnError::new(ErrorKind::UpstreamIo, e.to_string()))?
                 {
+                    let mut replaced = None;
                     match BackendMessage::parse(tag, &body) {
                         Ok(BackendMessage::Auth(AuthRequest::Sasl(mechs))) => {
                             plus_offered = upstream_is_tls && mechs.iter().any(|m| m == SCRAM_PLUS);
                         }
                         Ok(BackendMessage::Auth(AuthRequest::Ok)) => authenticated = true,
-                        Ok(BackendMessage::KeyData(k)) => cancel_key = Some(k),
+                        Ok(BackendMessage::KeyData(k)) => {
+                            if let Some(id) = replica_id {
+                                let visible = crate::fleet::key::client_key(id, &k);
+                                replaced = Some(key_data_body(&visible));
+                                client_cancel_key = Some(visible);
+                            }
+                            cancel_key = Some(k);
+                        }
                         Ok(BackendMessage::ReadyForQuery) => ready = true,
                         Ok(BackendMessage::Error { .. }) => rejected = true,
                         _ => {}
                     }
-                    put_message(&mut out, tag, &body);
+                    put_message(&mut out, tag, replaced.as_deref().unwrap_or(&body));
                     if ready {
                         break;
                     }
@@ -88,6 +102,7 @@ where
                 if ready {
                     return Ok(AuthOutcome {
                         cancel_key,
+                        client_cancel_key,
                         client_leftover: cl_buf,
                         upstream_leftover: up_buf,
                     });
@@ -125,6 +140,14 @@ where
             }
         }
     }
+}
+
+/// The body of a BackendKeyData carrying `key`.
+fn key_data_body(key: &CancelKey) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + key.secret().len());
+    b.extend_from_slice(&key.process_id().to_be_bytes());
+    b.extend_from_slice(key.secret());
+    b
 }
 
 /// Moves the complete authentication responses at the front of `buf` into `out`. The type

@@ -44,6 +44,9 @@ pub struct Context {
     pub timeouts: Timeouts,
     /// Load balancers whose connections must open with a PROXY header (fixed at start).
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
+    /// This replica's fleet; `None` for a single node (fixed at start).
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
+    pub cancel_limiter: cancel::CancelLimiter,
     next_conn_id: AtomicU64,
 }
 
@@ -55,12 +58,19 @@ impl Context {
             sessions: Arc::new(Sessions::default()),
             timeouts,
             proxy_protocol_from: Vec::new(),
+            fleet: None,
+            cancel_limiter: cancel::CancelLimiter::default(),
             next_conn_id: AtomicU64::new(1),
         }
     }
 
     pub fn with_proxy_protocol_from(mut self, trusted: Vec<ipnet::IpNet>) -> Self {
         self.proxy_protocol_from = trusted;
+        self
+    }
+
+    pub fn with_fleet(mut self, fleet: Option<Arc<crate::fleet::Fleet>>) -> Self {
+        self.fleet = fleet;
         self
     }
 }
@@ -196,10 +206,12 @@ async fn run(
     // The client learns of the cut at once; the backend's socket stays open until the cancel
     // has been taken.
     drop(client);
-    if let (Some(e), Some(key)) = (&err, guard.cancel_key()) {
+    if let Some(e) = &err {
         if matches!(e.kind, ErrorKind::RevokedLive | ErrorKind::Shutdown) {
-            // Boxed: the dial's state must not grow every idle session's future.
-            Box::pin(cancel_cut_session(ctx, &db, key, conn_id)).await;
+            if let Some(key) = guard.cancel_key() {
+                // Boxed: the dial's state must not grow every idle session's future.
+                Box::pin(cancel_cut_session(ctx, &db, &key, conn_id)).await;
+            }
         }
     }
     // Only now is the backend's socket closed.
@@ -320,7 +332,7 @@ async fn establish(
     log.negotiation = negotiated.mode();
     let direct = match negotiated {
         Negotiated::Cancel(key) => {
-            return cancel::forward(ctx, accepted_db, key)
+            return cancel::forward(ctx, accepted_db, key, client_addr.addr.ip())
                 .await
                 .map(|()| Prelude::Cancelled)
         }
@@ -381,7 +393,7 @@ async fn establish(
         Err(e) => return Err(notify(&mut client, e).await),
         Ok(startup::Startup::Cancel(key)) => {
             log.negotiation = "cancel";
-            return cancel::forward(ctx, &db, key)
+            return cancel::forward(ctx, &db, key, client_addr.addr.ip())
                 .await
                 .map(|()| Prelude::Cancelled);
         }
@@ -421,6 +433,7 @@ async fn establish(
     // Stage: auth, from the StartupMessage sent on to the first ReadyForQuery.
     let is_tls = up.is_tls();
     let auth_timeout = ctx.timeouts.auth;
+    let replica_id = ctx.fleet.as_ref().map(|f| f.replica_id());
     let stats = &mut log.stats;
     let authenticated = unless_ended(&mut guard, async {
         let phase = async {
@@ -429,7 +442,7 @@ async fn establish(
                 .await
                 .map_err(|e| ConnError::new(ErrorKind::UpstreamUnavailable, e.to_string()))?;
             stats.to_upstream += startup.len() as u64;
-            auth::relay_auth_phase(&mut client, &mut up, is_tls, stats).await
+            auth::relay_auth_phase(&mut client, &mut up, is_tls, stats, replica_id).await
         };
         tokio::time::timeout(auth_timeout, phase)
             .await
@@ -441,7 +454,13 @@ async fn establish(
         Err(e) => return Err(notify(&mut client, e).await),
     };
     if let Some(key) = outcome.cancel_key {
-        guard.set_cancel_key(key, db.name.clone());
+        if !guard.set_cancel_key(key, outcome.client_cancel_key, db.name.clone()) {
+            tracing::warn!(
+                conn_id,
+                database = &*db.name,
+                "cancel key already held by another session; this session cannot be cancelled"
+            );
+        }
     }
     Ok(Prelude::Relay(Box::new(Established {
         db,
