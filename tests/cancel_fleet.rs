@@ -1,0 +1,506 @@
+//! Cancels across replicas: two pgmtls replicas behind a real HAProxy (round robin, PROXY v2)
+//! and a real Postgres. Round robin sends a client's cancel connection to the replica after
+//! the one relaying its session, so every cancel here crosses the peer channel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::clients::{free_port, pg_connect_tls, tls_client_config, Psql, SslNegotiation};
+use common::haproxy::{haproxy_available_or_skip, HaProxy};
+use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
+use common::pki::TestPki;
+use common::proxy::ProxyProcess;
+use common::state::TestState;
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::error::SqlState;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+const SLEEP_SQL: &str = "SELECT pg_sleep(60)";
+const ROUNDS: usize = 10;
+
+/// A CA for the peer channel and certificates under it, as PEM files in `dir`.
+struct PeerPki {
+    dir: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+    pub ca_path: PathBuf,
+}
+
+impl PeerPki {
+    fn new(dir: &Path, name: &str) -> PeerPki {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} peer CA"));
+        let cert = params.self_signed(&key).unwrap();
+        let ca_path = dir.join(format!("{name}-ca.crt"));
+        std::fs::write(&ca_path, cert.pem()).unwrap();
+        PeerPki {
+            dir: dir.to_owned(),
+            issuer: Issuer::new(params, key),
+            ca_path,
+        }
+    }
+
+    /// A replica's certificate (server and client use) for 127.0.0.1: (cert, key) paths.
+    fn issue(&self, name: &str) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn client_config(&self, cert: &Path, key: &Path) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in common::clients::load_certs(&self.ca_path) {
+            roots.add(c).unwrap();
+        }
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            common::clients::load_certs(cert),
+            common::clients::load_key(key),
+        )
+        .unwrap()
+    }
+}
+
+struct Fleet {
+    pg: PgServer,
+    pki: TestPki,
+    peer_pki: PeerPki,
+    replicas: Vec<ProxyProcess>,
+    peer_ports: Vec<u16>,
+    lb: HaProxy,
+    _state: TestState,
+}
+
+/// `n` replicas sharing one state directory (database `app`, rule for 127.0.0.1, which is
+/// where HAProxy's PROXY headers say the clients are), each with its own `pgmtls.yaml`.
+fn start_fleet(n: usize) -> Option<Fleet> {
+    if !pg_available_or_skip() || !haproxy_available_or_skip() {
+        return None;
+    }
+    let pg = PgServer::start();
+    let pki = TestPki::new();
+    let state = TestState::new("");
+    state.add_database(
+        "app",
+        &pki,
+        "127.0.0.1:0",
+        pg.addr(),
+        &[("local", "127.0.0.1/32")],
+    );
+    let peer_pki = PeerPki::new(state.dir(), "fleet");
+    let peer_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let mut replicas = Vec::new();
+    for i in 0..n {
+        let id = i + 1;
+        let (cert, key) = peer_pki.issue(&format!("replica{id}"));
+        let peers: Vec<String> = (0..n)
+            .filter(|j| *j != i)
+            .map(|j| format!("{{id: {}, addr: \"127.0.0.1:{}\"}}", j + 1, peer_ports[j]))
+            .collect();
+        let text = format!(
+            "state_dir: state\nadmin_listen: \"off\"\nreload_poll_interval: 1h\n\
+             proxy_protocol_from: [127.0.0.1/32]\nreplica_id: {id}\n\
+             peer_listen: 127.0.0.1:{}\npeers: [{}]\n\
+             peer_tls: {{cert: {}, key: {}, ca: {}}}\n",
+            peer_ports[i],
+            peers.join(", "),
+            cert.display(),
+            key.display(),
+            peer_pki.ca_path.display(),
+        );
+        let path = state.dir().join(format!("replica{id}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        replicas.push(ProxyProcess::with_config(&path));
+    }
+    for r in &replicas {
+        r.wait_for_log(Duration::from_secs(10), |v| {
+            v["message"] == "peer channel listening"
+        });
+    }
+    let addrs: Vec<_> = replicas.iter().map(|r| r.addr()).collect();
+    let lb = HaProxy::start(&addrs);
+    Some(Fleet {
+        pg,
+        pki,
+        peer_pki,
+        replicas,
+        peer_ports,
+        lb,
+        _state: state,
+    })
+}
+
+/// Waits until Postgres shows the sleep running; there is no event to wait on.
+async fn wait_until_sleeping(pg: &PgServer) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = pg.superuser_exec(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+        );
+        if n == "1" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the sleep never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the replicas have logged `n` served peer requests with `outcome` (the owner
+/// logs after it has answered, so the line may trail the client's result), returns the count.
+async fn wait_peer_cancels(f: &Fleet, outcome: &str, n: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = peer_cancels_served(f, outcome);
+        if seen >= n || Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every cancel was forwarded by the replica it reached, and round robin took (nearly) all of
+/// them to the replica that does not relay the session: those crossed the peer channel. The
+/// first pair's order depends on when HAProxy handles its readiness probe, so one may not.
+async fn assert_crossed(f: &Fleet) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let forwarded = |r: &ProxyProcess| {
+        r.count_logs(|v| v["message"] == "connection closed" && v["outcome"] == "cancel_forwarded")
+    };
+    while f.replicas.iter().map(forwarded).sum::<usize>() < ROUNDS {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {ROUNDS} cancels forwarded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let crossed = wait_peer_cancels(f, "forwarded", ROUNDS).await;
+    assert!(
+        crossed >= ROUNDS - 1,
+        "only {crossed} of {ROUNDS} cancels crossed replicas"
+    );
+}
+
+fn peer_cancels_served(f: &Fleet, outcome: &str) -> usize {
+    f.replicas
+        .iter()
+        .map(|r| {
+            r.count_logs(|v| {
+                v["message"] == "peer cancel request served" && v["outcome"] == outcome
+            })
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_in_psql_cancels_through_any_replica_ten_times_out_of_ten() {
+    let Some(f) = start_fleet(2) else {
+        return;
+    };
+    let psql = Psql::new(
+        f.pg.psql_path(),
+        "127.0.0.1",
+        f.lb.addr.port(),
+        APP_USER,
+        APP_DB,
+    )
+    .verify_ca(
+        &f.pki.ca.cert_path,
+        Some((&f.pki.client.chain_path, &f.pki.client.key_path)),
+    )
+    .password(APP_PASSWORD);
+    let mut cancelled = 0;
+    for round in 0..ROUNDS {
+        let child = tokio::process::Command::new(f.pg.psql_path())
+            .arg(psql.conninfo())
+            .args(["-X", "-c", SLEEP_SQL])
+            .env("PGPASSWORD", APP_PASSWORD)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        wait_until_sleeping(&f.pg).await;
+        let ok = std::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        // A lost cancel leaves the sleep running: psql then returns only when killed.
+        let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await;
+        match out {
+            Ok(out) => {
+                let stderr = String::from_utf8_lossy(&out.as_ref().unwrap().stderr).to_string();
+                if stderr.contains("canceling statement due to user request") {
+                    cancelled += 1;
+                } else {
+                    eprintln!("round {round}: {stderr}");
+                }
+            }
+            Err(_) => {
+                eprintln!("round {round}: the cancel was lost");
+                f.pg.superuser_exec(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+                );
+            }
+        }
+    }
+    assert_eq!(
+        cancelled, ROUNDS,
+        "psql's Ctrl-C cancelled {cancelled} of {ROUNDS}"
+    );
+    assert_crossed(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_tls_cancel_through_any_replica_ten_times_out_of_ten() {
+    let Some(f) = start_fleet(2) else {
+        return;
+    };
+    let tls = tls_client_config(
+        &f.pki.ca.cert_path,
+        Some((&f.pki.client.chain_path, &f.pki.client.key_path)),
+        false,
+    );
+    let mut cancelled = 0;
+    for round in 0..ROUNDS {
+        let (c, _conn) = pg_connect_tls(
+            "127.0.0.1",
+            f.lb.addr.port(),
+            APP_USER,
+            APP_DB,
+            Some(APP_PASSWORD),
+            tls.clone(),
+            SslNegotiation::Postgres,
+        )
+        .await
+        .unwrap();
+        let pid: i32 = c
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let token = c.cancel_token();
+        let query = tokio::spawn(async move { c.simple_query(SLEEP_SQL).await.map(|_| ()) });
+        wait_until_sleeping(&f.pg).await;
+        let sleeping_pid = f
+            .pg
+            .superuser_exec("SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'");
+        // The process id the client holds is Postgres' own.
+        assert_eq!(sleeping_pid, pid.to_string());
+        token
+            .cancel_query(MakeRustlsConnect::new(tls.clone()))
+            .await
+            .expect("cancel through pgmtls");
+        match tokio::time::timeout(Duration::from_secs(10), query).await {
+            Ok(r) => {
+                let err = r.unwrap().unwrap_err();
+                if err.code() == Some(&SqlState::QUERY_CANCELED) {
+                    cancelled += 1;
+                } else {
+                    eprintln!("round {round}: {err}");
+                }
+            }
+            Err(_) => {
+                eprintln!("round {round}: the cancel was lost");
+                f.pg.superuser_exec(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+                );
+            }
+        }
+    }
+    assert_eq!(
+        cancelled, ROUNDS,
+        "the TLS cancel cancelled {cancelled} of {ROUNDS}"
+    );
+    assert_crossed(&f).await;
+}
+
+fn cancel_request(pid: u32, secret: &[u8]) -> Vec<u8> {
+    let mut req = (12 + secret.len() as u32).to_be_bytes().to_vec();
+    req.extend_from_slice(&80_877_102u32.to_be_bytes());
+    req.extend_from_slice(&pid.to_be_bytes());
+    req.extend_from_slice(secret);
+    req
+}
+
+fn connections_received(pg: &PgServer) -> usize {
+    pg.log_contents().matches("connection received").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_no_replica_relays_reaches_no_postgres_while_a_real_one_crosses() {
+    let Some(f) = start_fleet(2) else {
+        return;
+    };
+    let tls = tls_client_config(
+        &f.pki.ca.cert_path,
+        Some((&f.pki.client.chain_path, &f.pki.client.key_path)),
+        false,
+    );
+    // A live session and its real backend pid, so the guesses below use a pid that exists.
+    let (c, _conn) = pg_connect_tls(
+        "127.0.0.1",
+        f.lb.addr.port(),
+        APP_USER,
+        APP_DB,
+        Some(APP_PASSWORD),
+        tls.clone(),
+        SslNegotiation::Postgres,
+    )
+    .await
+    .unwrap();
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let before = connections_received(&f.pg);
+
+    // Random secrets tagged for replica 1, replica 2, a replica that does not exist, and one
+    // with a random first byte, each sent twice so round robin brings it to both replicas.
+    let mut guesses = Vec::new();
+    for tag in [1u8, 2, 77, rand::random::<u8>()] {
+        let mut secret = rand::random::<[u8; 4]>();
+        secret[0] = tag;
+        guesses.push(secret);
+        guesses.push(secret);
+    }
+    for secret in &guesses {
+        let mut s = tokio::net::TcpStream::connect(f.lb.addr).await.unwrap();
+        s.write_all(&cancel_request(pid as u32, secret))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
+    }
+    let refused = |r: &ProxyProcess| {
+        r.count_logs(|v| {
+            v["message"] == "connection closed" && v["error_kind"] == "cancel_unknown_key"
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while f.replicas.iter().map(refused).sum::<usize>() < guesses.len() {
+        assert!(Instant::now() < deadline, "not every guess was refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A guess tagged for the other replica was asked of it, and it refused too.
+    assert!(wait_peer_cancels(&f, "unknown_key", 2).await >= 2);
+    assert_eq!(peer_cancels_served(&f, "forwarded"), 0);
+    // Not one of them reached Postgres (log_connections logs every connection, cancels too).
+    assert_eq!(
+        connections_received(&f.pg),
+        before,
+        "a guessed key reached Postgres"
+    );
+
+    // The session's own key still works from either replica.
+    let token = c.cancel_token();
+    let query = tokio::spawn(async move { c.simple_query(SLEEP_SQL).await.map(|_| ()) });
+    wait_until_sleeping(&f.pg).await;
+    token
+        .cancel_query(MakeRustlsConnect::new(tls.clone()))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), query)
+        .await
+        .expect("cancelled")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
+}
+
+/// Sends one peer request over TLS with `config`; the reply byte, if any.
+async fn peer_request(port: u16, config: rustls::ClientConfig, request: &[u8]) -> Option<u8> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = match tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+    {
+        Ok(t) => t,
+        Err(_) => return None,
+    };
+    tls.write_all(request).await.ok()?;
+    tls.flush().await.ok()?;
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut b)).await {
+        Ok(Ok(_)) => Some(b[0]),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_a_certificate_from_another_ca_is_refused() {
+    let Some(f) = start_fleet(2) else {
+        return;
+    };
+    let request = pgmtls::fleet::message::Request {
+        database: "app".into(),
+        key: pgmtls::wire::frontend::CancelKey::new(1, &[2, 1, 2, 3]).unwrap(),
+    }
+    .encode();
+    let port = f.peer_ports[1];
+    // A replica's own certificate is let in and answered: no such session.
+    let (cert, key) = f.peer_pki.issue("replica-extra");
+    let good = f.peer_pki.client_config(&cert, &key);
+    assert_eq!(peer_request(port, good, &request).await, Some(1));
+
+    // The same request with a certificate of another CA gets no answer.
+    let stranger_pki = PeerPki::new(f._state.dir(), "stranger");
+    let (cert, key) = stranger_pki.issue("stranger");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in common::clients::load_certs(&f.peer_pki.ca_path) {
+        roots.add(c).unwrap();
+    }
+    let stranger = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        common::clients::load_certs(&cert),
+        common::clients::load_key(&key),
+    )
+    .unwrap();
+    assert_eq!(peer_request(port, stranger, &request).await, None);
+    // So does a database client's certificate: the client CA is not the peer CA.
+    let (client_cert, client_key) = (&f.pki.client.chain_path, &f.pki.client.key_path);
+    let app_client = f.peer_pki.client_config(client_cert, client_key);
+    assert_eq!(peer_request(port, app_client, &request).await, None);
+    let line = f.replicas[1].wait_for_nth_log(2, Duration::from_secs(10), |v| {
+        v["message"] == "peer cancel request refused" && v["reason"] == "peer_tls"
+    });
+    assert!(line["detail"].as_str().unwrap().contains("TLS"), "{line}");
+}
