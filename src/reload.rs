@@ -465,6 +465,19 @@ pub fn restart_needed(running: &Config, file: &Config) -> Vec<&'static str> {
         running.proxy_protocol_from != file.proxy_protocol_from,
         "proxy_protocol_from",
     );
+    // A replica's id is inside every cancel key it has handed out, so the fleet keys (and
+    // the peer certificate files they name) stay as they were at start.
+    let (rf, ff) = (running.fleet.as_ref(), file.fleet.as_ref());
+    check(
+        rf.map(|f| f.replica_id) != ff.map(|f| f.replica_id),
+        "replica_id",
+    );
+    check(
+        rf.map(|f| f.peer_listen) != ff.map(|f| f.peer_listen),
+        "peer_listen",
+    );
+    check(rf.map(|f| &f.peers) != ff.map(|f| &f.peers), "peers");
+    check(rf.map(|f| &f.tls) != ff.map(|f| &f.tls), "peer_tls");
     out
 }
 
@@ -748,6 +761,16 @@ mod tests {
         b.proxy_protocol_from = vec!["10.0.0.0/8".parse().unwrap()];
         b.max_handshakes_per_source = 1;
         b.timeouts.keepalive.user_timeout = None;
+        b.fleet = Some(crate::fleet::FleetConfig {
+            replica_id: 1,
+            peer_listen: "127.0.0.1:1".parse().unwrap(),
+            peers: Vec::new(),
+            tls: crate::fleet::PeerTlsPaths {
+                cert: "c".into(),
+                key: "k".into(),
+                ca: "a".into(),
+            },
+        });
         assert_eq!(
             restart_needed(&a, &b),
             vec![
@@ -757,7 +780,11 @@ mod tests {
                 "max_handshakes_per_source",
                 "tcp_user_timeout",
                 "worker_threads",
-                "proxy_protocol_from"
+                "proxy_protocol_from",
+                "replica_id",
+                "peer_listen",
+                "peers",
+                "peer_tls"
             ]
         );
     }
