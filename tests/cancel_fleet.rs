@@ -125,7 +125,7 @@ fn start_fleet(n: usize) -> Option<Fleet> {
             .map(|j| format!("{{id: {}, addr: \"127.0.0.1:{}\"}}", j + 1, peer_ports[j]))
             .collect();
         let text = format!(
-            "state_dir: state\nadmin_listen: \"off\"\nreload_poll_interval: 1h\n\
+            "state_dir: state\nadmin_listen: 127.0.0.1:0\nreload_poll_interval: 1h\n\
              proxy_protocol_from: [127.0.0.1/32]\nreplica_id: {id}\n\
              peer_listen: 127.0.0.1:{}\npeers: [{}]\n\
              peer_tls: {{cert: {}, key: {}, ca: {}}}\n",
@@ -503,4 +503,78 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused() {
         v["message"] == "peer cancel request refused" && v["reason"] == "peer_tls"
     });
     assert!(line["detail"].as_str().unwrap().contains("TLS"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_peer_request_is_refused_and_the_channel_keeps_serving() {
+    let Some(f) = start_fleet(2) else {
+        return;
+    };
+    let port = f.peer_ports[0];
+    let (cert, key) = f.peer_pki.issue("replica-probe");
+    let good = pgmtls::fleet::message::Request {
+        database: "app".into(),
+        key: pgmtls::wire::frontend::CancelKey::new(1, &[1, 9, 9, 9]).unwrap(),
+    }
+    .encode();
+    let mut bad_magic = good.clone();
+    bad_magic[0] = b'X';
+    let mut bad_version = good.clone();
+    bad_version[4] = 2;
+    // A secret length of 0 (the two bytes before the secret).
+    let mut bad_secret = good[..good.len() - 4].to_vec();
+    let at = bad_secret.len() - 2;
+    bad_secret[at..].copy_from_slice(&0u16.to_be_bytes());
+    for bad in [bad_magic, bad_version, bad_secret] {
+        let reply = peer_request(port, f.peer_pki.client_config(&cert, &key), &bad).await;
+        assert_eq!(reply, None, "a malformed request got an answer");
+    }
+    f.replicas[0].wait_for_nth_log(3, Duration::from_secs(10), |v| {
+        v["message"] == "peer cancel request refused" && v["reason"] == "peer_message_invalid"
+    });
+    // The channel still answers a well-formed request: no session has that key.
+    let reply = peer_request(port, f.peer_pki.client_config(&cert, &key), &good).await;
+    assert_eq!(reply, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_beyond_the_per_source_budget_are_refused() {
+    let Some(f) = start_fleet(2) else {
+        return;
+    };
+    // 60 guesses from one client address, half to each replica: more than a burst of 20 each.
+    const SENT: usize = 60;
+    for _ in 0..SENT {
+        let mut s = tokio::net::TcpStream::connect(f.lb.addr).await.unwrap();
+        let mut secret = rand::random::<[u8; 4]>();
+        secret[0] = 1;
+        s.write_all(&cancel_request(4242, &secret)).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    }
+    // Refusal log lines are themselves rate-limited; the counters are exact.
+    let mut total = (0.0, 0.0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while total.0 + total.1 < SENT as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "not every cancel was answered: {total:?}"
+        );
+        total = (0.0, 0.0);
+        for r in &f.replicas {
+            let m = common::admin::scrape(r.admin()).await;
+            let refused = |reason: &str| {
+                m.samples
+                    .get(&format!(
+                        r#"pgmtls_connections_refused_total{{database="app",reason="{reason}"}}"#
+                    ))
+                    .copied()
+                    .unwrap_or(0.0)
+            };
+            total.0 += refused("cancel_rate_limited");
+            total.1 += refused("cancel_unknown_key");
+        }
+    }
+    let limited = total.0 as usize;
+    assert!(limited >= 1, "no cancel was rate-limited: {total:?}");
 }
