@@ -127,6 +127,24 @@ struct QuickArgs {
     /// client; repeat for more.
     #[arg(long, env = "PGMTLS_PROXY_PROTOCOL_FROM", value_delimiter = ',')]
     proxy_protocol_from: Vec<String>,
+    /// This replica's id in a fleet, 1-255 (cancel keys then name it); 0 or absent: one node.
+    #[arg(long, env = "PGMTLS_REPLICA_ID")]
+    replica_id: Option<u8>,
+    /// IP:PORT of the peer channel (mutual TLS between replicas).
+    #[arg(long, env = "PGMTLS_PEER_LISTEN")]
+    peer_listen: Option<String>,
+    /// Another replica, ID=IP:PORT or ID=IP:PORT/NAME; repeat for more.
+    #[arg(long = "peer", env = "PGMTLS_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// This replica's peer certificate chain (PEM).
+    #[arg(long, env = "PGMTLS_PEER_CERT")]
+    peer_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "PGMTLS_PEER_KEY")]
+    peer_key: Option<PathBuf>,
+    /// CA of every replica's peer certificate (PEM).
+    #[arg(long, env = "PGMTLS_PEER_CA")]
+    peer_ca: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -246,6 +264,13 @@ fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
         config.timeouts.handshake = h.into();
     }
     config.proxy_protocol_from = cidr_flag("--proxy-protocol-from", &q.proxy_protocol_from)?;
+    config.fleet = pgmtls::fleet::config::from_flags(
+        q.replica_id,
+        q.peer_listen.as_deref(),
+        &q.peers,
+        (q.peer_cert, q.peer_key, q.peer_ca),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     let spec = QuickSpec {
         name: q.name,
         listen,

@@ -578,3 +578,98 @@ async fn cancels_beyond_the_per_source_budget_are_refused() {
     let limited = total.0 as usize;
     assert!(limited >= 1, "no cancel was rate-limited: {total:?}");
 }
+
+/// Three replicas in quick mode, the fleet given by flags and environment variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_quick_mode_replicas_cancel_across_the_peer_channel() {
+    if !pg_available_or_skip() || !haproxy_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let peer_pki = PeerPki::new(dir.path(), "quick");
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut replicas = Vec::new();
+    for i in 0..3usize {
+        let (cert, key) = peer_pki.issue(&format!("q{}", i + 1));
+        let id = (i + 1).to_string();
+        let listen = format!("127.0.0.1:{}", ports[i]);
+        let peers: Vec<String> = (0..3)
+            .filter(|j| *j != i)
+            .map(|j| format!("{}=127.0.0.1:{}", j + 1, ports[j]))
+            .collect();
+        let mut extra: Vec<String> = vec![
+            "--proxy-protocol-from".into(),
+            "127.0.0.1/32".into(),
+            "--replica-id".into(),
+            id,
+            "--peer-listen".into(),
+            listen,
+            "--peer-cert".into(),
+            cert.display().to_string(),
+            "--peer-key".into(),
+            key.display().to_string(),
+        ];
+        for p in &peers {
+            extra.push("--peer".into());
+            extra.push(p.clone());
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        // The CA through the environment, as a container would pass it.
+        let mut args = vec!["--listen", "127.0.0.1:0", "--upstream"];
+        let up = pg.addr().to_string();
+        args.push(&up);
+        args.extend_from_slice(&[
+            "--cert",
+            common::proxy::path(&pki.server.chain_path),
+            "--key",
+            common::proxy::path(&pki.server.key_path),
+            "--client-ca",
+            common::proxy::path(&pki.ca.cert_path),
+            "--admin-listen",
+            "off",
+            "--allow",
+            "127.0.0.1/32",
+        ]);
+        args.extend_from_slice(&extra);
+        let ca = peer_pki.ca_path.display().to_string();
+        let r = ProxyProcess::spawn_env(&args, &[("PGMTLS_PEER_CA", &ca)]);
+        r.wait_for_log(Duration::from_secs(10), |v| {
+            v["message"] == "peer channel listening"
+        });
+        replicas.push(r);
+    }
+    let lb = HaProxy::start(&replicas.iter().map(|r| r.addr()).collect::<Vec<_>>());
+    let tls = tls_client_config(
+        &pki.ca.cert_path,
+        Some((&pki.client.chain_path, &pki.client.key_path)),
+        false,
+    );
+    for _ in 0..3 {
+        let (c, _conn) = pg_connect_tls(
+            "127.0.0.1",
+            lb.addr.port(),
+            APP_USER,
+            APP_DB,
+            Some(APP_PASSWORD),
+            tls.clone(),
+            SslNegotiation::Postgres,
+        )
+        .await
+        .unwrap();
+        let token = c.cancel_token();
+        let query = tokio::spawn(async move { c.simple_query(SLEEP_SQL).await.map(|_| ()) });
+        wait_until_sleeping(&pg).await;
+        token
+            .cancel_query(MakeRustlsConnect::new(tls.clone()))
+            .await
+            .unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(10), query)
+            .await
+            .expect("the cancel was lost")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
+    }
+}

@@ -54,6 +54,84 @@ struct RawTls {
 
 pub const KEYS: &[&str] = &["replica_id", "peer_listen", "peers", "peer_tls"];
 
+/// Peer ids are distinct and not this replica's own.
+fn check_peers(id: u8, peers: &[PeerEntry]) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for p in peers {
+        if p.id == id {
+            return Err(format!("peer id {} is this replica's own replica_id", p.id));
+        }
+        if !seen.insert(p.id) {
+            return Err(format!("peer id {} is listed twice", p.id));
+        }
+    }
+    Ok(())
+}
+
+/// One `--peer` flag: `ID=IP:PORT`, or `ID=IP:PORT/NAME` when the peer's certificate carries
+/// a name other than that IP.
+pub fn parse_peer_flag(s: &str) -> Result<PeerEntry, String> {
+    let bad = || format!("--peer {s:?}: expected ID=IP:PORT or ID=IP:PORT/NAME, ID 1-255");
+    let (id, rest) = s.split_once('=').ok_or_else(bad)?;
+    let id: u8 = id.trim().parse().map_err(|_| bad())?;
+    if id == 0 {
+        return Err(bad());
+    }
+    let (addr, name) = match rest.split_once('/') {
+        Some((a, n)) if !n.is_empty() => (a, Some(n.to_owned())),
+        Some(_) => return Err(bad()),
+        None => (rest, None),
+    };
+    let addr: SocketAddr = addr.trim().parse().map_err(|_| bad())?;
+    Ok(PeerEntry {
+        id,
+        addr,
+        name: name.unwrap_or_else(|| addr.ip().to_string()),
+    })
+}
+
+/// The quick-mode flags' fleet: all of `--peer-listen`, `--peer-cert`, `--peer-key` and
+/// `--peer-ca` with a `--replica-id` from 1, or none of them.
+pub fn from_flags(
+    replica_id: Option<u8>,
+    peer_listen: Option<&str>,
+    peers: &[String],
+    tls: (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>),
+) -> Result<Option<FleetConfig>, String> {
+    let id = replica_id.unwrap_or(0);
+    let any = peer_listen.is_some()
+        || !peers.is_empty()
+        || tls.0.is_some()
+        || tls.1.is_some()
+        || tls.2.is_some();
+    if id == 0 {
+        return if any {
+            Err("--peer-listen, --peer and --peer-cert/--peer-key/--peer-ca need a --replica-id from 1 to 255".into())
+        } else {
+            Ok(None)
+        };
+    }
+    let need = "--replica-id needs --peer-listen, --peer-cert, --peer-key and --peer-ca";
+    let listen: SocketAddr = peer_listen
+        .ok_or(need)?
+        .parse()
+        .map_err(|_| "--peer-listen: expected IP:PORT".to_string())?;
+    let (Some(cert), Some(key), Some(ca)) = tls else {
+        return Err(need.into());
+    };
+    let peers = peers
+        .iter()
+        .map(|p| parse_peer_flag(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_peers(id, &peers).map_err(|m| format!("--peer: {m}"))?;
+    Ok(Some(FleetConfig {
+        replica_id: id,
+        peer_listen: listen,
+        peers,
+        tls: PeerTlsPaths { cert, key, ca },
+    }))
+}
+
 /// Takes the fleet keys from `f`; relative paths are resolved against `base`. Errors are
 /// recorded in `f` against the key they concern.
 pub fn take(f: &mut Fields, base: &Path) -> Option<FleetConfig> {
@@ -113,24 +191,9 @@ pub fn take(f: &mut Fields, base: &Path) -> Option<FleetConfig> {
         );
         return None;
     };
-    let mut seen = BTreeSet::new();
-    for p in &peers {
-        if p.id == id {
-            f.push(
-                "peers",
-                f.line_of("peers"),
-                format!("peer id {} is this replica's own replica_id", p.id),
-            );
-            return None;
-        }
-        if !seen.insert(p.id) {
-            f.push(
-                "peers",
-                f.line_of("peers"),
-                format!("peer id {} is listed twice", p.id),
-            );
-            return None;
-        }
+    if let Err(m) = check_peers(id, &peers) {
+        f.push("peers", f.line_of("peers"), m);
+        return None;
     }
     Some(FleetConfig {
         replica_id: id,
@@ -138,4 +201,73 @@ pub fn take(f: &mut Fields, base: &Path) -> Option<FleetConfig> {
         peers,
         tls,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_flags_parse_and_bad_ones_say_what_is_expected() {
+        let p = parse_peer_flag("2=10.0.0.2:6433").unwrap();
+        assert_eq!(
+            (p.id, p.addr.port(), p.name.as_str()),
+            (2, 6433, "10.0.0.2")
+        );
+        let p = parse_peer_flag("3=10.0.0.3:6433/r3.internal").unwrap();
+        assert_eq!(p.name, "r3.internal");
+        for bad in [
+            "",
+            "2",
+            "0=10.0.0.2:1",
+            "256=10.0.0.2:1",
+            "x=10.0.0.2:1",
+            "2=nowhere",
+            "2=10.0.0.2:1/",
+        ] {
+            let e = parse_peer_flag(bad).unwrap_err();
+            assert!(e.contains("expected ID=IP:PORT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn quick_mode_fleet_flags_come_all_together_or_not_at_all() {
+        let tls = || {
+            (
+                Some(PathBuf::from("c")),
+                Some(PathBuf::from("k")),
+                Some(PathBuf::from("a")),
+            )
+        };
+        assert_eq!(from_flags(None, None, &[], (None, None, None)), Ok(None));
+        assert_eq!(from_flags(Some(0), None, &[], (None, None, None)), Ok(None));
+        let f = from_flags(
+            Some(1),
+            Some("127.0.0.1:7001"),
+            &["2=127.0.0.1:7002".into()],
+            tls(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((f.replica_id, f.peers.len()), (1, 1));
+        assert!(
+            from_flags(None, Some("127.0.0.1:1"), &[], (None, None, None))
+                .unwrap_err()
+                .contains("need a --replica-id")
+        );
+        assert!(from_flags(Some(1), None, &[], tls())
+            .unwrap_err()
+            .contains("needs --peer-listen"));
+        assert!(from_flags(
+            Some(1),
+            Some("127.0.0.1:1"),
+            &["1=127.0.0.1:2".into()],
+            tls()
+        )
+        .unwrap_err()
+        .contains("this replica's own"));
+        assert!(from_flags(Some(1), Some("nowhere"), &[], tls())
+            .unwrap_err()
+            .contains("--peer-listen"));
+    }
 }
