@@ -332,7 +332,6 @@ impl App {
                 fleet,
                 listener,
                 app.ctx.clone(),
-                app.stop.subscribe(),
             ));
         }
         Ok(app)

@@ -673,3 +673,136 @@ async fn three_quick_mode_replicas_cancel_across_the_peer_channel() {
         assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
     }
 }
+
+/// A stand-in for PostgreSQL 18 (protocol 3.2): AuthenticationOk, a BackendKeyData with a
+/// 32-byte `secret`, ReadyForQuery; every CancelRequest it receives is reported byte for byte.
+async fn protocol_32_upstream(
+    listener: tokio::net::TcpListener,
+    secret: Vec<u8>,
+    cancels: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+) {
+    loop {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let secret = secret.clone();
+        let cancels = cancels.clone();
+        tokio::spawn(async move {
+            let mut header = [0u8; 8];
+            s.read_exact(&mut header).await.unwrap();
+            let len = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; len - 8];
+            s.read_exact(&mut body).await.unwrap();
+            if header[4..] == 80_877_102u32.to_be_bytes() {
+                cancels.send([&header[..], &body].concat()).unwrap();
+                return;
+            }
+            let mut out = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+            out.push(b'K');
+            out.extend_from_slice(&(8 + secret.len() as u32).to_be_bytes());
+            out.extend_from_slice(&4242u32.to_be_bytes());
+            out.extend_from_slice(&secret);
+            out.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+            s.write_all(&out).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        });
+    }
+}
+
+/// In a fleet the client gets a key of the replica's making, for a protocol-3.2 key too: the
+/// same process id and length, the replica's id first, and none of the backend's secret. That
+/// key cancels; the upstream receives the backend's own key, byte for byte.
+#[tokio::test]
+async fn a_replica_hands_out_its_own_long_key_and_cancels_with_the_real_one() {
+    let pki = TestPki::new();
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let secret: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();
+    let (tx, mut cancels) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(protocol_32_upstream(upstream, secret.clone(), tx));
+    let dir = tempfile::tempdir().unwrap();
+    let peer_pki = PeerPki::new(dir.path(), "long");
+    let (cert, key) = peer_pki.issue("r7");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let proxy = ProxyProcess::quick(
+        &pki,
+        up_addr,
+        &["127.0.0.1/32"],
+        &[
+            "--replica-id",
+            "7",
+            "--peer-listen",
+            &listen,
+            "--peer-cert",
+            common::proxy::path(&cert),
+            "--peer-key",
+            common::proxy::path(&key),
+            "--peer-ca",
+            common::proxy::path(&peer_pki.ca_path),
+        ],
+    );
+
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    let mut s = [0u8; 1];
+    tcp.read_exact(&mut s).await.unwrap();
+    assert_eq!(&s, b"S");
+    let tls = tls_client_config(
+        &pki.ca.cert_path,
+        Some((&pki.client.chain_path, &pki.client.key_path)),
+        false,
+    );
+    let mut session = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let startup = pgmtls::wire::frontend::StartupParams {
+        minor: 2,
+        params: vec![("user".into(), "app".into())],
+    };
+    session.write_all(&startup.encode()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
+        let n = session.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before ReadyForQuery");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = [b'K', 0, 0, 0, 40, 0, 0, 0x10, 0x92]; // length 40, pid 4242
+    let at = got
+        .windows(head.len())
+        .position(|w| w == head)
+        .expect("a 32-byte BackendKeyData with the backend's pid");
+    let visible = got[at + head.len()..at + head.len() + 32].to_vec();
+    assert_eq!(visible[0], 7, "the key names this replica");
+    assert_ne!(visible, secret);
+    assert!(
+        !got.windows(8).any(|w| secret.windows(8).any(|s| s == w)),
+        "the backend's secret reached the client"
+    );
+
+    // The backend's own key, sent by a client, is not one this proxy handed out.
+    let mut c = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    c.write_all(&cancel_request(4242, &secret)).await.unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    proxy.wait_for_refusal("cancel_unknown_key");
+
+    // The key the client holds cancels, and the upstream gets the real one.
+    let mut c = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    c.write_all(&cancel_request(4242, &visible)).await.unwrap();
+    let forwarded = tokio::time::timeout(Duration::from_secs(10), cancels.recv())
+        .await
+        .expect("the cancel reaches the upstream")
+        .unwrap();
+    assert_eq!(forwarded, cancel_request(4242, &secret));
+    assert!(
+        cancels.try_recv().is_err(),
+        "the real key was forwarded too"
+    );
+    drop(session);
+}

@@ -458,6 +458,10 @@ mod tests {
                 "p.yaml:3: peers: peer 1: invalid address",
             ),
             (
+                "replica_id: 2\npeers: [{id: 1, addr: \"127.0.0.1:2\", name: \"a b\"}]\n".into(),
+                "p.yaml:3: peers: peer 1: name \"a b\" is not a DNS name",
+            ),
+            (
                 "replica_id: 2\npeers: [{id: 0, addr: \"127.0.0.1:2\"}]\n".into(),
                 "peers: peer id 0 is not a replica id",
             ),

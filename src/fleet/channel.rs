@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::message::{MessageError, Reply, Request, MAX_REQUEST};
 use super::{key, Fleet};
@@ -81,19 +81,12 @@ impl Fleet {
     }
 }
 
-/// Accepts peer connections on `listener` until `stop` turns true.
-pub async fn serve(
-    fleet: Arc<Fleet>,
-    listener: TcpListener,
-    ctx: Arc<Context>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Accepts peer connections on `listener` until the process exits: sessions still running in
+/// the shutdown grace can be cancelled from other replicas too.
+pub async fn serve(fleet: Arc<Fleet>, listener: TcpListener, ctx: Arc<Context>) {
     let slots = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
     loop {
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            a = listener.accept() => a,
-        };
+        let accepted = listener.accept().await;
         let (tcp, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {

@@ -54,6 +54,13 @@ struct RawTls {
 
 pub const KEYS: &[&str] = &["replica_id", "peer_listen", "peers", "peer_tls"];
 
+/// A peer's `name` must be something a certificate can be checked against.
+fn check_name(id: u8, name: &str) -> Result<(), String> {
+    rustls::pki_types::ServerName::try_from(name)
+        .map(|_| ())
+        .map_err(|_| format!("peer {id}: name {name:?} is not a DNS name or IP address"))
+}
+
 /// Peer ids are distinct and not this replica's own.
 fn check_peers(id: u8, peers: &[PeerEntry]) -> Result<(), String> {
     let mut seen = BTreeSet::new();
@@ -83,11 +90,9 @@ pub fn parse_peer_flag(s: &str) -> Result<PeerEntry, String> {
         None => (rest, None),
     };
     let addr: SocketAddr = addr.trim().parse().map_err(|_| bad())?;
-    Ok(PeerEntry {
-        id,
-        addr,
-        name: name.unwrap_or_else(|| addr.ip().to_string()),
-    })
+    let name = name.unwrap_or_else(|| addr.ip().to_string());
+    check_name(id, &name).map_err(|m| format!("--peer {s:?}: {m}"))?;
+    Ok(PeerEntry { id, addr, name })
 }
 
 /// The quick-mode flags' fleet: all of `--peer-listen`, `--peer-cert`, `--peer-key` and
@@ -155,10 +160,12 @@ pub fn take(f: &mut Fields, base: &Path) -> Option<FleetConfig> {
                         p.id, p.addr
                     )
                 })?;
+                let name = p.name.unwrap_or_else(|| addr.ip().to_string());
+                check_name(p.id, &name)?;
                 Ok(PeerEntry {
                     id: p.id,
                     addr,
-                    name: p.name.unwrap_or_else(|| addr.ip().to_string()),
+                    name,
                 })
             })
             .collect::<Result<Vec<_>, _>>()
@@ -228,6 +235,8 @@ mod tests {
             let e = parse_peer_flag(bad).unwrap_err();
             assert!(e.contains("expected ID=IP:PORT"), "{bad}: {e}");
         }
+        let e = parse_peer_flag("2=10.0.0.2:1/not a name").unwrap_err();
+        assert!(e.contains("is not a DNS name"), "{e}");
     }
 
     #[test]
