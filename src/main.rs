@@ -185,8 +185,12 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 }
 
 fn check_config(path: &std::path::Path) -> anyhow::Result<std::process::ExitCode> {
+    let mut missing_dir = None;
     let result = Config::load(path).and_then(|c| {
         let dir = c.state_dir.clone().unwrap_or_default();
+        if !dir.exists() {
+            missing_dir = Some(dir.clone());
+        }
         let states = StateDir::new(dir).load_all()?;
         let metrics = pgmtls::metrics::Metrics::new();
         pgmtls::snapshot::Snapshot::build(0, &states, &metrics)?;
@@ -195,6 +199,14 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<std::process::ExitCode
     match result {
         Ok(n) => {
             println!("{}: ok ({n} databases)", path.display());
+            if let Some(dir) = missing_dir {
+                // Not an error (the proxy waits for it), but not an empty directory either.
+                eprintln!(
+                    "pgmtls: warning: state_dir {} does not exist: the proxy serves no database \
+                     until it does (`pgmtls mtls create` makes it)",
+                    dir.display()
+                );
+            }
             Ok(std::process::ExitCode::SUCCESS)
         }
         Err(errors) => {

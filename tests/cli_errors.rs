@@ -286,3 +286,75 @@ fn every_flag_of_every_command_has_help_text() {
         "{create}"
     );
 }
+
+#[test]
+fn a_missing_state_directory_is_named_not_taken_for_an_empty_one() {
+    let env = Env::new();
+    let nope = env.dir.path().join("nope");
+    let dir = nope.to_str().unwrap();
+    let out = env.run(&["databases", "--state-dir", dir]);
+    assert!(out.error().contains("does not exist"), "{out:?}");
+    assert!(!out.stdout.contains("No databases"), "{}", out.stdout);
+    let out = env.run(&["ip-rules", "orders", "--state-dir", dir]);
+    assert!(out.error().contains("does not exist"), "{out:?}");
+
+    let config = env.dir.path().join("pgmtls.yaml");
+    std::fs::write(
+        &config,
+        format!("state_dir: {dir}\nadmin_listen: \"off\"\n"),
+    )
+    .unwrap();
+    let out = env.run(&["check-config", "--config", config.to_str().unwrap()]);
+    assert!(out.ok().contains("ok (0 databases)"), "{out:?}");
+    assert!(out.stderr.contains("does not exist"), "{}", out.stderr);
+
+    let out = env.run(&[
+        "mtls",
+        "create",
+        "orders",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:5432",
+        "--confirm",
+        "orders",
+        "--state-dir",
+        dir,
+    ]);
+    out.ok();
+    assert!(
+        out.stderr
+            .contains(&format!("created the state directory {dir}")),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_database_on_port_zero_shows_the_port_the_proxy_serves() {
+    let env = Env::new();
+    env.create_db("orders", "127.0.0.1:0", "127.0.0.1:5432");
+    // A stand-in admin endpoint answering /status as a proxy that bound port 41234.
+    let status = serde_json::json!({
+        "version": "x", "ready": true, "draining": false, "generation": 1,
+        "content_hash": "h",
+        "last_reload": {"at": "2026-12-01T00:00:00Z", "trigger": "startup", "ok": true,
+                        "error": null, "last_success_at": null},
+        "databases": {"orders": {"operational": true, "listen": "127.0.0.1:41234",
+                                 "rules": [], "certificates": [], "crl_entries": 0,
+                                 "server_cert_expires_at": null, "ca_expires_at": null}}
+    });
+    let url = cli_support::fake_admin(status.to_string());
+    let rows = env
+        .run(&["databases", "--json", "--admin-url", &url])
+        .json();
+    assert_eq!(rows[0]["listen"], "127.0.0.1:41234");
+    let url = cli_support::fake_admin(status.to_string());
+    let view = env
+        .run(&["mtls", "orders", "--json", "--admin-url", &url])
+        .json();
+    assert_eq!(view["listen"], "127.0.0.1:41234");
+    // Without a proxy the configured address is all there is to say.
+    let rows = env.run(&["databases", "--json"]).json();
+    assert_eq!(rows[0]["listen"], "127.0.0.1:0");
+}

@@ -422,6 +422,9 @@ fn status_words_come_from_the_running_proxy() {
 #[test]
 fn databases_lists_every_database_and_fails_on_a_broken_one() {
     let env = Env::new();
+    // A missing state directory is named as such; an empty one has no databases.
+    assert!(env.run(&["databases"]).error().contains("does not exist"));
+    std::fs::create_dir(&env.state).unwrap();
     let out = env.run(&["databases"]).ok().to_owned();
     assert!(out.starts_with("No databases"), "{out}");
     env.create_db("app", "127.0.0.1:0", "127.0.0.1:5432");

@@ -173,7 +173,14 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         "Enabling Mutual TLS will allow external access to this database. This action will be \
          logged. Continue?",
     )?;
+    let had_state_dir = ctx.state.root().exists();
     let enabled = control::mtls::enable(&control, &request, &actor(&args.change))?;
+    if !had_state_dir {
+        eprintln!(
+            "pgmtls: created the state directory {}",
+            ctx.state.root().display()
+        );
+    }
     let (settings, names, record) = (
         &enabled.settings,
         &enabled.server_names,
@@ -292,7 +299,7 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         tls_status: proxy.tls_status(&name).as_json(),
         enabled_by: db.settings.enabled_by.clone(),
         created_at: db.settings.created_at,
-        listen: db.settings.listen.to_string(),
+        listen: served_listen(&name, db.settings.listen, &proxy),
         upstream: db.settings.upstream.to_string(),
         upstream_tls: db.settings.upstream_tls.to_string(),
         server_names: server_info
@@ -364,8 +371,25 @@ struct DatabaseRow {
     proxy_reload_error: Option<String>,
 }
 
+/// The address a database listens on: with port 0 ("any free port"), the one the running
+/// proxy bound, when it answers; otherwise what is configured.
+fn served_listen(name: &str, configured: SocketAddr, proxy: &ProxyView) -> String {
+    if configured.port() == 0 {
+        if let Some(bound) = proxy.database(name).and_then(|d| d.listen.clone()) {
+            return bound;
+        }
+    }
+    configured.to_string()
+}
+
 pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
     let ctx = Ctx::new(&args.state)?;
+    if !ctx.state.root().exists() {
+        // Not the same as an empty one: a mistyped path should not read as "no databases".
+        return Err(
+            crate::control::ControlError::NoStateDir(ctx.state.root().to_path_buf()).into(),
+        );
+    }
     let names = ctx
         .state
         .database_names()
@@ -390,7 +414,7 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
         match loaded {
             Ok(db) => rows.push(DatabaseRow {
                 tls_status: proxy.tls_status(&name).as_json(),
-                listen: Some(db.settings.listen.to_string()),
+                listen: Some(served_listen(&name, db.settings.listen, &proxy)),
                 upstream: Some(db.settings.upstream.to_string()),
                 ip_rules: Some(db.rules.len()),
                 certificates: Some(db.certificates.len()),

@@ -34,6 +34,8 @@ pub enum ControlError {
     Invalid(String),
     #[error("unknown database {name:?} in {} (`pgmtls databases` lists them)", root.display())]
     UnknownDatabase { name: String, root: PathBuf },
+    #[error("the state directory {} does not exist (`pgmtls mtls create` makes it)", .0.display())]
+    NoStateDir(PathBuf),
     /// A record the change names does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -77,6 +79,9 @@ impl Control {
     /// Fails for an invalid or unknown database name.
     pub fn require(&self, name: &str) -> Result<()> {
         validate_database_name(name).map_err(ControlError::Invalid)?;
+        if !self.state.root().exists() {
+            return Err(ControlError::NoStateDir(self.state.root().to_path_buf()));
+        }
         if !self.state.has_database(name) {
             return Err(ControlError::UnknownDatabase {
                 name: name.to_owned(),
