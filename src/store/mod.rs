@@ -9,6 +9,7 @@
 //! watch for changes from a revision on.
 
 pub mod etcd;
+pub mod follow;
 
 use std::collections::{BTreeMap, BTreeSet};
 
