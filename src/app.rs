@@ -134,6 +134,7 @@ impl QuickSpec {
                 crl_pem: crl,
                 // `--crl` is optional in quick mode; one that was given must be there.
                 crl_required: false,
+                upstream_ca_pem: None,
                 certificates: Vec::new(),
             }),
             _ => Err(errors),

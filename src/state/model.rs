@@ -459,6 +459,9 @@ pub struct DatabaseState {
     /// lost or removed, and serving on would fail open; false in quick mode, where `--crl` is
     /// optional.
     pub crl_required: bool,
+    /// The upstream CA's bytes when they came with the records (a store has no files to read
+    /// later); `None` for a directory, where the snapshot reads `upstream_ca` from disk.
+    pub upstream_ca_pem: Option<Vec<u8>>,
     pub certificates: Vec<CertificateRecord>,
 }
 

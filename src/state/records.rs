@@ -96,6 +96,9 @@ pub struct ReadRecords {
     pub errors: ConfigErrors,
     /// Keys the reader already reported.
     pub failed: std::collections::BTreeSet<String>,
+    /// The records came from a store, not a directory: every file the database names is a
+    /// record (there is no disk to read it from later).
+    pub from_store: bool,
 }
 
 /// Reads what the proxy needs of one database folder, with the checks that only make sense
@@ -178,6 +181,7 @@ impl DatabaseState {
             records,
             mut errors,
             failed,
+            from_store,
         } = read;
         let file = |rel: &str| origin.join(rel);
         let required = |rel: &str, errors: &mut ConfigErrors| -> Option<Vec<u8>> {
@@ -237,6 +241,27 @@ impl DatabaseState {
             }
         }
         certificates.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        // From a store, a relative `upstream_ca` is a record of the database like any other;
+        // the directory keeps reading it (or an absolute path) from disk when it builds.
+        let mut upstream_ca_pem = None;
+        if from_store {
+            if let Some(rel) = settings
+                .as_ref()
+                .and_then(|s| s.upstream_ca.as_ref())
+                .filter(|p| p.is_relative())
+            {
+                let rel = rel.to_string_lossy().into_owned();
+                match records.get(&rel) {
+                    Some(b) => upstream_ca_pem = Some(b.clone()),
+                    None => errors.extend(ConfigErrors::one(
+                        &file(&rel),
+                        "",
+                        None,
+                        "missing: database.yaml names it as upstream_ca",
+                    )),
+                }
+            }
+        }
         match (settings, rules, server_cert_pem, server_key_pem, ca_pem) {
             (Some(settings), Some(rules), Some(c), Some(k), Some(ca)) if errors.is_empty() => {
                 Ok(DatabaseState {
@@ -251,6 +276,7 @@ impl DatabaseState {
                     crl_pem,
                     crl_required: true,
                     certificates,
+                    upstream_ca_pem,
                 })
             }
             _ => Err(errors),
@@ -281,6 +307,7 @@ pub fn load_each_from_records(
                         &origin,
                         ReadRecords {
                             records: recs,
+                            from_store: true,
                             ..ReadRecords::default()
                         },
                     )
@@ -326,6 +353,29 @@ mod tests {
         assert_eq!(from_store_key("secrets/databases/app/server.key"), None);
         assert_eq!(from_store_key(&audit_line_key(7)), None);
         assert!(audit_line_key(9) < audit_line_key(10));
+    }
+
+    #[test]
+    fn a_relative_upstream_ca_is_a_record_in_a_store() {
+        let settings = b"listen: 127.0.0.1:6432\nupstream: db.internal:5432\nupstream_tls: verify-full\nupstream_ca: upstream-ca.crt\n";
+        let mut records = BTreeMap::new();
+        records.insert("databases/app/database.yaml".to_string(), settings.to_vec());
+        let e = load_each_from_records("/p", &records)[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("etcd:/p/databases/app/upstream-ca.crt: missing: database.yaml names it"),
+            "{e}"
+        );
+        records.insert("databases/app/upstream-ca.crt".to_string(), b"PEM".to_vec());
+        let e = load_each_from_records("/p", &records)[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("upstream-ca.crt"), "{e}");
     }
 
     #[test]

@@ -88,9 +88,20 @@ impl EtcdStore {
 
     /// Every record under the prefix, at one revision.
     pub async fn load(&self) -> Result<Listing, StoreError> {
+        self.load_under("").await
+    }
+
+    /// The records whose logical key starts with `under` (e.g. `databases/`), at one
+    /// revision: what a replica reads, so that its etcd role needs no access to the rest of
+    /// the prefix (`secrets/`, `audit/`). Keys stay relative to the prefix. A listing of part
+    /// of the prefix has no guard: commit only from a full [`EtcdStore::load`].
+    pub async fn load_under(&self, under: &str) -> Result<Listing, StoreError> {
         let mut kv = self.client.kv_client();
         let response = kv
-            .get(self.range(), Some(GetOptions::new().with_prefix()))
+            .get(
+                format!("{}{under}", self.range()),
+                Some(GetOptions::new().with_prefix()),
+            )
             .await
             .map_err(|e| unavailable(&self.config, "cannot read", e))?;
         let revision = response.header().map_or(0, |h| h.revision());
@@ -153,12 +164,17 @@ impl EtcdStore {
     /// [`StoreError::Compacted`] when that history is gone, or `Unavailable` when the
     /// connection is lost; either way the caller reloads and watches again.
     pub async fn watch(&self, from: i64) -> Result<Watch, StoreError> {
+        self.watch_under(from, "").await
+    }
+
+    /// As [`EtcdStore::watch`], for the keys starting with `under` only.
+    pub async fn watch_under(&self, from: i64, under: &str) -> Result<Watch, StoreError> {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(from + 1);
         let mut client = self.client.watch_client();
         let stream = client
-            .watch(self.range(), Some(options))
+            .watch(format!("{}{under}", self.range()), Some(options))
             .await
             .map_err(|e| unavailable(&self.config, "cannot watch", e))?;
         Ok(Watch {

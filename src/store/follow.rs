@@ -18,6 +18,11 @@ use super::{Event, StoreError};
 use crate::config::ConfigErrors;
 use crate::state::{load_each_from_records, LoadedDatabase};
 
+/// What a replica reads and watches: the databases only. The CA and client keys
+/// (`secrets/`) and the audit log (`audit/`) are none of its business, so its etcd role can
+/// be limited to this range.
+const WATCHED: &str = "databases/";
+
 /// How long the follower waits between attempts to reach etcd again.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -75,7 +80,7 @@ impl EtcdSource {
     }
 
     async fn full_load(&self, store: &EtcdStore) -> Result<(), StoreError> {
-        let listing = store.load().await?;
+        let listing = store.load_under(WATCHED).await?;
         let mut c = lock(&self.cache);
         c.records = listing.records;
         c.status = FollowStatus {
@@ -122,7 +127,7 @@ impl EtcdSource {
         let mut store = store;
         loop {
             let from = self.status().revision;
-            let error = match store.watch(from).await {
+            let error = match store.watch_under(from, WATCHED).await {
                 Ok(mut watch) => loop {
                     match watch.next().await {
                         Ok(batch) => {
