@@ -102,6 +102,25 @@ pub struct Status {
     pub content_hash: String,
     pub last_reload: LastReload,
     pub databases: BTreeMap<String, DatabaseStatus>,
+    /// Where the state comes from; absent in older versions.
+    #[serde(default)]
+    pub source: Option<SourceStatus>,
+}
+
+/// The state's source: `state_dir`, `etcd` or `flags` (quick mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub kind: String,
+    /// etcd: the revision the served state was read at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    /// etcd: since when it could not be reached (the state served may be behind); null while
+    /// following it.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub stale_since: Option<OffsetDateTime>,
+    /// etcd: why it cannot be reached, while stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The last reload attempt, successful or not.
@@ -563,6 +582,7 @@ mod tests {
                     database_errors: BTreeMap::new(),
                 },
                 databases: BTreeMap::new(),
+                source: None,
             }
         }
     }

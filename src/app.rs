@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::{AdminSource, LastReload, Status};
+use crate::admin::{AdminSource, LastReload, SourceStatus, Status};
 use crate::config::{Config, ConfigErrors};
 use crate::conn::Context;
 use crate::limits::Limits;
@@ -30,6 +30,8 @@ use crate::state::{
 #[derive(Debug, Clone)]
 pub enum Source {
     StateDir(StateDir),
+    /// An etcd prefix, followed by watch (a fleet replica).
+    Etcd(crate::store::follow::EtcdSource),
     /// One database from command-line flags (sidecar, benchmarks).
     Quick(Box<QuickSpec>),
 }
@@ -132,6 +134,7 @@ impl QuickSpec {
                 crl_pem: crl,
                 // `--crl` is optional in quick mode; one that was given must be there.
                 crl_required: false,
+                upstream_ca_pem: None,
                 certificates: Vec::new(),
             }),
             _ => Err(errors),
@@ -143,6 +146,7 @@ impl Source {
     pub fn load(&self) -> Result<Vec<DatabaseState>, ConfigErrors> {
         match self {
             Source::StateDir(s) => s.load_all(),
+            Source::Etcd(e) => e.load_all(),
             Source::Quick(q) => q.load().map(|d| vec![d]),
         }
     }
@@ -151,6 +155,8 @@ impl Source {
     pub fn load_each(&self) -> Result<Vec<LoadedDatabase>, ConfigErrors> {
         match self {
             Source::StateDir(s) => s.load_each(),
+            // The follower keeps the records current; loading them needs no network.
+            Source::Etcd(e) => Ok(e.load_each()),
             Source::Quick(q) => Ok(vec![(q.name.clone(), q.load())]),
         }
     }
@@ -162,6 +168,11 @@ impl Source {
             Source::StateDir(s) => {
                 let files: Vec<&Path> = config_file.into_iter().collect();
                 WatchPlan::new(Some(s.root()), &files)
+            }
+            // The etcd watch is the follower's; the files watch covers the config file.
+            Source::Etcd(_) => {
+                let files: Vec<&Path> = config_file.into_iter().collect();
+                WatchPlan::new(None, &files)
             }
             Source::Quick(q) => {
                 let mut files: Vec<&Path> = vec![&q.cert, &q.key, &q.client_ca];
@@ -436,7 +447,7 @@ impl App {
         let (file_config, snapshot, errors) = tokio::task::spawn_blocking(move || {
             let _lock = match &source {
                 Source::StateDir(s) => crate::reload::read_lock(s.root()),
-                Source::Quick(_) => None,
+                Source::Etcd(_) | Source::Quick(_) => None,
             };
             let mut errors = ReloadErrors::default();
             let config = config_file
@@ -686,6 +697,14 @@ impl Reloadable for App {
 
 impl AdminSource for App {
     fn metrics_text(&self) -> String {
+        if let Source::Etcd(e) = &self.source {
+            let st = e.status();
+            let stale = st.stale_since.map_or(0, |t| {
+                (OffsetDateTime::now_utc() - t).whole_seconds().max(0)
+            });
+            self.ctx.metrics.state_revision.set(st.revision);
+            self.ctx.metrics.state_stale_seconds.set(stale);
+        }
         self.ctx.metrics.encode()
     }
 
@@ -727,6 +746,29 @@ impl AdminSource for App {
                     (name, db)
                 })
                 .collect(),
+            source: Some(match &self.source {
+                Source::StateDir(_) => SourceStatus {
+                    kind: "state_dir".into(),
+                    revision: None,
+                    stale_since: None,
+                    error: None,
+                },
+                Source::Etcd(e) => {
+                    let f = e.status();
+                    SourceStatus {
+                        kind: "etcd".into(),
+                        revision: Some(f.revision),
+                        stale_since: f.stale_since,
+                        error: f.error,
+                    }
+                }
+                Source::Quick(_) => SourceStatus {
+                    kind: "flags".into(),
+                    revision: None,
+                    stale_since: None,
+                    error: None,
+                },
+            }),
         }
     }
 }

@@ -14,6 +14,7 @@ use pgmtls::config::{Config, LogFormat};
 use pgmtls::listener::DataPlane;
 use pgmtls::reload::{ReloadKind, Reloader};
 use pgmtls::state::{StateDir, UpstreamAddr, UpstreamTls};
+use pgmtls::store::follow::EtcdSource;
 
 #[derive(Parser, Debug)]
 #[command(name = "pgmtls", version, about = "Mutual-TLS proxy for PostgreSQL")]
@@ -185,6 +186,15 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 }
 
 fn check_config(path: &std::path::Path) -> anyhow::Result<std::process::ExitCode> {
+    if let Ok(Config { etcd: Some(e), .. }) = Config::load(path) {
+        // The state is in etcd: `pgmtls state export` takes a copy to check.
+        println!(
+            "{}: ok (state in etcd {}, not checked here)",
+            path.display(),
+            e.prefix
+        );
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let mut missing_dir = None;
     let result = Config::load(path).and_then(|c| {
         let dir = c.state_dir.clone().unwrap_or_default();
@@ -219,9 +229,29 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<std::process::ExitCode
     }
 }
 
+/// The `etcd:` section as the store's settings; reads the password file.
+fn etcd_config(
+    e: &pgmtls::config::EtcdSettings,
+) -> anyhow::Result<pgmtls::store::etcd::EtcdConfig> {
+    let mut c = pgmtls::store::etcd::EtcdConfig::new(e.endpoints.clone(), &e.prefix);
+    if let (Some(user), Some(file)) = (&e.user, &e.password_file) {
+        let password = std::fs::read_to_string(file)
+            .with_context(|| format!("etcd.password_file: cannot read {}", file.display()))?;
+        c.user = Some((
+            user.clone(),
+            password.trim_end_matches(['\n', '\r']).to_owned(),
+        ));
+    }
+    Ok(c)
+}
+
 fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
     if let Some(path) = args.config {
         let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(e) = &config.etcd {
+            let source = Source::Etcd(EtcdSource::new(etcd_config(e)?));
+            return Ok((config, source));
+        }
         let dir = config.state_dir.clone().context("state_dir is required")?;
         return Ok((config, Source::StateDir(StateDir::new(dir))));
     }
@@ -315,7 +345,30 @@ async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
     });
     let data_plane = DataPlane::start(threads).context("cannot start the data-plane threads")?;
+    // A replica loads the prefix at one revision before serving, then watches from there.
+    let etcd_store =
+        match &source {
+            Source::Etcd(e) => Some(e.connect_and_load().await.with_context(|| {
+                format!("cannot load the state from etcd {}", e.config().prefix)
+            })?),
+            _ => None,
+        };
     let app = App::start_on(config, source, data_plane).await?;
+    if let (Some(store), Source::Etcd(e)) = (etcd_store, app.source()) {
+        let follower = e.clone();
+        let target = Arc::clone(&app);
+        tokio::spawn(async move {
+            follower
+                .follow(store, || {
+                    let app = Arc::clone(&target);
+                    // Same path as the file watch: serialised, counted, shown in /status.
+                    async move {
+                        let _ = app.reload(ReloadKind::watch).await;
+                    }
+                })
+                .await;
+        });
+    }
     let reloader = Reloader::start(
         Arc::clone(&app),
         plan,

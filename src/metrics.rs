@@ -152,6 +152,10 @@ pub struct Metrics {
     pub config_generation: Gauge,
     pub config_last_reload_successful: Gauge,
     pub config_last_reload_success_seconds: Gauge,
+    /// The etcd revision the served state was read at (0 with a state directory).
+    pub state_revision: Gauge,
+    /// Seconds since etcd was last reachable, 0 while following it.
+    pub state_stale_seconds: Gauge,
     pub ip_rules: Family<DbLabel, Gauge>,
     pub crl_entries: Family<DbLabel, Gauge>,
     /// 1 while the last reload rejected the database's change (it serves its previous one).
@@ -245,6 +249,8 @@ impl Metrics {
         let config_generation = Gauge::default();
         let config_last_reload_successful = Gauge::default();
         let config_last_reload_success_seconds = Gauge::default();
+        let state_revision = Gauge::default();
+        let state_stale_seconds = Gauge::default();
         let ip_rules = Family::<DbLabel, Gauge>::default();
         let crl_entries = Family::<DbLabel, Gauge>::default();
         let change_rejected = Family::<DbLabel, Gauge>::default();
@@ -271,6 +277,16 @@ impl Metrics {
             "config_last_reload_success_timestamp_seconds",
             "When the configuration was last loaded successfully (Unix time)",
             config_last_reload_success_seconds.clone(),
+        );
+        registry.register(
+            "state_revision",
+            "The etcd revision the served state was read at (0 with a state directory)",
+            state_revision.clone(),
+        );
+        registry.register(
+            "state_stale_seconds",
+            "Seconds since etcd was last reachable; 0 while the state follows it",
+            state_stale_seconds.clone(),
         );
         registry.register(
             "ip_rules",
@@ -335,6 +351,8 @@ impl Metrics {
             config_generation,
             config_last_reload_successful,
             config_last_reload_success_seconds,
+            state_revision,
+            state_stale_seconds,
             ip_rules,
             crl_entries,
             change_rejected,

@@ -417,6 +417,7 @@ pub fn restart_needed(running: &Config, file: &Config) -> Vec<&'static str> {
         }
     };
     check(running.state_dir != file.state_dir, "state_dir");
+    check(running.etcd != file.etcd, "etcd");
     check(running.admin_listen != file.admin_listen, "admin_listen");
     check(
         running.admin_status_from != file.admin_status_from,

@@ -137,7 +137,11 @@ impl DatabaseRuntime {
                 &revoked_by_record,
             )
         };
-        let upstream = build_upstream(&state.dir, &state.settings);
+        let upstream = build_upstream(
+            &state.dir,
+            &state.settings,
+            state.upstream_ca_pem.as_deref(),
+        );
         let (tls, upstream, inputs) = match (tls, upstream) {
             (Ok(t), Ok((u, upstream_ca))) => {
                 let inputs = InputDigests::of(state, upstream_ca.as_deref());
@@ -257,6 +261,7 @@ impl DatabaseRuntime {
 fn build_upstream(
     dir: &Path,
     s: &DatabaseSettings,
+    ca_from_records: Option<&[u8]>,
 ) -> Result<(UpstreamTarget, Option<Vec<u8>>), ConfigErrors> {
     let mut ca_bytes = None;
     let config = match s.upstream_tls {
@@ -266,9 +271,12 @@ fn build_upstream(
             // The settings parser guarantees a CA path for verify-full.
             let rel = s.upstream_ca.clone().unwrap_or_default();
             let ca_file = dir.join(rel);
-            let ca_pem = std::fs::read(&ca_file).map_err(|e| {
-                ConfigErrors::one(&ca_file, "", None, format!("cannot read upstream CA: {e}"))
-            })?;
+            let ca_pem = match ca_from_records {
+                Some(b) => b.to_vec(),
+                None => std::fs::read(&ca_file).map_err(|e| {
+                    ConfigErrors::one(&ca_file, "", None, format!("cannot read upstream CA: {e}"))
+                })?,
+            };
             let config = build_upstream_tls(UpstreamVerify::Full {
                 ca_file: &ca_file,
                 ca_pem: &ca_pem,
@@ -556,6 +564,7 @@ mod tests {
             ca_pem: p.ca.clone().into_bytes(),
             crl_pem: Some(crl(p, crl_number)),
             crl_required: true,
+            upstream_ca_pem: None,
             certificates: Vec::new(),
         }
     }

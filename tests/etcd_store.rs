@@ -221,3 +221,54 @@ async fn compacted_history_and_an_outage_say_so() {
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
     assert!(err.to_string().contains(&etcd.endpoint()), "{err}");
 }
+
+#[tokio::test]
+async fn a_replica_reads_and_watches_only_the_databases_range() {
+    if !etcd_available_or_skip() {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let s = store(&etcd).await;
+    let empty = s.load().await.unwrap();
+    let rev = s
+        .commit(
+            &empty,
+            &write(&[
+                ("databases/app/ip-rules.yaml", "rules: []\n"),
+                ("secrets/databases/app/ca.key", "KEY"),
+                ("audit/0000000001", "{}\n"),
+            ]),
+        )
+        .await
+        .unwrap();
+    let part = s.load_under("databases/").await.unwrap();
+    assert_eq!(part.revision, rev);
+    assert_eq!(
+        part.records.keys().collect::<Vec<_>>(),
+        ["databases/app/ip-rules.yaml"]
+    );
+    let mut watch = s.watch_under(rev, "databases/").await.unwrap();
+    let now = s.load().await.unwrap();
+    let later = s
+        .commit(
+            &now,
+            &write(&[
+                ("secrets/databases/app/ca.key", "KEY2"),
+                ("databases/app/ip-rules.yaml", "rules: [] # again\n"),
+            ]),
+        )
+        .await
+        .unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch.revision, later);
+    assert_eq!(
+        batch.events,
+        vec![Event::Put {
+            key: "databases/app/ip-rules.yaml".into(),
+            bytes: b"rules: [] # again\n".to_vec(),
+        }]
+    );
+}

@@ -13,6 +13,7 @@ pub mod certificates;
 pub mod ip_rules;
 pub mod mtls;
 pub mod output;
+pub mod state;
 pub mod status;
 
 use std::io::IsTerminal as _;
@@ -39,6 +40,8 @@ pub enum Command {
     Certificates(Box<certificates::CertificatesArgs>),
     /// List the databases with mutual TLS enabled.
     Databases(mtls::DatabasesArgs),
+    /// Move the state between a directory and an etcd prefix (`import`, `export`).
+    State(state::StateCmdArgs),
 }
 
 /// Runs one control command.
@@ -48,6 +51,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::IpRules(a) => ip_rules::run(*a),
         Command::Certificates(a) => certificates::run(*a),
         Command::Databases(a) => mtls::databases(a),
+        Command::State(a) => state::run(a),
     }
 }
 

@@ -4,5 +4,5 @@
 pub mod process;
 pub mod yaml;
 
-pub use process::{Config, Keepalive, LogFormat, Timeouts};
+pub use process::{Config, EtcdSettings, Keepalive, LogFormat, Timeouts};
 pub use yaml::{ConfigError, ConfigErrors, Fields};

@@ -35,6 +35,8 @@ pub struct Config {
     /// Where the file was read from; `None` in quick mode.
     pub source: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
+    /// Serve the state of an etcd prefix instead of `state_dir` (exactly one of the two).
+    pub etcd: Option<EtcdSettings>,
     /// `None` disables the admin endpoint.
     pub admin_listen: Option<SocketAddr>,
     pub timeouts: Timeouts,
@@ -55,6 +57,63 @@ pub struct Config {
     pub admin_status_from: Vec<IpNet>,
     /// This replica's place in a fleet (`replica_id` and the peer keys); `None`: one node.
     pub fleet: Option<crate::fleet::FleetConfig>,
+}
+
+/// The `etcd:` section: where a replica reads its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSettings {
+    /// Client URLs, `http://HOST:PORT` or `https://HOST:PORT`.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this installation, absolute, without a trailing `/`.
+    pub prefix: String,
+    pub user: Option<String>,
+    /// File holding `user`'s password, resolved against the config file's folder.
+    pub password_file: Option<PathBuf>,
+}
+
+/// Every key of the `etcd:` section, for the docs check.
+pub const ETCD_KEYS: &[&str] = &["endpoints", "prefix", "user", "password_file"];
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    endpoints: Vec<String>,
+    prefix: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    password_file: Option<String>,
+}
+
+impl RawEtcd {
+    fn check(self, base: &Path) -> Result<EtcdSettings, String> {
+        if self.endpoints.is_empty() {
+            return Err("endpoints: give at least one etcd client URL".into());
+        }
+        for e in &self.endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(format!(
+                    "endpoints: {e:?} is not an http:// or https:// URL"
+                ));
+            }
+        }
+        let prefix = self.prefix.trim_end_matches('/').to_owned();
+        if !prefix.starts_with('/') || prefix.len() < 2 {
+            return Err(format!(
+                "prefix: {:?} must be an absolute key prefix such as /pgmtls",
+                self.prefix
+            ));
+        }
+        if self.user.is_some() != self.password_file.is_some() {
+            return Err("user and password_file go together".into());
+        }
+        Ok(EtcdSettings {
+            endpoints: self.endpoints,
+            prefix,
+            user: self.user,
+            password_file: self.password_file.map(|p| base.join(p)),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +226,7 @@ impl Default for Config {
         Config {
             source: None,
             state_dir: None,
+            etcd: None,
             admin_listen: DEFAULT_ADMIN_LISTEN.parse().ok(),
             timeouts: Timeouts::default(),
             max_connections: 10_000,
@@ -188,6 +248,7 @@ impl Default for Config {
 /// Every key `pgmtls.yaml` accepts, for the docs check.
 pub const KEYS: &[&str] = &[
     "state_dir",
+    "etcd",
     "admin_listen",
     "handshake_timeout",
     "upstream_connect_timeout",
@@ -226,8 +287,25 @@ impl Config {
         let d = Config::default();
         let base = path.parent().unwrap_or(Path::new("."));
         let state_dir = f
-            .required_with("state_dir", convert::string)
+            .optional_with("state_dir", convert::string)
             .map(|s| base.join(s));
+        let etcd = f.optional::<RawEtcd>("etcd").and_then(|raw| {
+            raw.check(base)
+                .map_err(|m| {
+                    let line = f.line_of("etcd");
+                    f.push("etcd", line, m);
+                })
+                .ok()
+        });
+        match (&state_dir, f.line_of("etcd")) {
+            (None, None) => f.push("state_dir", None, "is required"),
+            (Some(_), Some(line)) => f.push(
+                "etcd",
+                Some(line),
+                "give state_dir or etcd, not both: the state is served from one of them",
+            ),
+            _ => {}
+        }
         let admin_listen = match f.optional_with("admin_listen", convert::string) {
             None => d.admin_listen,
             Some(s) if s == "off" => None,
@@ -285,6 +363,7 @@ impl Config {
         let cfg = Config {
             source: Some(path.to_path_buf()),
             state_dir,
+            etcd,
             admin_listen,
             timeouts,
             max_connections: f
@@ -321,6 +400,39 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn etcd_replaces_state_dir_and_is_checked() {
+        let c = Config::parse(
+            Path::new("/etc/pgmtls/p.yaml"),
+            "etcd:\n  endpoints: [http://10.0.0.7:2379]\n  prefix: /pgmtls/\n  user: proxy\n  password_file: etcd.pw\n",
+        )
+        .unwrap();
+        let e = c.etcd.unwrap();
+        assert_eq!(e.prefix, "/pgmtls");
+        assert_eq!(e.password_file, Some(PathBuf::from("/etc/pgmtls/etcd.pw")));
+        assert_eq!(c.state_dir, None);
+        let both = Config::parse(
+            Path::new("p.yaml"),
+            "state_dir: s\netcd:\n  endpoints: [http://a:1]\n  prefix: /p\n",
+        )
+        .unwrap_err();
+        assert!(
+            both.to_string()
+                .contains("p.yaml:2: etcd: give state_dir or etcd, not both"),
+            "{both}"
+        );
+        let bad = Config::parse(
+            Path::new("p.yaml"),
+            "etcd:\n  endpoints: [a:1]\n  prefix: p\n",
+        )
+        .unwrap_err();
+        assert!(
+            bad.to_string()
+                .contains("p.yaml:1: etcd: endpoints: \"a:1\" is not"),
+            "{bad}"
+        );
+    }
 
     #[test]
     fn minimal_file_takes_safe_defaults() {
@@ -372,6 +484,10 @@ mod tests {
         assert_eq!(k.count, 4);
         assert_eq!(k.user_timeout, Some(Duration::from_secs(45)));
         for key in KEYS {
+            // `etcd` excludes `state_dir`: it has its own test.
+            if *key == "etcd" {
+                continue;
+            }
             assert!(text.contains(&format!("{key}:")), "{key} untested");
         }
     }

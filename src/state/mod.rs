@@ -18,10 +18,12 @@
 
 mod files;
 mod model;
+pub mod records;
 mod write;
 
 pub use files::{write_atomic, StateLock};
 pub use model::*;
+pub use records::{load_each_from_records, DatabaseRecords, ReadRecords};
 pub use write::*;
 
 use std::path::{Path, PathBuf};

@@ -459,81 +459,17 @@ pub struct DatabaseState {
     /// lost or removed, and serving on would fail open; false in quick mode, where `--crl` is
     /// optional.
     pub crl_required: bool,
+    /// The upstream CA's bytes when they came with the records (a store has no files to read
+    /// later); `None` for a directory, where the snapshot reads `upstream_ca` from disk.
+    pub upstream_ca_pem: Option<Vec<u8>>,
     pub certificates: Vec<CertificateRecord>,
 }
 
 impl DatabaseState {
+    /// Loads a database folder: the directory reader produces its records (with the checks
+    /// only a directory needs), and the same parser as for any store turns them into state.
     pub fn load(name: &str, dir: &Path) -> Result<DatabaseState, ConfigErrors> {
-        let mut errors = ConfigErrors::default();
-        let settings = read_text(&dir.join(DATABASE_YAML))
-            .and_then(|(p, t)| DatabaseSettings::parse(&p, &t))
-            .map_err(|e| errors.extend(e))
-            .ok();
-        let rules = match std::fs::read_to_string(dir.join(IP_RULES)) {
-            Ok(t) => parse_ip_rules(&dir.join(IP_RULES), &t),
-            // No rules file yet: nobody is admitted, which is the safe reading.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(ConfigErrors::one(
-                &dir.join(IP_RULES),
-                "",
-                None,
-                format!("cannot read: {e}"),
-            )),
-        }
-        .map_err(|e| errors.extend(e))
-        .ok();
-        let server_cert_pem = read_bytes(&dir.join(SERVER_CERT))
-            .map_err(|e| errors.extend(e))
-            .ok();
-        let server_key_pem = read_private_key(&dir.join(SERVER_KEY))
-            .map_err(|e| errors.extend(e))
-            .ok();
-        let ca_pem = read_bytes(&dir.join(CA_CERT))
-            .map_err(|e| errors.extend(e))
-            .ok();
-        let crl_pem = match std::fs::read(dir.join(CRL)) {
-            Ok(b) => Some(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                errors.extend(ConfigErrors::one(
-                    &dir.join(CRL),
-                    "",
-                    None,
-                    format!("cannot read: {e}"),
-                ));
-                None
-            }
-        };
-        let certificates = load_certificate_records(dir)
-            .map_err(|e| errors.extend(e))
-            .ok();
-        match (
-            settings,
-            rules,
-            server_cert_pem,
-            server_key_pem,
-            ca_pem,
-            certificates,
-        ) {
-            (Some(settings), Some(rules), Some(c), Some(k), Some(ca), Some(certs))
-                if errors.is_empty() =>
-            {
-                Ok(DatabaseState {
-                    name: name.to_owned(),
-                    dir: dir.to_path_buf(),
-                    paths: MaterialPaths::in_dir(dir),
-                    settings,
-                    rules,
-                    server_cert_pem: c,
-                    server_key_pem: k,
-                    ca_pem: ca,
-                    crl_pem,
-                    crl_required: true,
-                    certificates: certs,
-                })
-            }
-            _ => Err(errors),
-        }
+        DatabaseState::from_records(name, dir, super::records::read_database_dir(dir))
     }
 }
 

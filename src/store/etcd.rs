@@ -19,7 +19,7 @@ use super::{check_key, Batch, Event, Listing, StoreError, Write};
 const GUARD_KEY: &str = ".revision";
 
 /// How to reach the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct EtcdConfig {
     /// `http://HOST:PORT` or `https://HOST:PORT`, one or more members.
     pub endpoints: Vec<String>,
@@ -29,6 +29,18 @@ pub struct EtcdConfig {
     pub user: Option<(String, String)>,
     /// Dial and per-request timeout.
     pub timeout: Duration,
+}
+
+// By hand: the password must never reach a log line.
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl EtcdConfig {
@@ -88,9 +100,20 @@ impl EtcdStore {
 
     /// Every record under the prefix, at one revision.
     pub async fn load(&self) -> Result<Listing, StoreError> {
+        self.load_under("").await
+    }
+
+    /// The records whose logical key starts with `under` (e.g. `databases/`), at one
+    /// revision: what a replica reads, so that its etcd role needs no access to the rest of
+    /// the prefix (`secrets/`, `audit/`). Keys stay relative to the prefix. A listing of part
+    /// of the prefix has no guard: commit only from a full [`EtcdStore::load`].
+    pub async fn load_under(&self, under: &str) -> Result<Listing, StoreError> {
         let mut kv = self.client.kv_client();
         let response = kv
-            .get(self.range(), Some(GetOptions::new().with_prefix()))
+            .get(
+                format!("{}{under}", self.range()),
+                Some(GetOptions::new().with_prefix()),
+            )
             .await
             .map_err(|e| unavailable(&self.config, "cannot read", e))?;
         let revision = response.header().map_or(0, |h| h.revision());
@@ -153,12 +176,17 @@ impl EtcdStore {
     /// [`StoreError::Compacted`] when that history is gone, or `Unavailable` when the
     /// connection is lost; either way the caller reloads and watches again.
     pub async fn watch(&self, from: i64) -> Result<Watch, StoreError> {
+        self.watch_under(from, "").await
+    }
+
+    /// As [`EtcdStore::watch`], for the keys starting with `under` only.
+    pub async fn watch_under(&self, from: i64, under: &str) -> Result<Watch, StoreError> {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(from + 1);
         let mut client = self.client.watch_client();
         let stream = client
-            .watch(self.range(), Some(options))
+            .watch(format!("{}{under}", self.range()), Some(options))
             .await
             .map_err(|e| unavailable(&self.config, "cannot watch", e))?;
         Ok(Watch {
@@ -253,5 +281,19 @@ fn unavailable(config: &EtcdConfig, what: &str, e: etcd_client::Error) -> StoreE
     StoreError::Unavailable {
         what: format!("{what} etcd at {}", config.endpoints.join(",")),
         detail: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        let mut c = EtcdConfig::new(vec!["http://a:1".into()], "/p");
+        c.user = Some(("proxy".into(), "s3cret-pw".into()));
+        let shown = format!("{c:?}");
+        assert!(shown.contains("proxy"), "{shown}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
     }
 }

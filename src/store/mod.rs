@@ -9,6 +9,7 @@
 //! watch for changes from a revision on.
 
 pub mod etcd;
+pub mod follow;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -44,6 +45,17 @@ pub struct Listing {
 }
 
 impl Listing {
+    /// What a commit that returned `revision` leaves as the state to build the next commit
+    /// on, for a change too large for one transaction (etcd caps operations per transaction).
+    /// Its records are not known here; only the guard matters to [`etcd::EtcdStore::commit`].
+    pub fn after_commit(revision: i64) -> Listing {
+        Listing {
+            revision,
+            records: BTreeMap::new(),
+            guard: revision,
+        }
+    }
+
     pub fn get(&self, key: &str) -> Option<&[u8]> {
         self.records.get(key).map(Vec::as_slice)
     }

@@ -48,6 +48,7 @@ pub fn etcd_bin() -> PathBuf {
 pub struct EtcdServer {
     child: Option<Child>,
     client_port: u16,
+    peer_port: u16,
     _dir: TempDir,
     log: PathBuf,
 }
@@ -59,10 +60,12 @@ impl EtcdServer {
             .tempdir()
             .expect("temp dir for etcd");
         for _attempt in 0..5 {
-            if let Some(s) = Self::try_start(&dir) {
+            let (client, peer) = (free_port(), free_port());
+            if let Some(s) = Self::try_start(&dir, client, peer) {
                 return EtcdServer {
                     child: Some(s.0),
                     client_port: s.1,
+                    peer_port: peer,
                     log: s.2,
                     _dir: dir,
                 };
@@ -75,8 +78,7 @@ impl EtcdServer {
     }
 
     /// One attempt on fresh ports; `None` when etcd exited (a port was taken meanwhile).
-    fn try_start(dir: &TempDir) -> Option<(Child, u16, PathBuf)> {
-        let (client, peer) = (free_port(), free_port());
+    fn try_start(dir: &TempDir, client: u16, peer: u16) -> Option<(Child, u16, PathBuf)> {
         let data = dir.path().join(format!("data-{client}"));
         let log = dir.path().join(format!("etcd-{client}.log"));
         let client_url = format!("http://127.0.0.1:{client}");
@@ -139,6 +141,15 @@ impl EtcdServer {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts the stopped server again on its ports and data directory (an outage ending).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running etcd");
+        let (child, _, log) = Self::try_start(&self._dir, self.client_port, self.peer_port)
+            .expect("etcd did not restart on its ports");
+        self.child = Some(child);
+        self.log = log;
     }
 
     /// `etcdctl` against this server.

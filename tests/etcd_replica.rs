@@ -1,0 +1,218 @@
+//! A proxy replica serving from etcd, end to end: real etcd, real Postgres, the real `pgmtls`
+//! binary. The state is moved in with `pgmtls state import`; a rule deleted in etcd closes
+//! the live session it admitted; bad content keeps the last good state and is named in
+//! `/status` by key and field; with etcd down the proxy keeps serving and says it is stale;
+//! when etcd is back it catches up.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use common::admin::{scrape, status, wait_status};
+use common::clients::{app_session_over, connect_from, ConnTask};
+use common::etcd::{etcd_available_or_skip, EtcdServer};
+use common::pg::{pg_available_or_skip, PgServer};
+use common::pki::{Role, TestPki};
+use common::proxy::ProxyProcess;
+use common::state::{rules_yaml, TestState};
+use serde_json::Value;
+use tokio_postgres::Client;
+
+const WAIT: Duration = Duration::from_secs(20);
+const BIN: &str = env!("CARGO_BIN_EXE_pgmtls");
+const KEY: &str = "/pgmtls/databases/orders/ip-rules.yaml";
+
+async fn session_from(
+    src: &str,
+    pki: &TestPki,
+    cert: &Role,
+    proxy: &ProxyProcess,
+) -> Result<(Client, ConnTask), tokio_postgres::Error> {
+    let stream = connect_from(src.parse::<IpAddr>().unwrap(), proxy.addr())
+        .await
+        .unwrap();
+    app_session_over(stream, proxy.addr(), pki, cert).await
+}
+
+async fn one(c: &Client) -> i32 {
+    c.query_one("SELECT 1", &[]).await.unwrap().get(0)
+}
+
+fn reloaded(generation: u64) -> impl Fn(&Value) -> bool {
+    move |v| v["message"] == "configuration reloaded" && v["generation"] == generation
+}
+
+fn put(etcd: &EtcdServer, key: &str, value: &str) {
+    let out = etcd.etcdctl(&["put", key, value]);
+    assert!(
+        out.status.success(),
+        "etcdctl put: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_follows_etcd_enforces_live_and_survives_an_outage() {
+    if !pg_available_or_skip() || !etcd_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let mut etcd = EtcdServer::start();
+    let pki = TestPki::new();
+    let state = TestState::new("");
+    state.add_database(
+        "orders",
+        &pki,
+        "127.0.0.1:0",
+        pg.addr(),
+        &[("r2", "127.0.0.2/32"), ("r3", "127.0.0.3/32")],
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["state", "import", "--state-dir"])
+        .arg(&state.root)
+        .args([
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--etcd-prefix",
+            "/pgmtls",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "state import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The replica's config names etcd only: the directory is not read.
+    let config = state.dir().join("replica.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "etcd:\n  endpoints: [{}]\n  prefix: /pgmtls\nadmin_listen: 127.0.0.1:0\n\
+             reload_poll_interval: 1h\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&state.root).unwrap();
+    let proxy = ProxyProcess::with_config(&config);
+    let st = status(proxy.admin()).await;
+    assert_eq!(st["source"]["kind"], "etcd", "{st:#}");
+    assert!(st["source"]["stale_since"].is_null(), "{st:#}");
+
+    let (a, a_conn) = session_from("127.0.0.2", &pki, &pki.client, &proxy)
+        .await
+        .unwrap();
+    let (b, _b_conn) = session_from("127.0.0.3", &pki, &pki.client, &proxy)
+        .await
+        .unwrap();
+    assert_eq!(one(&a).await, 1);
+    assert_eq!(one(&b).await, 1);
+
+    // A rule deleted in etcd closes the session it admitted, within a second of the reload.
+    let written = Instant::now();
+    put(&etcd, KEY, &rules_yaml(&[("r3", "127.0.0.3/32")]));
+    let line = proxy.wait_for_log(WAIT, reloaded(2));
+    assert_eq!(line["sessions_closed"], 1, "{line}");
+    tokio::time::timeout(Duration::from_secs(1), a_conn)
+        .await
+        .expect("session of the deleted rule still open a second after the reload")
+        .unwrap()
+        .ok();
+    eprintln!(
+        "rule deleted in etcd: applied {:?} after the put",
+        written.elapsed()
+    );
+    let closed = proxy.wait_for_refusal("revoked_live");
+    assert_eq!(closed["rule_id"], "r2");
+    assert!(session_from("127.0.0.2", &pki, &pki.client, &proxy)
+        .await
+        .is_err());
+    assert_eq!(one(&b).await, 1);
+
+    // Bad content: refused with key and field, the last good state keeps serving.
+    put(
+        &etcd,
+        KEY,
+        "rules:\n- id: r3\n  cidr: 127.0.0.3/8\n  created_at: 2026-01-01T00:00:00Z\n  \
+         updated_at: 2026-01-01T00:00:00Z\n",
+    );
+    let st = wait_status(proxy.admin(), WAIT, |s| {
+        !s["databases"]["orders"]["reload_error"].is_null()
+    })
+    .await;
+    let err = st["databases"]["orders"]["reload_error"].as_str().unwrap();
+    assert!(
+        err.contains(&format!(
+            "etcd:{KEY}:2: rules[0].cidr: 127.0.0.3/8 has host bits set"
+        )),
+        "{err}"
+    );
+    assert_eq!(st["generation"], 2);
+    assert_eq!(one(&b).await, 1);
+    let (c, _c_conn) = session_from("127.0.0.3", &pki, &pki.client, &proxy)
+        .await
+        .unwrap();
+    assert_eq!(one(&c).await, 1);
+    let m = scrape(proxy.admin()).await;
+    assert_eq!(
+        m.value("pgmtls_database_change_rejected", r#"database="orders""#),
+        1.0
+    );
+    let revision = st["source"]["revision"].as_i64().unwrap();
+    assert_eq!(m.value("pgmtls_state_revision", ""), revision as f64);
+
+    // etcd down: live and new allowed sessions go on, and the proxy says it is stale.
+    etcd.stop();
+    let st = wait_status(proxy.admin(), WAIT, |s| {
+        !s["source"]["stale_since"].is_null()
+    })
+    .await;
+    assert!(st["source"]["error"].is_string(), "{st:#}");
+    assert_eq!(one(&b).await, 1);
+    let (d, _d_conn) = session_from("127.0.0.3", &pki, &pki.client, &proxy)
+        .await
+        .unwrap();
+    assert_eq!(one(&d).await, 1);
+    // The gauge counts the outage in whole seconds: poll until it shows one.
+    let deadline = Instant::now() + WAIT;
+    while scrape(proxy.admin())
+        .await
+        .value("pgmtls_state_stale_seconds", "")
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pgmtls_state_stale_seconds never rose"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // etcd back with the same data, and a change made as it returns: the proxy catches up.
+    etcd.restart();
+    put(
+        &etcd,
+        KEY,
+        &rules_yaml(&[("r2", "127.0.0.2/32"), ("r3", "127.0.0.3/32")]),
+    );
+    let st = wait_status(proxy.admin(), WAIT, |s| {
+        s["source"]["stale_since"].is_null()
+            && s["databases"]["orders"]["reload_error"].is_null()
+            && s["generation"] == 3
+    })
+    .await;
+    assert!(
+        st["source"]["revision"].as_i64().unwrap() > revision,
+        "{st:#}"
+    );
+    let (e, _e_conn) = session_from("127.0.0.2", &pki, &pki.client, &proxy)
+        .await
+        .unwrap();
+    assert_eq!(one(&e).await, 1);
+    assert_eq!(one(&b).await, 1);
+    let m = scrape(proxy.admin()).await;
+    assert_eq!(m.value("pgmtls_state_stale_seconds", ""), 0.0);
+}
