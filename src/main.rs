@@ -45,7 +45,7 @@ enum Command {
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// Process settings and state directory (YAML).
-    #[arg(long, env = "PGMTLS_CONFIG", conflicts_with = "listen")]
+    #[arg(long, env = "PGMTLS_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]
     quick: QuickArgs,
@@ -245,7 +245,24 @@ fn etcd_config(
     Ok(c)
 }
 
-fn serve_inputs(args: ServeArgs) -> anyhow::Result<(Config, Source)> {
+fn serve_inputs(mut args: ServeArgs) -> anyhow::Result<(Config, Source)> {
+    if args.config.is_some() && args.quick.listen.is_some() {
+        // README's step 0 exports PGMTLS_CONFIG for the CLI; a quick-mode `serve --listen`
+        // typed later in the same shell means quick mode, so say what is ignored rather than
+        // fail over a flag the user never typed.
+        let typed = std::env::args().any(|a| a == "--config" || a.starts_with("--config="));
+        if typed {
+            anyhow::bail!(
+                "--listen (quick mode) cannot be used with --config: quick mode takes its \
+                 settings from flags"
+            );
+        }
+        eprintln!(
+            "pgmtls: warning: PGMTLS_CONFIG is set in the environment, but --listen selects \
+             quick mode: ignoring PGMTLS_CONFIG"
+        );
+        args.config = None;
+    }
     if let Some(path) = args.config {
         let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(e) = &config.etcd {

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -129,4 +131,71 @@ fn quick_mode_cidr_and_keepalive_flags_refuse_bad_values_naming_the_flag() {
         assert!(!out.status.success(), "{flag} {value} accepted");
         assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
     }
+}
+
+/// README step 0 exports `PGMTLS_CONFIG` for the CLI; `serve --listen ...` typed later in the
+/// same shell is quick mode, served with a warning, not refused over a flag nobody typed.
+#[tokio::test]
+async fn an_exported_pgmtls_config_does_not_block_quick_mode() {
+    if !common::pg::pg_available_or_skip() {
+        return;
+    }
+    let pg = common::pg::PgServer::start();
+    let pki = common::pki::TestPki::new();
+    let proxy = common::proxy::ProxyProcess::quick_env(
+        &pki,
+        pg.addr(),
+        &["127.0.0.1/32"],
+        &[],
+        &[("PGMTLS_CONFIG", "/nonexistent/pgmtls.yaml")],
+    );
+    let out = common::clients::Psql::new(
+        pg.psql_path(),
+        "127.0.0.1",
+        proxy.addr().port(),
+        common::pg::APP_USER,
+        common::pg::APP_DB,
+    )
+    .verify_ca(
+        &pki.ca.cert_path,
+        Some((&pki.client.chain_path, &pki.client.key_path)),
+    )
+    .password(common::pg::APP_PASSWORD)
+    .run_async("SELECT 'quick'")
+    .await;
+    assert_eq!(out.expect_ok().trim(), "quick");
+    assert!(
+        proxy
+            .log_text()
+            .contains("PGMTLS_CONFIG is set in the environment, but --listen selects quick mode"),
+        "{}",
+        proxy.log_text()
+    );
+
+    // Typed on the command line, the two modes still conflict, and the message says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_pgmtls"))
+        .args([
+            "serve",
+            "--config",
+            "/nonexistent/pgmtls.yaml",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:5432",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--client-ca",
+            "ca",
+        ])
+        .env_remove("PGMTLS_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--listen (quick mode) cannot be used with --config"),
+        "{err}"
+    );
 }

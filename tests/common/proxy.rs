@@ -100,6 +100,17 @@ impl ProxyProcess {
 
     /// Quick mode against `upstream`, server cert `pki.server`, client CA `pki.ca`.
     pub fn quick(pki: &TestPki, upstream: SocketAddr, allow: &[&str], extra: &[&str]) -> Self {
+        Self::quick_env(pki, upstream, allow, extra, &[])
+    }
+
+    /// [`quick`](Self::quick) with extra environment variables.
+    pub fn quick_env(
+        pki: &TestPki,
+        upstream: SocketAddr,
+        allow: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let up = upstream.to_string();
         // `extra` may choose its own listen address.
         let listen = if extra.contains(&"--listen") {
@@ -125,7 +136,7 @@ impl ProxyProcess {
             args.push(a);
         }
         args.extend_from_slice(extra);
-        Self::spawn(&args)
+        Self::spawn_env(&args, env)
     }
 
     /// `pgmtls serve --config FILE`.
