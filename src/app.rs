@@ -247,6 +247,9 @@ pub struct App {
     source: Source,
     limits: Arc<Limits>,
     listeners: Mutex<BTreeMap<String, ListenerHandle>>,
+    /// Databases in the served configuration whose listener could not be bound, and why;
+    /// retried on every reload, shown in `/status` until it binds.
+    bind_errors: Mutex<BTreeMap<String, String>>,
     data_plane: DataPlane,
     stop: watch::Sender<bool>,
     generation: AtomicU64,
@@ -304,6 +307,7 @@ impl App {
             config,
             source,
             listeners: Mutex::new(BTreeMap::new()),
+            bind_errors: Mutex::new(BTreeMap::new()),
             data_plane,
             stop,
             generation: AtomicU64::new(1),
@@ -346,6 +350,36 @@ impl App {
             ));
         }
         Ok(app)
+    }
+
+    /// Binds a served database that has no listener yet; a failure is kept for `/status` (and
+    /// the CLI's status words) until a later reload binds it.
+    fn bind_one(&self, name: &str, addr: SocketAddr) {
+        match self.start_listener(name, addr) {
+            Ok(()) => {
+                lock(&self.bind_errors).remove(name);
+            }
+            Err(e) => {
+                tracing::error!(database = name, %addr, error = %e, "cannot listen for database");
+                lock(&self.bind_errors)
+                    .insert(name.to_owned(), format!("cannot listen on {addr}: {e}"));
+            }
+        }
+    }
+
+    /// Retries every database of `snap` whose listener could not be bound.
+    fn bind_missing(&self, snap: &Snapshot) {
+        let missing: Vec<(String, SocketAddr)> = {
+            let listeners = lock(&self.listeners);
+            snap.databases
+                .values()
+                .filter(|d| !listeners.contains_key(&*d.name))
+                .map(|d| (d.name.to_string(), d.settings.listen))
+                .collect()
+        };
+        for (name, addr) in missing {
+            self.bind_one(&name, addr);
+        }
     }
 
     fn start_listener(&self, name: &str, addr: SocketAddr) -> std::io::Result<()> {
@@ -494,6 +528,8 @@ impl App {
             _ => {
                 // Still enforce: a certificate may have expired since the last look.
                 let closed = self.enforce(&old);
+                // A listen address taken earlier may be free now.
+                self.bind_missing(&old);
                 self.record_outcome(trigger, &errors);
                 if errors.is_empty() {
                     tracing::info!(
@@ -568,15 +604,12 @@ impl App {
                     "database disabled; listener closed"
                 );
             }
+            lock(&self.bind_errors).remove(name);
         }
         for (name, addr) in listens {
             let existing = lock(&self.listeners).get(&name).map(|h| h.configured);
             match existing {
-                None => {
-                    if let Err(e) = self.start_listener(&name, addr) {
-                        tracing::error!(database = name.as_str(), %addr, error = %e, "cannot listen for new database");
-                    }
-                }
+                None => self.bind_one(&name, addr),
                 Some(old_addr) if old_addr != addr => tracing::warn!(
                     database = name.as_str(),
                     old = %old_addr,
@@ -722,6 +755,15 @@ impl AdminSource for App {
     fn status(&self) -> Status {
         let snap = self.ctx.snapshot.load();
         let st = lock(&self.reload_status).clone();
+        // A database whose listener could not be bound is served by nobody: say why, next to
+        // the reload's own per-database errors, and do not call the last reload ok.
+        let bind_errors = lock(&self.bind_errors).clone();
+        let mut database_errors = st.database_errors.clone();
+        for (name, e) in &bind_errors {
+            database_errors
+                .entry(name.clone())
+                .or_insert_with(|| e.clone());
+        }
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             ready: self.readiness().is_ok(),
@@ -734,15 +776,18 @@ impl AdminSource for App {
                     .last_trigger
                     .map_or("startup", ReloadKind::as_str)
                     .to_owned(),
-                ok: st.last_error.is_none(),
-                error: st.last_error,
+                ok: st.last_error.is_none() && bind_errors.is_empty(),
+                error: st.last_error.clone().or_else(|| {
+                    (!bind_errors.is_empty())
+                        .then(|| bind_errors.values().cloned().collect::<Vec<_>>().join("\n"))
+                }),
                 last_success_at: st.last_success,
-                database_errors: st.database_errors.clone(),
+                database_errors: database_errors.clone(),
             },
             databases: Status::databases_of(&snap, &self.bound_addrs())
                 .into_iter()
                 .map(|(name, mut db)| {
-                    db.reload_error = st.database_errors.get(&name).cloned();
+                    db.reload_error = database_errors.get(&name).cloned();
                     (name, db)
                 })
                 .collect(),

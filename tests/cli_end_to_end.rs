@@ -334,3 +334,65 @@ async fn status_words_follow_the_running_proxys_status_endpoint() {
         .unwrap();
     assert!(!status.databases.contains_key("app"), "{status:?}");
 }
+
+/// A database whose listen address is taken is not `Provisioning` for ever with a reload that
+/// says ok: `/status` and the CLI name the bind error, and the next reload after the address
+/// frees up binds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_address_in_use_is_reported_until_it_binds() {
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let env = Env::new();
+    env.create_db("app", "127.0.0.1:0", &pg.addr().to_string());
+    let config = env.dir.path().join("pgmtls.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {}\nadmin_listen: 127.0.0.1:0\nlog_format: json\n",
+            env.state.display()
+        ),
+    )
+    .unwrap();
+    let proxy = ProxyProcess::spawn(&["--config", config.to_str().unwrap()]);
+    let url = format!("http://{}", proxy.admin());
+
+    // Something else holds the port the new database asks for.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = squatter.local_addr().unwrap().to_string();
+    change_and_reload(&proxy, || {
+        env.create_db("busy", &busy, &pg.addr().to_string());
+    });
+    let text = env
+        .run(&["mtls", "busy", "--admin-url", &url])
+        .ok()
+        .to_owned();
+    assert!(text.starts_with("TLS-status: Provisioning\n"), "{text}");
+    assert!(
+        text.contains(&format!("cannot listen on {busy}")),
+        "the bind error is shown: {text}"
+    );
+    let status = common::admin::status(proxy.admin()).await;
+    assert_eq!(status["last_reload"]["ok"], false, "{status}");
+    assert!(status["databases"]["busy"]["reload_error"]
+        .as_str()
+        .unwrap()
+        .contains("in use"));
+    // The other database is untouched.
+    assert_eq!(status["databases"]["app"]["operational"], true);
+
+    // Freed, the address is bound by the next reload, and the error clears.
+    drop(squatter);
+    proxy.signal("HUP");
+    proxy.wait_for_log(Duration::from_secs(20), |v| {
+        v["message"] == "listening" && v["database"] == "busy"
+    });
+    let text = env
+        .run(&["mtls", "busy", "--admin-url", &url])
+        .ok()
+        .to_owned();
+    assert!(text.starts_with("TLS-status: Operational\n"), "{text}");
+    let status = common::admin::status(proxy.admin()).await;
+    assert_eq!(status["last_reload"]["ok"], true, "{status}");
+}
