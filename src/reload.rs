@@ -196,8 +196,13 @@ pub struct Reloader {
     // Held so the watch channel stays open even when the file watch could not start.
     _fs_tx: Arc<watch::Sender<u64>>,
     // Dropping the debouncer stops the watch; it lives as long as the reloader.
-    _watch: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
+    _watch: SharedWatch,
 }
+
+/// The running file watch, shared with the reload loop so that a state directory that did not
+/// exist at start-up is watched from the moment it appears.
+type SharedWatch =
+    Arc<std::sync::Mutex<Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>>>;
 
 impl Reloader {
     /// Starts watching `plan` and polling every `poll` (zero disables the poll). `baseline`
@@ -212,7 +217,8 @@ impl Reloader {
         let plan = Arc::new(plan);
         let (fs_tx, fs_rx) = watch::channel(0u64);
         let fs_tx = Arc::new(fs_tx);
-        let watch = start_watch(&plan, Arc::clone(&fs_tx));
+        let (watch, state_dir_watched) = start_watch(&plan, Arc::clone(&fs_tx));
+        let watch: SharedWatch = Arc::new(std::sync::Mutex::new(watch));
         let (requests, req_rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(run(
             target,
@@ -221,6 +227,7 @@ impl Reloader {
             req_rx,
             poll,
             baseline,
+            (Arc::clone(&watch), state_dir_watched),
         ));
         Reloader {
             requests,
@@ -242,10 +249,15 @@ impl Drop for Reloader {
     }
 }
 
+/// Starts the watch; also says whether the state directory itself is watched (it cannot be
+/// while it does not exist).
 fn start_watch(
     plan: &Arc<WatchPlan>,
     fs_tx: Arc<watch::Sender<u64>>,
-) -> Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>> {
+) -> (
+    Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
+    bool,
+) {
     let filter = Arc::clone(plan);
     let handler = move |result: DebounceEventResult| {
         let relevant = match result {
@@ -265,7 +277,7 @@ fn start_watch(
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(error = %e, "cannot start the file watch; relying on SIGHUP and the poll");
-            return None;
+            return (None, false);
         }
     };
     let mut targets: Vec<(PathBuf, RecursiveMode)> = plan
@@ -273,12 +285,24 @@ fn start_watch(
         .into_iter()
         .map(|d| (d, RecursiveMode::NonRecursive))
         .collect();
+    let mut state_dir_watched = false;
     if let Some(root) = &plan.state_dir {
-        targets.push((root.clone(), RecursiveMode::Recursive));
+        if root.exists() {
+            targets.push((root.clone(), RecursiveMode::Recursive));
+        } else {
+            tracing::warn!(
+                dir = %root.display(),
+                "state directory does not exist yet: no database is served until it does; it \
+                 is watched from when it appears (the poll and SIGHUP also find it)"
+            );
+        }
     }
     for (dir, mode) in targets {
         match debouncer.watch(&dir, mode) {
-            Ok(()) => tracing::debug!(dir = %dir.display(), ?mode, "watching"),
+            Ok(()) => {
+                tracing::debug!(dir = %dir.display(), ?mode, "watching");
+                state_dir_watched |= plan.state_dir.as_ref() == Some(&dir);
+            }
             Err(e) => tracing::warn!(
                 dir = %dir.display(),
                 error = %e,
@@ -286,7 +310,29 @@ fn start_watch(
             ),
         }
     }
-    Some(debouncer)
+    (Some(debouncer), state_dir_watched)
+}
+
+/// Watches the state directory once it exists, if it could not be watched before; returns
+/// whether it is watched now.
+fn watch_state_dir_if_new(plan: &WatchPlan, watch: &SharedWatch) -> bool {
+    let Some(root) = plan.state_dir.as_ref().filter(|r| r.is_dir()) else {
+        return false;
+    };
+    let mut guard = watch.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(debouncer) = guard.as_mut() else {
+        return false;
+    };
+    match debouncer.watch(root, RecursiveMode::Recursive) {
+        Ok(()) => {
+            tracing::info!(dir = %root.display(), "state directory appeared; watching it");
+            true
+        }
+        Err(e) => {
+            tracing::debug!(dir = %root.display(), error = %e, "cannot watch the state directory yet");
+            false
+        }
+    }
 }
 
 fn event_is_relevant(plan: &WatchPlan, e: &DebouncedEvent) -> bool {
@@ -310,6 +356,7 @@ async fn run<R: Reloadable>(
     mut req_rx: mpsc::UnboundedReceiver<ReloadKind>,
     poll: Duration,
     mut seen: String,
+    (watch, mut state_dir_watched): (SharedWatch, bool),
 ) {
     let mut ticker = (!poll.is_zero()).then(|| {
         let mut t = tokio::time::interval_at(Instant::now() + poll, poll);
@@ -332,6 +379,11 @@ async fn run<R: Reloadable>(
                 ReloadKind::poll
             }
         };
+        // A state directory created since start-up (its parent's watch, the poll or SIGHUP
+        // brought us here) is watched from now on, so what is written into it is seen at once.
+        if !state_dir_watched {
+            state_dir_watched = watch_state_dir_if_new(&plan, &watch);
+        }
         // Whatever else arrived so far is covered by the reload about to read everything; an
         // explicit request among it names the reload.
         let mut kind = kind;

@@ -588,3 +588,65 @@ async fn a_new_database_on_a_taken_listen_address_is_refused_alone() {
     assert!(s["databases"]["orders"]["reload_error"].is_null());
     assert!(admits("127.0.0.2", addr).await);
 }
+
+/// `serve` started before its state directory exists (README step 0 order, or a typo fixed
+/// later): once the directory appears it is watched, so a change written into it afterwards is
+/// applied at once, not at the next poll.
+#[test]
+fn a_state_directory_created_after_start_is_watched_from_then_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("pgmtls.yaml");
+    // The poll is an hour away: only the watch can see what happens in this test.
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {}\nadmin_listen: \"off\"\nreload_poll_interval: 1h\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let proxy = ProxyProcess::spawn(&["--config", config.to_str().unwrap()]);
+    proxy.wait_for_log(WAIT, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("state directory does not exist yet"))
+    });
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgmtls"))
+            .args(args)
+            .args(["--state-dir", state.to_str().unwrap()])
+            .env_remove("PGMTLS_CONFIG")
+            .env_remove("PGMTLS_STATE_DIR")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cli(&[
+        "mtls",
+        "create",
+        "app",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:5432",
+        "--confirm",
+        "app",
+    ]);
+    proxy.wait_for_log(WAIT, |v| {
+        v["message"] == "configuration reloaded" && v["databases"] == 1
+    });
+    let generation = proxy.wait_for_log(WAIT, |v| {
+        v["message"] == "listening" && v["database"] == "app"
+    });
+    drop(generation);
+    cli(&["ip-rules", "create", "app", "--cidr", "10.0.0.0/8"]);
+    let line = proxy.wait_for_log(Duration::from_secs(10), |v| {
+        v["message"] == "configuration reloaded" && v["ip_rules"] == 1
+    });
+    assert_eq!(line["trigger"], "watch", "{line}");
+}
