@@ -12,6 +12,7 @@ use common::clients::{pg_connect_tls, tls_client_config, Psql, SslNegotiation};
 use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
 use common::pki::TestPki;
 use common::proxy::ProxyProcess;
+use common::wire::{cancel_request, protocol_32_upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -166,49 +167,6 @@ async fn cancel_with_a_key_the_proxy_never_issued_is_refused() {
     s.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
     proxy.wait_for_refusal("cancel_unknown_key");
-}
-
-/// A stand-in for PostgreSQL 18 speaking protocol 3.2: answers a StartupMessage with
-/// AuthenticationOk, a BackendKeyData carrying `secret` (32 bytes, as PostgreSQL 18 issues)
-/// and ReadyForQuery, and reports every CancelRequest it receives, byte for byte.
-async fn protocol_32_upstream(
-    listener: tokio::net::TcpListener,
-    secret: Vec<u8>,
-    cancels: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
-) {
-    loop {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let secret = secret.clone();
-        let cancels = cancels.clone();
-        tokio::spawn(async move {
-            let mut header = [0u8; 8];
-            s.read_exact(&mut header).await.unwrap();
-            let len = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
-            let mut body = vec![0u8; len - 8];
-            s.read_exact(&mut body).await.unwrap();
-            if header[4..] == 80_877_102u32.to_be_bytes() {
-                cancels.send([&header[..], &body].concat()).unwrap();
-                return;
-            }
-            let mut out = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0];
-            out.push(b'K');
-            out.extend_from_slice(&(8 + secret.len() as u32).to_be_bytes());
-            out.extend_from_slice(&4242u32.to_be_bytes());
-            out.extend_from_slice(&secret);
-            out.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
-            s.write_all(&out).await.unwrap();
-            let mut rest = Vec::new();
-            let _ = s.read_to_end(&mut rest).await;
-        });
-    }
-}
-
-fn cancel_request(pid: u32, secret: &[u8]) -> Vec<u8> {
-    let mut req = (12 + secret.len() as u32).to_be_bytes().to_vec();
-    req.extend_from_slice(&80_877_102u32.to_be_bytes());
-    req.extend_from_slice(&pid.to_be_bytes());
-    req.extend_from_slice(secret);
-    req
 }
 
 #[tokio::test]

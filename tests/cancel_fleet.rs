@@ -17,6 +17,7 @@ use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER}
 use common::pki::TestPki;
 use common::proxy::ProxyProcess;
 use common::state::TestState;
+use common::wire::{cancel_request, protocol_32_upstream};
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
@@ -343,14 +344,6 @@ async fn tokio_postgres_tls_cancel_through_any_replica_ten_times_out_of_ten() {
     assert_crossed(&f).await;
 }
 
-fn cancel_request(pid: u32, secret: &[u8]) -> Vec<u8> {
-    let mut req = (12 + secret.len() as u32).to_be_bytes().to_vec();
-    req.extend_from_slice(&80_877_102u32.to_be_bytes());
-    req.extend_from_slice(&pid.to_be_bytes());
-    req.extend_from_slice(secret);
-    req
-}
-
 fn connections_received(pg: &PgServer) -> usize {
     pg.log_contents().matches("connection received").count()
 }
@@ -671,40 +664,6 @@ async fn three_quick_mode_replicas_cancel_across_the_peer_channel() {
             .unwrap()
             .unwrap_err();
         assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
-    }
-}
-
-/// A stand-in for PostgreSQL 18 (protocol 3.2): AuthenticationOk, a BackendKeyData with a
-/// 32-byte `secret`, ReadyForQuery; every CancelRequest it receives is reported byte for byte.
-async fn protocol_32_upstream(
-    listener: tokio::net::TcpListener,
-    secret: Vec<u8>,
-    cancels: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
-) {
-    loop {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let secret = secret.clone();
-        let cancels = cancels.clone();
-        tokio::spawn(async move {
-            let mut header = [0u8; 8];
-            s.read_exact(&mut header).await.unwrap();
-            let len = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
-            let mut body = vec![0u8; len - 8];
-            s.read_exact(&mut body).await.unwrap();
-            if header[4..] == 80_877_102u32.to_be_bytes() {
-                cancels.send([&header[..], &body].concat()).unwrap();
-                return;
-            }
-            let mut out = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0];
-            out.push(b'K');
-            out.extend_from_slice(&(8 + secret.len() as u32).to_be_bytes());
-            out.extend_from_slice(&4242u32.to_be_bytes());
-            out.extend_from_slice(&secret);
-            out.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
-            s.write_all(&out).await.unwrap();
-            let mut rest = Vec::new();
-            let _ = s.read_to_end(&mut rest).await;
-        });
     }
 }
 
