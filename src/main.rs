@@ -233,16 +233,7 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<std::process::ExitCode
 fn etcd_config(
     e: &pgmtls::config::EtcdSettings,
 ) -> anyhow::Result<pgmtls::store::etcd::EtcdConfig> {
-    let mut c = pgmtls::store::etcd::EtcdConfig::new(e.endpoints.clone(), &e.prefix);
-    if let (Some(user), Some(file)) = (&e.user, &e.password_file) {
-        let password = std::fs::read_to_string(file)
-            .with_context(|| format!("etcd.password_file: cannot read {}", file.display()))?;
-        c.user = Some((
-            user.clone(),
-            password.trim_end_matches(['\n', '\r']).to_owned(),
-        ));
-    }
-    Ok(c)
+    pgmtls::cli::etcd_config(e)
 }
 
 fn serve_inputs(mut args: ServeArgs) -> anyhow::Result<(Config, Source)> {

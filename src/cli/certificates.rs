@@ -429,15 +429,28 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let cert_dir = certificate_dir(&db.dir, &record.id);
-    let cert_pem = std::fs::read(cert_dir.join(state::CLIENT_CERT)).with_context(|| {
-        format!(
-            "cannot read {}",
-            cert_dir.join(state::CLIENT_CERT).display()
-        )
-    })?;
-    let key_pem = state::read_private_key(&cert_dir.join(state::CLIENT_KEY))
-        .map_err(|e| anyhow!("{}", one_line(&e)))?;
+    let (cert_pem, key_pem) = match ctx.etcd() {
+        // The operator's role reads the client key from PREFIX/secrets/.
+        Some(etcd) => {
+            let dir = format!("{}/{}", state::CERTIFICATES_DIR, record.id);
+            (
+                etcd.record(&db.name, &format!("{dir}/{}", state::CLIENT_CERT))?,
+                etcd.secret(&db.name, &format!("{dir}/{}", state::CLIENT_KEY))?,
+            )
+        }
+        None => {
+            let cert_dir = certificate_dir(&db.dir, &record.id);
+            let cert_pem = std::fs::read(cert_dir.join(state::CLIENT_CERT)).with_context(|| {
+                format!(
+                    "cannot read {}",
+                    cert_dir.join(state::CLIENT_CERT).display()
+                )
+            })?;
+            let key_pem = state::read_private_key(&cert_dir.join(state::CLIENT_KEY))
+                .map_err(|e| anyhow!("{}", one_line(&e)))?;
+            (cert_pem, key_pem)
+        }
+    };
     let pk8 = pki::pem_key_to_pkcs8_der(
         std::str::from_utf8(&key_pem).context("client.key is not text")?,
     )?;
@@ -484,15 +497,32 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
     }
     // Downloading copies key material out of the state directory: worth a line in the log,
     // but a read-only state directory must not stop a client from getting its files.
-    let logged = ctx.state.open_audit_log().and_then(|mut log| {
-        log.append(&state::AuditEntry {
-            time: at,
-            actor: super::actor(&args.change),
-            action: "certificate.download".into(),
-            database: Some(db.name.clone()),
-            details: json!({"id": record.id, "dir": dir.display().to_string(), "prefix": args.prefix}),
-        })
-    });
+    let details = json!({"id": record.id, "dir": dir.display().to_string(), "prefix": args.prefix});
+    let logged = match ctx.etcd() {
+        Some(_) => ctx
+            .control()
+            .note(
+                "certificate.download",
+                Some(&db.name),
+                details,
+                &super::actor(&args.change),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        None => ctx
+            .state
+            .open_audit_log()
+            .and_then(|mut log| {
+                log.append(&state::AuditEntry {
+                    time: at,
+                    actor: super::actor(&args.change),
+                    action: "certificate.download".into(),
+                    database: Some(db.name.clone()),
+                    details,
+                })
+            })
+            .map_err(|e| e.to_string()),
+    };
     if let Err(e) = logged {
         eprintln!("pgmtls: warning: not recorded in the audit log: {e}");
     }

@@ -24,8 +24,9 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand};
 
 use crate::config::Config;
-use crate::control::Control;
+use crate::control::{Control, EtcdBackend};
 use crate::state::{one_line, DatabaseState, StateDir};
+use crate::store::etcd::EtcdConfig;
 use status::{AdminUrl, ProxyView};
 
 /// The control commands, flattened into `pgmtls`'s own subcommands.
@@ -87,10 +88,26 @@ pub struct ChangeArgs {
     pub actor: Option<String>,
 }
 
-/// A resolved state directory plus the way to reach the proxy.
+/// A resolved state store (a directory, or the config's etcd prefix) plus the way to reach
+/// the proxy.
 pub(crate) struct Ctx {
     pub state: StateDir,
+    control: Control,
     admin: Option<AdminUrl>,
+}
+
+/// The `etcd:` section as the store's settings; reads the password file.
+pub fn etcd_config(e: &crate::config::EtcdSettings) -> anyhow::Result<EtcdConfig> {
+    let mut c = EtcdConfig::new(e.endpoints.clone(), &e.prefix);
+    if let (Some(user), Some(file)) = (&e.user, &e.password_file) {
+        let password = std::fs::read_to_string(file)
+            .with_context(|| format!("etcd.password_file: cannot read {}", file.display()))?;
+        c.user = Some((
+            user.clone(),
+            password.trim_end_matches(['\n', '\r']).to_owned(),
+        ));
+    }
+    Ok(c)
 }
 
 impl Ctx {
@@ -99,16 +116,6 @@ impl Ctx {
             Some(path) => Some(Config::load(path).map_err(|e| anyhow!("{}", one_line(&e)))?),
             None => None,
         };
-        let state_dir = match (
-            &args.state_dir,
-            config.as_ref().and_then(|c| c.state_dir.clone()),
-        ) {
-            (Some(dir), _) => dir.clone(),
-            (None, Some(dir)) => dir,
-            (None, None) => bail!(
-                "no state directory: give --state-dir DIR (or PGMTLS_STATE_DIR), or --config FILE"
-            ),
-        };
         let admin = match &args.admin_url {
             Some(url) => Some(url.parse::<AdminUrl>().map_err(|e| anyhow!("{e}"))?),
             None => config
@@ -116,15 +123,35 @@ impl Ctx {
                 .and_then(|c| c.admin_listen)
                 .map(AdminUrl::from_listen),
         };
+        // The config's etcd prefix is the state unless a directory is named directly: what
+        // the CLI shows and changes is then what the fleet serves.
+        let etcd = config.as_ref().and_then(|c| c.etcd.as_ref());
+        let control = match (&args.state_dir, etcd) {
+            (Some(dir), _) => Control::new(StateDir::new(dir)),
+            (None, Some(e)) => Control::etcd(EtcdBackend::connect(etcd_config(e)?)?),
+            (None, None) => match config.as_ref().and_then(|c| c.state_dir.clone()) {
+                Some(dir) => Control::new(StateDir::new(dir)),
+                None => bail!(
+                    "no state directory: give --state-dir DIR (or PGMTLS_STATE_DIR), or --config \
+                     FILE"
+                ),
+            },
+        };
         Ok(Ctx {
-            state: StateDir::new(state_dir),
+            state: control.state().clone(),
+            control,
             admin,
         })
     }
 
     /// Write access to the state, through the one mutation path.
     pub fn control(&self) -> Control {
-        Control::new(self.state.clone())
+        self.control.clone()
+    }
+
+    /// The etcd store, when the state lives there.
+    pub fn etcd(&self) -> Option<&EtcdBackend> {
+        self.control.etcd_backend()
     }
 
     /// Asks the running proxy what it serves (one request, short timeout).

@@ -232,6 +232,7 @@ fn destroy(args: DestroyArgs) -> anyhow::Result<ExitCode> {
     let name = args.database.as_str();
     let ctx = Ctx::new(&args.state)?;
     ctx.require(name)?;
+    ctx.control().directory_only("`pgmtls mtls destroy`")?;
     confirm(
         name,
         args.confirm.as_deref(),
@@ -384,16 +385,14 @@ fn served_listen(name: &str, configured: SocketAddr, proxy: &ProxyView) -> Strin
 
 pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
     let ctx = Ctx::new(&args.state)?;
-    if !ctx.state.root().exists() {
+    let control = ctx.control();
+    if ctx.etcd().is_none() && !ctx.state.root().exists() {
         // Not the same as an empty one: a mistyped path should not read as "no databases".
         return Err(
             crate::control::ControlError::NoStateDir(ctx.state.root().to_path_buf()).into(),
         );
     }
-    let names = ctx
-        .state
-        .database_names()
-        .map_err(|e| anyhow!("{}", one_line(&e)))?;
+    let names = control.database_names()?;
     let proxy = if names.is_empty() {
         ProxyView::Unreachable {
             reason: "not asked".into(),
@@ -406,10 +405,19 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
     for name in names {
         // What the proxy would make of it, not only whether the files parse: a database
         // without its CRL loads but is refused.
-        let loaded = ctx.state.load_database(&name).and_then(|db| {
-            let metrics = crate::metrics::Metrics::new();
-            crate::snapshot::DatabaseRuntime::build(&db, &metrics).map(|_| db)
-        });
+        let loaded = control
+            .load(&name)
+            .map_err(|e| match e {
+                // The loader's own words, as for a directory.
+                crate::control::ControlError::DoesNotLoad { detail, .. } => detail,
+                other => other.to_string(),
+            })
+            .and_then(|db| {
+                let metrics = crate::metrics::Metrics::new();
+                crate::snapshot::DatabaseRuntime::build(&db, &metrics)
+                    .map(|_| db)
+                    .map_err(|e| one_line(&e))
+            });
         let proxy_reload_error = proxy.database_error(&name).map(str::to_owned);
         match loaded {
             Ok(db) => rows.push(DatabaseRow {
@@ -430,7 +438,7 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
                     upstream: None,
                     ip_rules: None,
                     certificates: None,
-                    error: Some(one_line(&e)),
+                    error: Some(e),
                     proxy_reload_error,
                     name,
                 })

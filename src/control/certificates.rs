@@ -94,16 +94,37 @@ pub fn create(
         }
     }
     // Sign before taking the lock: an RSA 4096 key takes seconds, and the proxy's reload
-    // waits for the lock. Only the CA matters here, and it is checked again under the lock.
+    // waits for the lock. Only the CA matters here, and it is checked again under the lock
+    // (and on every retry of an etcd commit, which keeps the certificate already issued).
     let signed_with = control.load(database)?;
     let (record, issued) = issue(
-        &signer(&signed_with)?,
+        &signer(&signed_with, &control.ca_key(&signed_with)?)?,
         request.common_name,
         request.key_type,
         at,
         request.valid_for,
         None,
     )?;
+    control.retrying(|| {
+        create_once(
+            control,
+            database,
+            actor,
+            &signed_with,
+            record.clone(),
+            &issued,
+        )
+    })
+}
+
+fn create_once(
+    control: &Control,
+    database: &str,
+    actor: &str,
+    signed_with: &DatabaseState,
+    record: CertificateRecord,
+    issued: &Issued,
+) -> Result<CertificateChange> {
     let mut txn = control.begin(Some(database), actor)?;
     let db = txn.load(database)?;
     if db.ca_pem != signed_with.ca_pem {
@@ -114,7 +135,7 @@ pub fn create(
     let mut candidate = db.clone();
     candidate.certificates.push(reparse(&db, &record)?);
     validate(&candidate)?;
-    txn.state().add_certificate(
+    txn.add_certificate(
         database,
         &record,
         issued.cert_pem.as_bytes(),
@@ -144,6 +165,10 @@ pub struct Revocation {
 
 /// Revokes certificate `id` of `database`: a new CRL that lists it, then its record marked.
 pub fn revoke(control: &Control, database: &str, id: &str, actor: &str) -> Result<Revocation> {
+    control.retrying(|| revoke_once(control, database, id, actor))
+}
+
+fn revoke_once(control: &Control, database: &str, id: &str, actor: &str) -> Result<Revocation> {
     let mut txn = control.begin(Some(database), actor)?;
     let db = txn.load(database)?;
     let mut record = find(&db, id)?.clone();
@@ -156,7 +181,7 @@ pub fn revoke(control: &Control, database: &str, id: &str, actor: &str) -> Resul
     }
     let at = now();
     record.revoked_at = Some(at);
-    let signer = signer(&db)?;
+    let signer = signer(&db, &txn.ca_key(&db)?)?;
     let mut records = db.certificates.clone();
     for r in records.iter_mut().filter(|r| r.id == record.id) {
         *r = reparse(&db, &record)?;
@@ -168,9 +193,8 @@ pub fn revoke(control: &Control, database: &str, id: &str, actor: &str) -> Resul
     validate(&candidate)?;
     // The CRL is what the proxy enforces: write it first, so a crash in between leaves the
     // certificate refused rather than merely marked.
-    txn.state()
-        .write_database_file(database, state::CRL, crl.as_bytes(), PUBLIC_MODE)?;
-    txn.state().save_certificate_record(database, &record)?;
+    txn.write_database_file(database, state::CRL, crl.as_bytes(), PUBLIC_MODE)?;
+    txn.save_certificate_record(database, &record)?;
     let audit = txn.record(
         "certificate.revoke",
         Some(database),
@@ -228,6 +252,7 @@ pub struct RenewReport {
 /// Renews what is due in `databases` (every database when `None`) under one lock. A
 /// database that fails is reported in `errors` and does not stop the others.
 pub fn renew(control: &Control, databases: Option<&str>, actor: &str) -> Result<RenewReport> {
+    control.directory_only("`pgmtls certificates renew`")?;
     let names = match databases {
         Some(db) => {
             control.require(db)?;
@@ -258,7 +283,7 @@ fn renew_database(
     report: &mut RenewReport,
 ) -> Result<()> {
     let db = txn.load(name)?;
-    let signer = signer(&db)?;
+    let signer = signer(&db, &txn.ca_key(&db)?)?;
     let on_crl = crl_serials(&db);
     let mut records = db.certificates.clone();
     let mut new: Vec<(CertificateRecord, Issued)> = Vec::new();
@@ -429,13 +454,11 @@ pub fn crl_serials(db: &DatabaseState) -> Vec<String> {
 
 /// Loads the database's CA for signing; its key is read with the same permission check the
 /// proxy applies to server keys.
-fn signer(db: &DatabaseState) -> Result<CaSigner> {
-    let key = state::read_private_key(&db.dir.join(state::CA_KEY))
-        .map_err(|e| ControlError::Invalid(one_line(&e)))?;
+fn signer(db: &DatabaseState, key: &[u8]) -> Result<CaSigner> {
     let not_text =
         |file: &str| ControlError::Invalid(format!("{}: {file} is not text", db.dir.display()));
     let cert = std::str::from_utf8(&db.ca_pem).map_err(|_| not_text(state::CA_CERT))?;
-    let key = std::str::from_utf8(&key).map_err(|_| not_text(state::CA_KEY))?;
+    let key = std::str::from_utf8(key).map_err(|_| not_text(state::CA_KEY))?;
     Ok(CaSigner::from_pem(cert, key)?)
 }
 

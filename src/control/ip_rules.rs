@@ -54,6 +54,16 @@ pub fn create(
 ) -> Result<RuleChange> {
     let cidr = parse_rule_cidr(cidr).map_err(ControlError::Invalid)?;
     validate_description(description).map_err(ControlError::Invalid)?;
+    control.retrying(|| create_once(control, database, cidr, description, actor))
+}
+
+fn create_once(
+    control: &Control,
+    database: &str,
+    cidr: IpNet,
+    description: &str,
+    actor: &str,
+) -> Result<RuleChange> {
     let mut txn = control.begin(Some(database), actor)?;
     let db = txn.load(database)?;
     if db.rules.len() >= MAX_RULES {
@@ -79,7 +89,7 @@ pub fn create(
     };
     let mut rules = db.rules.clone();
     rules.push(rule.clone());
-    save(&txn, &db, &rules)?;
+    save(&mut txn, &db, &rules)?;
     let audit = txn.record(
         "ip_rule.create",
         Some(database),
@@ -99,6 +109,16 @@ pub fn delete(
         Selector::Cidr(c) => Some(parse_rule_cidr(c).map_err(ControlError::Invalid)?),
         Selector::Id(_) => None,
     };
+    control.retrying(|| delete_once(control, database, selector, cidr, actor))
+}
+
+fn delete_once(
+    control: &Control,
+    database: &str,
+    selector: Selector<'_>,
+    cidr: Option<IpNet>,
+    actor: &str,
+) -> Result<RuleChange> {
     let mut txn = control.begin(Some(database), actor)?;
     let db = txn.load(database)?;
     let found = db.rules.iter().position(|r| match (selector, cidr) {
@@ -117,7 +137,7 @@ pub fn delete(
     };
     let mut rules = db.rules.clone();
     let rule = rules.remove(index);
-    save(&txn, &db, &rules)?;
+    save(&mut txn, &db, &rules)?;
     let audit = txn.record(
         "ip_rule.delete",
         Some(database),
@@ -128,15 +148,14 @@ pub fn delete(
 
 /// Writes a new rule list after re-reading it with the proxy's parser and building the
 /// database with it.
-fn save(txn: &Txn<'_>, db: &DatabaseState, rules: &[IpRule]) -> Result<()> {
+fn save(txn: &mut Txn<'_>, db: &DatabaseState, rules: &[IpRule]) -> Result<()> {
     let file = db.dir.join(state::IP_RULES);
     let yaml = ip_rules_to_yaml(rules);
     let parsed = parse_ip_rules(&file, &yaml).map_err(|e| ControlError::Invalid(one_line(&e)))?;
     let mut candidate = db.clone();
     candidate.rules = parsed;
     validate(&candidate)?;
-    txn.state()
-        .write_database_file(&db.name, state::IP_RULES, yaml.as_bytes(), PUBLIC_MODE)?;
+    txn.write_database_file(&db.name, state::IP_RULES, yaml.as_bytes(), PUBLIC_MODE)?;
     Ok(())
 }
 

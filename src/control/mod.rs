@@ -9,10 +9,14 @@
 //! compare-and-swap), and the state a change validated is the state it replaces.
 
 pub mod certificates;
+mod etcd;
 pub mod ip_rules;
 pub mod mtls;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use etcd::EtcdBackend;
 
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -20,9 +24,11 @@ use time::OffsetDateTime;
 use crate::metrics::Metrics;
 use crate::pki::PkiError;
 use crate::snapshot::DatabaseRuntime;
+use crate::state::records::to_store_key;
 use crate::state::{
-    one_line, validate_database_name, AuditEntry, AuditLog, DatabaseState, StateDir, StateError,
-    StateLock,
+    self, one_line, validate_database_name, AuditEntry, AuditLog, CertificateRecord, DatabaseState,
+    StateDir, StateError, StateLock, CERTIFICATES_DIR, CERTIFICATE_YAML, CLIENT_CERT, CLIENT_KEY,
+    DATABASES_DIR,
 };
 
 /// Why a change was refused or failed. The messages are what an operator reads, so each one
@@ -57,6 +63,19 @@ pub enum ControlError {
     State(#[from] StateError),
     #[error(transparent)]
     Pki(#[from] PkiError),
+    /// Another writer committed to etcd after this change read the state, every time it was
+    /// tried; nothing of it was written.
+    #[error(
+        "the state in etcd {prefix} changed underneath this change ({attempts} attempts); \
+         nothing was written: retry"
+    )]
+    Changed { prefix: String, attempts: u32 },
+    /// etcd could not be reached or refused the request; nothing was written.
+    #[error("{0}; nothing was changed")]
+    Store(crate::store::StoreError),
+    /// A change the etcd store cannot make yet.
+    #[error("{0} does not write to etcd yet: make it in a state directory and `pgmtls state import --force` it")]
+    DirectoryOnly(&'static str),
 }
 
 pub type Result<T, E = ControlError> = std::result::Result<T, E>;
@@ -65,20 +84,69 @@ pub type Result<T, E = ControlError> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub struct Control {
     state: StateDir,
+    /// Set when the state lives in etcd: reads and commits go there, `state` is unused.
+    etcd: Option<Arc<EtcdBackend>>,
 }
+
+/// How often a change that lost a race in etcd is recomputed from the new state before the
+/// command gives up. Every conflict means another change won, so this only bounds the wait.
+const ETCD_ATTEMPTS: u32 = 8;
 
 impl Control {
     pub fn new(state: StateDir) -> Control {
-        Control { state }
+        Control { state, etcd: None }
     }
 
+    /// A control over an etcd prefix (the `etcd:` section of pgmtls.yaml).
+    pub fn etcd(backend: EtcdBackend) -> Control {
+        Control {
+            state: StateDir::new(backend.origin()),
+            etcd: Some(Arc::new(backend)),
+        }
+    }
+
+    /// The state directory; a change that only a directory supports fails in etcd mode.
     pub fn state(&self) -> &StateDir {
         &self.state
+    }
+
+    pub fn etcd_backend(&self) -> Option<&EtcdBackend> {
+        self.etcd.as_deref()
+    }
+
+    /// Fails in etcd mode, for the changes that do not write to etcd yet.
+    pub fn directory_only(&self, what: &'static str) -> Result<()> {
+        match self.etcd {
+            Some(_) => Err(ControlError::DirectoryOnly(what)),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs one whole change. In etcd mode a change that lost the race to another writer is
+    /// recomputed from the new state (so every check, such as the 60-rule limit, runs again)
+    /// a few times before the command gives up; a directory change runs once, under the lock.
+    pub fn retrying<T>(&self, mut change: impl FnMut() -> Result<T>) -> Result<T> {
+        let Some(etcd) = &self.etcd else {
+            return change();
+        };
+        for _ in 0..ETCD_ATTEMPTS {
+            match change() {
+                Err(ControlError::Store(crate::store::StoreError::Conflict { .. })) => continue,
+                other => return other,
+            }
+        }
+        Err(ControlError::Changed {
+            prefix: etcd.prefix().to_owned(),
+            attempts: ETCD_ATTEMPTS,
+        })
     }
 
     /// Fails for an invalid or unknown database name.
     pub fn require(&self, name: &str) -> Result<()> {
         validate_database_name(name).map_err(ControlError::Invalid)?;
+        if let Some(etcd) = &self.etcd {
+            return etcd.read()?.require(name).map(|_| ());
+        }
         if !self.state.root().exists() {
             return Err(ControlError::NoStateDir(self.state.root().to_path_buf()));
         }
@@ -93,6 +161,10 @@ impl Control {
 
     /// Loads one database through the proxy's own loader.
     pub fn load(&self, name: &str) -> Result<DatabaseState> {
+        if let Some(etcd) = &self.etcd {
+            validate_database_name(name).map_err(ControlError::Invalid)?;
+            return etcd.read()?.load(name);
+        }
         self.require(name)?;
         self.state
             .load_database(name)
@@ -104,6 +176,9 @@ impl Control {
 
     /// Names of every database, sorted.
     pub fn database_names(&self) -> Result<Vec<String>> {
+        if let Some(etcd) = &self.etcd {
+            return Ok(etcd.read()?.database_names());
+        }
         self.state
             .database_names()
             .map_err(|e| ControlError::State(StateError::Invalid(e)))
@@ -112,6 +187,21 @@ impl Control {
     /// Starts a change by `actor`: checks the database exists (before touching anything, so a
     /// typo creates no files), takes the writers' lock, opens the audit log.
     pub fn begin(&self, database: Option<&str>, actor: &str) -> Result<Txn<'_>> {
+        if let Some(etcd) = &self.etcd {
+            let read = etcd.read()?;
+            if let Some(db) = database {
+                validate_database_name(db).map_err(ControlError::Invalid)?;
+                read.require(db)?;
+            }
+            return Ok(Txn {
+                control: self,
+                inner: TxnInner::Etcd {
+                    read,
+                    write: crate::store::Write::default(),
+                },
+                actor: actor.to_owned(),
+            });
+        }
         if let Some(db) = database {
             self.require(db)?;
         }
@@ -126,19 +216,55 @@ impl Control {
         let audit = self.state.open_audit_log()?;
         Ok(Txn {
             control: self,
-            _lock: lock,
-            audit,
+            inner: TxnInner::Dir { _lock: lock, audit },
             actor: actor.to_owned(),
         })
+    }
+
+    /// Records an event that changes no state (a download of key material) as one audit
+    /// record of its own.
+    pub fn note(
+        &self,
+        action: &str,
+        database: Option<&str>,
+        details: Value,
+        actor: &str,
+    ) -> Result<AuditEntry> {
+        self.retrying(|| {
+            let mut txn = self.begin(None, actor)?;
+            txn.record(action, database, details.clone())
+        })
+    }
+
+    /// The CA private key of a database, to sign with: a file of the directory (with the
+    /// proxy's permission check), or `PREFIX/secrets/databases/NAME/ca.key` in etcd.
+    pub fn ca_key(&self, db: &DatabaseState) -> Result<Vec<u8>> {
+        match &self.etcd {
+            Some(etcd) => etcd.read()?.secret(&db.name, state::CA_KEY),
+            None => state::read_private_key(&db.dir.join(state::CA_KEY))
+                .map_err(|e| ControlError::Invalid(one_line(&e))),
+        }
     }
 }
 
 /// An open change: the writers' lock is held until it is dropped.
 pub struct Txn<'a> {
     control: &'a Control,
-    _lock: StateLock,
-    audit: AuditLog,
+    inner: TxnInner,
     actor: String,
+}
+
+/// What a change holds while it runs: the directory's lock and audit log, or the etcd listing
+/// it read and the records it will commit (with its audit record) in one transaction.
+enum TxnInner {
+    Dir {
+        _lock: StateLock,
+        audit: AuditLog,
+    },
+    Etcd {
+        read: etcd::Read,
+        write: crate::store::Write,
+    },
 }
 
 impl Txn<'_> {
@@ -146,16 +272,109 @@ impl Txn<'_> {
         &self.actor
     }
 
+    /// The state directory, for the changes only a directory supports (see
+    /// [`Control::directory_only`]).
     pub fn state(&self) -> &StateDir {
         &self.control.state
     }
 
-    /// Loads a database as it is now, under the lock.
+    /// Loads a database as it is now: under the lock, or as of the etcd listing this change
+    /// commits against.
     pub fn load(&self, name: &str) -> Result<DatabaseState> {
-        self.control.load(name)
+        match &self.inner {
+            TxnInner::Dir { .. } => self.control.load(name),
+            TxnInner::Etcd { read, .. } => read.load(name),
+        }
     }
 
-    /// Appends the audit record of a change that has been written, and returns it.
+    /// The CA key of `db` as of this change.
+    pub fn ca_key(&self, db: &DatabaseState) -> Result<Vec<u8>> {
+        match &self.inner {
+            TxnInner::Dir { .. } => self.control.ca_key(db),
+            TxnInner::Etcd { read, .. } => read.secret(&db.name, state::CA_KEY),
+        }
+    }
+
+    /// Replaces one file of a database (`rel` relative to its folder): written now in a
+    /// directory, part of the commit in etcd.
+    pub fn write_database_file(
+        &mut self,
+        database: &str,
+        rel: &str,
+        bytes: &[u8],
+        mode: u32,
+    ) -> Result<()> {
+        match &mut self.inner {
+            TxnInner::Dir { .. } => {
+                self.control
+                    .state
+                    .write_database_file(database, rel, bytes, mode)?;
+            }
+            TxnInner::Etcd { write, .. } => {
+                write.put(
+                    to_store_key(&format!("{DATABASES_DIR}/{database}/{rel}")),
+                    bytes.to_vec(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a client certificate (record, certificate, key) to a database.
+    pub fn add_certificate(
+        &mut self,
+        database: &str,
+        record: &CertificateRecord,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<()> {
+        if let TxnInner::Dir { .. } = self.inner {
+            self.control
+                .state
+                .add_certificate(database, record, cert_pem, key_pem)?;
+            return Ok(());
+        }
+        let dir = format!("{CERTIFICATES_DIR}/{}", record.id);
+        if let TxnInner::Etcd { read, .. } = &self.inner {
+            if read.has(&format!(
+                "{DATABASES_DIR}/{database}/{dir}/{CERTIFICATE_YAML}"
+            )) {
+                return Err(StateError::CertificateExists(record.id.clone()).into());
+            }
+        }
+        self.write_database_file(database, &format!("{dir}/{CLIENT_CERT}"), cert_pem, 0)?;
+        self.write_database_file(database, &format!("{dir}/{CLIENT_KEY}"), key_pem, 0)?;
+        self.write_database_file(
+            database,
+            &format!("{dir}/{CERTIFICATE_YAML}"),
+            record.to_yaml().as_bytes(),
+            0,
+        )
+    }
+
+    /// Replaces the record of an existing certificate (revocation, successor link).
+    pub fn save_certificate_record(
+        &mut self,
+        database: &str,
+        record: &CertificateRecord,
+    ) -> Result<()> {
+        if let TxnInner::Dir { .. } = self.inner {
+            self.control
+                .state
+                .save_certificate_record(database, record)?;
+            return Ok(());
+        }
+        self.write_database_file(
+            database,
+            &format!("{CERTIFICATES_DIR}/{}/{CERTIFICATE_YAML}", record.id),
+            record.to_yaml().as_bytes(),
+            0,
+        )
+    }
+
+    /// Appends the audit record of a change that has been written, and returns it. In etcd
+    /// this is the commit: the change's records and its audit key land in one transaction
+    /// guarded by the revision the change read, or nothing does.
     pub fn record(
         &mut self,
         action: &str,
@@ -169,7 +388,22 @@ impl Txn<'_> {
             database: database.map(str::to_owned),
             details,
         };
-        self.audit.append(&entry)?;
+        match &mut self.inner {
+            TxnInner::Dir { audit, .. } => audit.append(&entry)?,
+            TxnInner::Etcd { read, write } => {
+                let mut line = serde_json::to_string(&entry)
+                    .map_err(|e| ControlError::Invalid(format!("audit record: {e}")))?;
+                line.push('\n');
+                write.put(read.next_audit_key(), line.into_bytes());
+                let etcd = self
+                    .control
+                    .etcd
+                    .as_ref()
+                    .ok_or_else(|| ControlError::Invalid("no etcd store".into()))?;
+                etcd.commit(read, write)?;
+                *write = crate::store::Write::default();
+            }
+        }
         Ok(entry)
     }
 }

@@ -77,6 +77,7 @@ pub fn server_names(given: &[String], listen: SocketAddr) -> Vec<String> {
 /// Everything about `request` that can be checked without generating keys: a front end calls
 /// this before asking for confirmation, and [`enable`] again under the lock.
 pub fn check(control: &Control, request: &EnableRequest) -> Result<()> {
+    control.directory_only("`pgmtls mtls create`")?;
     let name = request.name.as_str();
     state::validate_database_name(name).map_err(ControlError::Invalid)?;
     if request.upstream_tls == UpstreamTls::VerifyFull && request.upstream_ca_pem.is_none() {
@@ -245,6 +246,7 @@ pub struct Disabled {
 /// Disables mTLS for `name`: the proxy stops serving it and closes its sessions on its next
 /// reload; the CA, keys and records are archived, not deleted.
 pub fn disable(control: &Control, name: &str, actor: &str) -> Result<Disabled> {
+    control.directory_only("`pgmtls mtls destroy`")?;
     let mut txn = control.begin(Some(name), actor)?;
     let archived_to = txn.state().archive_database(name, now())?;
     let audit = txn.record(

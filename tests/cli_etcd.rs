@@ -1,0 +1,280 @@
+//! The control commands with an `etcd:` pgmtls.yaml, with the real binary against a real etcd:
+//! each change lands in etcd as one transaction with its audit key, concurrent writers never
+//! both win (the 60-rule limit holds under concurrent creates), and with etcd down a change
+//! fails naming the endpoint and changes nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli_support;
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use cli_support::{free_listen, Env};
+use common::etcd::{etcd_available_or_skip, EtcdServer};
+use serde_json::Value;
+
+const PREFIX: &str = "/pgmtls";
+
+/// A state directory with one database and one rule, imported into etcd, and a pgmtls.yaml
+/// naming that etcd prefix.
+struct Fleet {
+    env: Env,
+    etcd: EtcdServer,
+    config: PathBuf,
+}
+
+impl Fleet {
+    fn new(extra_rules: usize) -> Fleet {
+        let etcd = EtcdServer::start();
+        let env = Env::new();
+        env.create_db("app", &free_listen(), "127.0.0.1:5432");
+        env.run(&["ip-rules", "create", "app", "--cidr", "127.0.0.2/32"])
+            .ok();
+        for i in 0..extra_rules {
+            let cidr = format!("10.1.{i}.0/24");
+            env.run(&["ip-rules", "create", "app", "--cidr", &cidr])
+                .ok();
+        }
+        env.run(&[
+            "state",
+            "import",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--etcd-prefix",
+            PREFIX,
+        ])
+        .ok();
+        let config = env.dir.path().join("pgmtls.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "etcd:\n  endpoints: [{}]\n  prefix: {PREFIX}\n",
+                etcd.endpoint()
+            ),
+        )
+        .unwrap();
+        Fleet { env, etcd, config }
+    }
+
+    /// `pgmtls ARGS` with the etcd config and no state directory.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = self.env.command(args);
+        cmd.env_remove("PGMTLS_STATE_DIR")
+            .env("PGMTLS_CONFIG", &self.config);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().unwrap()
+    }
+
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "`pgmtls {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    /// The value of `PREFIX/KEY` in etcd, read with etcdctl.
+    fn get(&self, key: &str) -> Option<String> {
+        let out = self
+            .etcd
+            .etcdctl(&["get", "--print-value-only", &format!("{PREFIX}/{key}")]);
+        assert!(out.status.success(), "etcdctl get {key}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        (!text.is_empty()).then_some(text)
+    }
+
+    /// Keys under `PREFIX/UNDER`, with etcdctl.
+    fn keys(&self, under: &str) -> Vec<String> {
+        let out = self.etcd.etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{PREFIX}/{under}"),
+        ]);
+        assert!(out.status.success(), "etcdctl get --prefix {under}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The audit records in etcd, in order.
+    fn audit(&self) -> Vec<Value> {
+        self.keys("audit/")
+            .iter()
+            .map(|k| {
+                let out = self.etcd.etcdctl(&["get", "--print-value-only", k]);
+                serde_json::from_slice(&out.stdout).unwrap()
+            })
+            .collect()
+    }
+
+    fn rules(&self) -> String {
+        self.get("databases/app/ip-rules.yaml").unwrap()
+    }
+}
+
+#[test]
+fn each_change_lands_in_etcd_with_one_audit_key_and_the_directory_is_untouched() {
+    if !etcd_available_or_skip() {
+        return;
+    }
+    let f = Fleet::new(0);
+    let on_disk = f.env.snapshot();
+    let audit_before = f.audit().len();
+
+    let rule = f.json(&[
+        "ip-rules",
+        "create",
+        "app",
+        "--cidr",
+        "127.0.0.9/32",
+        "--json",
+    ]);
+    assert!(f.rules().contains("127.0.0.9/32"), "{}", f.rules());
+    let listed = f.json(&["ip-rules", "app", "--json"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["cidr"] == "127.0.0.9/32"),
+        "the listing reads etcd: {listed}"
+    );
+    let audit = f.audit();
+    assert_eq!(audit.len(), audit_before + 1);
+    assert_eq!(audit.last().unwrap()["action"], "ip_rule.create");
+    assert_eq!(audit.last().unwrap()["actor"], "tester");
+
+    let cert = f.json(&["certificates", "create", "app", "--json"]);
+    let id = cert["id"].as_str().unwrap().to_owned();
+    let record = f
+        .get(&format!("databases/app/certificates/{id}/certificate.yaml"))
+        .expect("certificate record in etcd");
+    assert!(record.contains(&id), "{record}");
+    assert!(f
+        .get(&format!("databases/app/certificates/{id}/client.crt"))
+        .is_some());
+    assert!(
+        f.get(&format!("databases/app/certificates/{id}/client.key"))
+            .is_none(),
+        "the client key is a secret"
+    );
+    assert!(f
+        .get(&format!(
+            "secrets/databases/app/certificates/{id}/client.key"
+        ))
+        .unwrap()
+        .contains("PRIVATE KEY"));
+    let audit = f.audit();
+    assert_eq!(audit.len(), audit_before + 2);
+    assert_eq!(audit.last().unwrap()["action"], "certificate.create");
+    let listed = f.json(&["certificates", "app", "--json"]);
+    assert!(listed.to_string().contains(&id), "{listed}");
+
+    let crl_before = f.get("databases/app/crl.pem").unwrap();
+    f.ok(&["certificates", "revoke", "app", "--id", &id]);
+    let record = f
+        .get(&format!("databases/app/certificates/{id}/certificate.yaml"))
+        .unwrap();
+    assert!(record.contains("revoked_at"), "{record}");
+    assert_ne!(f.get("databases/app/crl.pem").unwrap(), crl_before);
+    let audit = f.audit();
+    assert_eq!(audit.len(), audit_before + 3);
+    assert_eq!(audit.last().unwrap()["action"], "certificate.revoke");
+
+    let rule_id = rule["id"].as_str().unwrap();
+    f.ok(&["ip-rules", "delete", "app", "--id", rule_id]);
+    assert!(!f.rules().contains("127.0.0.9/32"), "{}", f.rules());
+    let audit = f.audit();
+    assert_eq!(audit.len(), audit_before + 4);
+    assert_eq!(audit.last().unwrap()["action"], "ip_rule.delete");
+
+    let dbs = f.json(&["databases", "--json"]);
+    assert_eq!(dbs[0]["name"], "app");
+    assert_eq!(dbs[0]["ip_rules"], 1, "{dbs}");
+    // The directory the state was imported from is not the store any more.
+    assert_eq!(f.env.snapshot(), on_disk);
+}
+
+#[test]
+fn concurrent_creates_never_pass_the_sixty_rule_limit() {
+    if !etcd_available_or_skip() {
+        return;
+    }
+    // 1 + 57 = 58 rules.
+    let f = Fleet::new(57);
+    assert_eq!(f.rules().matches("cidr:").count(), 58);
+    let audit_before = f.audit().len();
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            let cidr = format!("10.9.{i}.0/24");
+            let child = f
+                .command(&["ip-rules", "create", "app", "--cidr", &cidr, "--json"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (cidr, child)
+        })
+        .collect();
+    let mut won = Vec::new();
+    for (cidr, child) in children {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            won.push(cidr);
+        } else {
+            assert!(
+                stderr.contains("the maximum is 60") || stderr.contains("changed underneath"),
+                "{cidr}: {stderr}"
+            );
+        }
+    }
+    assert_eq!(won.len(), 2, "exactly two creates fit: {won:?}");
+    let rules = f.rules();
+    assert_eq!(rules.matches("cidr:").count(), 60, "{rules}");
+    for cidr in won.iter().map(String::as_str).chain(["127.0.0.2/32"]) {
+        assert!(rules.contains(cidr), "{cidr} lost: {rules}");
+    }
+    for i in 0..57 {
+        assert!(rules.contains(&format!("10.1.{i}.0/24")), "rule {i} lost");
+    }
+    let audit = f.audit();
+    assert_eq!(audit.len(), audit_before + 2, "one audit key per success");
+}
+
+#[test]
+fn with_etcd_stopped_a_change_fails_naming_the_endpoint_and_changes_nothing() {
+    if !etcd_available_or_skip() {
+        return;
+    }
+    let mut f = Fleet::new(0);
+    let rules = f.rules();
+    let keys = f.keys("");
+    f.etcd.stop();
+    let out = f.run(&["ip-rules", "create", "app", "--cidr", "127.0.0.7/32"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&f.etcd.endpoint()), "{stderr}");
+    assert!(stderr.contains("nothing was changed"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    f.etcd.restart();
+    assert_eq!(f.rules(), rules);
+    assert_eq!(f.keys(""), keys);
+}
