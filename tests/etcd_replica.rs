@@ -216,3 +216,87 @@ async fn a_replica_follows_etcd_enforces_live_and_survives_an_outage() {
     let m = scrape(proxy.admin()).await;
     assert_eq!(m.value("pgmtls_state_stale_seconds", ""), 0.0);
 }
+
+/// The operator's CLI writes the replica's etcd prefix: `certificates revoke` through an
+/// `etcd:` pgmtls.yaml commits the CRL and the record in one transaction, and the replica,
+/// following by watch, closes the session of that certificate within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_made_with_the_cli_on_etcd_closes_the_live_session() {
+    if !pg_available_or_skip() || !etcd_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let etcd = EtcdServer::start();
+    let pki = TestPki::new();
+    let state = TestState::new("");
+    state.add_database(
+        "orders",
+        &pki,
+        "127.0.0.1:0",
+        pg.addr(),
+        &[("r2", "127.0.0.2/32")],
+    );
+    state.write_file("orders", "ca.key", pki.ca.key_pem.as_bytes(), 0o600);
+    state.add_certificate_record("orders", "c1", &pki.client);
+    let out = std::process::Command::new(BIN)
+        .args(["state", "import", "--state-dir"])
+        .arg(&state.root)
+        .args([
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--etcd-prefix",
+            "/pgmtls",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "state import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&state.root).unwrap();
+    let etcd_section = format!(
+        "etcd:\n  endpoints: [{}]\n  prefix: /pgmtls\n",
+        etcd.endpoint()
+    );
+    let config = state.dir().join("replica.yaml");
+    std::fs::write(
+        &config,
+        format!("{etcd_section}admin_listen: 127.0.0.1:0\nreload_poll_interval: 1h\n"),
+    )
+    .unwrap();
+    let cli_config = state.dir().join("operator.yaml");
+    std::fs::write(&cli_config, &etcd_section).unwrap();
+    let proxy = ProxyProcess::with_config(&config);
+    let (a, a_conn) = session_from("127.0.0.2", &pki, &pki.client, &proxy)
+        .await
+        .unwrap();
+    assert_eq!(one(&a).await, 1);
+
+    let out = std::process::Command::new(BIN)
+        .args(["certificates", "revoke", "orders", "--id", "c1"])
+        .env_remove("PGMTLS_STATE_DIR")
+        .env("PGMTLS_CONFIG", &cli_config)
+        .output()
+        .unwrap();
+    let committed = Instant::now();
+    assert!(
+        out.status.success(),
+        "certificates revoke: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::timeout(Duration::from_secs(1), a_conn)
+        .await
+        .expect("session of the revoked certificate still open a second after the CLI commit")
+        .unwrap()
+        .ok();
+    eprintln!(
+        "revoked with the CLI on etcd: session closed {:?} after the command returned",
+        committed.elapsed()
+    );
+    let closed = proxy.wait_for_refusal("revoked_live");
+    assert_eq!(closed["database"], "orders", "{closed}");
+    assert!(session_from("127.0.0.2", &pki, &pki.client, &proxy)
+        .await
+        .is_err());
+}
