@@ -278,3 +278,38 @@ fn with_etcd_stopped_a_change_fails_naming_the_endpoint_and_changes_nothing() {
     assert_eq!(f.rules(), rules);
     assert_eq!(f.keys(""), keys);
 }
+
+#[test]
+fn changes_that_do_not_write_etcd_yet_refuse_and_change_nothing() {
+    if !etcd_available_or_skip() {
+        return;
+    }
+    let f = Fleet::new(0);
+    let keys = f.keys("");
+    let listen = free_listen();
+    for args in [
+        vec![
+            "mtls",
+            "create",
+            "other",
+            "--listen",
+            &listen,
+            "--upstream",
+            "127.0.0.1:5432",
+            "--confirm",
+            "other",
+        ],
+        vec!["mtls", "destroy", "app", "--confirm", "app"],
+        vec!["certificates", "renew"],
+    ] {
+        let out = f.run(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("does not write to etcd yet"), "{stderr}");
+    }
+    assert_eq!(f.keys(""), keys);
+    assert!(
+        !f.env.dir.path().join("etcd:").exists() && !std::path::Path::new("etcd:").exists(),
+        "no directory named after the prefix"
+    );
+}
