@@ -427,6 +427,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn registry_ttl_defaults_and_refuses_less_than_a_whole_second() {
+        let parse = |extra: &str| {
+            Config::parse(
+                Path::new("p.yaml"),
+                &format!("etcd:\n  endpoints: [http://a:1]\n  prefix: /p\n{extra}"),
+            )
+        };
+        let d = parse("").unwrap().etcd.unwrap();
+        assert_eq!(d.registry_ttl, crate::fleet::registry::DEFAULT_TTL);
+        let two = parse("  registry_ttl: 2s\n").unwrap().etcd.unwrap();
+        assert_eq!(two.registry_ttl, Duration::from_secs(2));
+        for bad in ["500ms", "1500ms", "soon"] {
+            let err = parse(&format!("  registry_ttl: {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("p.yaml:1: etcd: registry_ttl:"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn etcd_replaces_state_dir_and_is_checked() {
         let c = Config::parse(
             Path::new("/etc/pgmtls/p.yaml"),
