@@ -256,6 +256,8 @@ pub struct App {
     reload_lock: tokio::sync::Mutex<()>,
     pub reload_status: Mutex<ReloadStatus>,
     draining: watch::Sender<bool>,
+    /// Where the peer channel listens, once bound (the replica registry advertises it).
+    peer_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -320,6 +322,7 @@ impl App {
                 database_errors: BTreeMap::new(),
             }),
             draining,
+            peer_addr: std::sync::OnceLock::new(),
         });
         let dbs: Vec<(String, SocketAddr)> = app
             .ctx
@@ -338,9 +341,11 @@ impl App {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("peer_listen: cannot listen on {addr}: {e}"))?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            let _ = app.peer_addr.set(bound);
             tracing::info!(
                 replica_id = fleet.replica_id(),
-                addr = %listener.local_addr().unwrap_or(addr),
+                addr = %bound,
                 "peer channel listening"
             );
             tokio::spawn(crate::fleet::channel::serve(
@@ -380,6 +385,11 @@ impl App {
         for (name, addr) in missing {
             self.bind_one(&name, addr);
         }
+    }
+
+    /// The peer channel's bound address, when this replica has one.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr.get().copied()
     }
 
     fn start_listener(&self, name: &str, addr: SocketAddr) -> std::io::Result<()> {

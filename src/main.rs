@@ -362,7 +362,21 @@ async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
             _ => None,
         };
     let app = App::start_on(config, source, data_plane).await?;
+    let mut registration = None;
     if let (Some(store), Source::Etcd(e)) = (etcd_store, app.source()) {
+        let entry = pgmtls::fleet::registry::ReplicaEntry::new(
+            app.config.fleet.as_ref().map(|f| f.replica_id),
+            app.peer_addr(),
+        );
+        registration = Some(pgmtls::fleet::registry::Registration::start(
+            store.clone(),
+            entry,
+            app.config
+                .etcd
+                .as_ref()
+                .map_or(pgmtls::fleet::registry::DEFAULT_TTL, |s| s.registry_ttl),
+            e.served(),
+        ));
         let follower = e.clone();
         let target = Arc::clone(&app);
         tokio::spawn(async move {
@@ -409,7 +423,12 @@ async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
             _ = int.recv() => break,
         }
     }
+    // Leave the registry at once, while the live sessions drain.
+    let leaving = registration.map(|r| tokio::spawn(r.leave()));
     app.shutdown().await;
+    if let Some(l) = leaving {
+        let _ = l.await;
+    }
     drop(reloader);
     // The last window's counts, so the log adds up to the refusal metrics.
     pgmtls::refusal_log::flush();

@@ -10,6 +10,7 @@
 //! come from its `/status` endpoint ([`status`]), never from the files alone.
 
 pub mod certificates;
+pub mod fleet;
 pub mod ip_rules;
 pub mod mtls;
 pub mod output;
@@ -43,6 +44,8 @@ pub enum Command {
     Databases(mtls::DatabasesArgs),
     /// Move the state between a directory and an etcd prefix (`import`, `export`).
     State(state::StateCmdArgs),
+    /// List the replicas serving from etcd: id, version, revision served, peer address, age.
+    Fleet(fleet::FleetArgs),
 }
 
 /// Runs one control command.
@@ -53,6 +56,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Certificates(a) => certificates::run(*a),
         Command::Databases(a) => mtls::databases(a),
         Command::State(a) => state::run(a),
+        Command::Fleet(a) => fleet::run(a),
     }
 }
 

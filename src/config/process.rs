@@ -69,10 +69,18 @@ pub struct EtcdSettings {
     pub user: Option<String>,
     /// File holding `user`'s password, resolved against the config file's folder.
     pub password_file: Option<PathBuf>,
+    /// Lease TTL of this replica's registry entry (`PREFIX/replicas/ID`).
+    pub registry_ttl: Duration,
 }
 
 /// Every key of the `etcd:` section, for the docs check.
-pub const ETCD_KEYS: &[&str] = &["endpoints", "prefix", "user", "password_file"];
+pub const ETCD_KEYS: &[&str] = &[
+    "endpoints",
+    "prefix",
+    "user",
+    "password_file",
+    "registry_ttl",
+];
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +91,8 @@ struct RawEtcd {
     user: Option<String>,
     #[serde(default)]
     password_file: Option<String>,
+    #[serde(default)]
+    registry_ttl: Option<String>,
 }
 
 impl RawEtcd {
@@ -107,11 +117,26 @@ impl RawEtcd {
         if self.user.is_some() != self.password_file.is_some() {
             return Err("user and password_file go together".into());
         }
+        let registry_ttl = match &self.registry_ttl {
+            None => crate::fleet::registry::DEFAULT_TTL,
+            Some(s) => {
+                let d = humantime::parse_duration(s)
+                    .map_err(|e| format!("registry_ttl: invalid duration {s:?}: {e}"))?;
+                // etcd leases count whole seconds.
+                if d < Duration::from_secs(1) || d.subsec_nanos() != 0 {
+                    return Err(format!(
+                        "registry_ttl: {s:?}: give whole seconds, at least 1s"
+                    ));
+                }
+                d
+            }
+        };
         Ok(EtcdSettings {
             endpoints: self.endpoints,
             prefix,
             user: self.user,
             password_file: self.password_file.map(|p| base.join(p)),
+            registry_ttl,
         })
     }
 }
@@ -400,6 +425,29 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registry_ttl_defaults_and_refuses_less_than_a_whole_second() {
+        let parse = |extra: &str| {
+            Config::parse(
+                Path::new("p.yaml"),
+                &format!("etcd:\n  endpoints: [http://a:1]\n  prefix: /p\n{extra}"),
+            )
+        };
+        let d = parse("").unwrap().etcd.unwrap();
+        assert_eq!(d.registry_ttl, crate::fleet::registry::DEFAULT_TTL);
+        let two = parse("  registry_ttl: 2s\n").unwrap().etcd.unwrap();
+        assert_eq!(two.registry_ttl, Duration::from_secs(2));
+        for bad in ["500ms", "1500ms", "soon"] {
+            let err = parse(&format!("  registry_ttl: {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("p.yaml:1: etcd: registry_ttl:"),
+                "{bad}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn etcd_replaces_state_dir_and_is_checked() {

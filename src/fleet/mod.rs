@@ -8,6 +8,7 @@ pub mod channel;
 pub mod config;
 pub mod key;
 pub mod message;
+pub mod registry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

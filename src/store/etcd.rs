@@ -199,6 +199,94 @@ impl EtcdStore {
     }
 }
 
+/// Leases: what a replica's registry entry hangs on, so that the entry leaves with the
+/// process (revoked on drain, expired within the TTL when it dies).
+impl EtcdStore {
+    /// A new lease of `ttl` (whole seconds, at least one); returns its id.
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<i64, StoreError> {
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let response = self
+            .client
+            .lease_client()
+            .grant(secs, None)
+            .await
+            .map_err(|e| unavailable(&self.config, "cannot grant a lease from", e))?;
+        Ok(response.id())
+    }
+
+    /// Writes `PREFIX/KEY` attached to `lease`: it is deleted when the lease ends. Returns the
+    /// new revision.
+    pub async fn put_leased(&self, key: &str, bytes: &[u8], lease: i64) -> Result<i64, StoreError> {
+        check_key(key)?;
+        let response = self
+            .client
+            .kv_client()
+            .put(
+                self.full_key(key),
+                bytes.to_vec(),
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(|e| unavailable(&self.config, "cannot write", e))?;
+        Ok(response.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Keeps `lease` alive: call [`LeaseKeepAlive::renew`] well within the TTL.
+    pub async fn keep_alive(&self, lease: i64) -> Result<LeaseKeepAlive, StoreError> {
+        let (keeper, stream) = self
+            .client
+            .lease_client()
+            .keep_alive(lease)
+            .await
+            .map_err(|e| unavailable(&self.config, "cannot keep a lease alive at", e))?;
+        Ok(LeaseKeepAlive {
+            keeper,
+            stream,
+            config: self.config.clone(),
+        })
+    }
+
+    /// Ends `lease` now: every key attached to it is deleted in one revision.
+    pub async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        self.client
+            .lease_client()
+            .revoke(lease)
+            .await
+            .map_err(|e| unavailable(&self.config, "cannot revoke a lease at", e))?;
+        Ok(())
+    }
+}
+
+/// The keep-alive stream of one lease.
+pub struct LeaseKeepAlive {
+    keeper: etcd_client::LeaseKeeper,
+    stream: etcd_client::LeaseKeepAliveStream,
+    config: EtcdConfig,
+}
+
+impl LeaseKeepAlive {
+    /// Renews the lease once; returns the TTL left, 0 when the lease is gone (expired or
+    /// revoked: its keys are deleted and it must be granted again).
+    pub async fn renew(&mut self) -> Result<i64, StoreError> {
+        self.keeper
+            .keep_alive()
+            .await
+            .map_err(|e| unavailable(&self.config, "cannot renew a lease at", e))?;
+        match self
+            .stream
+            .message()
+            .await
+            .map_err(|e| unavailable(&self.config, "cannot renew a lease at", e))?
+        {
+            Some(response) => Ok(response.ttl()),
+            None => Err(StoreError::Unavailable {
+                what: format!("lease keep-alive at {}", self.config.endpoints.join(",")),
+                detail: "the server closed the stream".into(),
+            }),
+        }
+    }
+}
+
 /// A running watch.
 pub struct Watch {
     stream: etcd_client::WatchStream,

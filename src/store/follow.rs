@@ -49,6 +49,8 @@ struct Cache {
 pub struct EtcdSource {
     config: EtcdConfig,
     cache: Arc<Mutex<Cache>>,
+    /// The revision the proxy serves: published once the reload of a revision has run.
+    served: Arc<tokio::sync::watch::Sender<i64>>,
 }
 
 // By hand: the cache holds server keys, which must never reach a log line.
@@ -70,11 +72,26 @@ impl EtcdSource {
         EtcdSource {
             config,
             cache: Arc::default(),
+            served: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
 
     pub fn config(&self) -> &EtcdConfig {
         &self.config
+    }
+
+    /// Follows the revision the proxy serves (the replica registry publishes it).
+    pub fn served(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.served.subscribe()
+    }
+
+    fn publish_served(&self) {
+        let revision = self.status().revision;
+        self.served.send_if_modified(|r| {
+            let changed = *r != revision;
+            *r = revision;
+            changed
+        });
     }
 
     pub fn status(&self) -> FollowStatus {
@@ -86,6 +103,8 @@ impl EtcdSource {
     pub async fn connect_and_load(&self) -> Result<EtcdStore, StoreError> {
         let store = EtcdStore::connect(self.config.clone()).await?;
         self.full_load(&store).await?;
+        // Start-up builds the first snapshot from this load before anything is served.
+        self.publish_served();
         Ok(store)
     }
 
@@ -159,6 +178,7 @@ impl EtcdSource {
                             if touched {
                                 changed().await;
                             }
+                            self.publish_served();
                         }
                         Err(e) => break e,
                     }
@@ -196,6 +216,7 @@ impl EtcdSource {
                             "etcd reachable; state reloaded"
                         );
                         changed().await;
+                        self.publish_served();
                         break;
                     }
                     Err(e) => {
