@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use common::clients::{app_session_over, connect_from, tls_client_config};
 use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_USER, TRUST_USER};
 use common::pki::{Role, TestPki};
-use common::proxy::ProxyProcess;
-use common::state::{crl_pem, TestState};
+use common::state::{crl_pem, start_orders, TestState};
 use pgmtls::wire::frontend::StartupParams;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,18 +24,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn start(
-    pki: &TestPki,
-    pg: &PgServer,
-    rules: &[(&str, &str)],
-    extra: &str,
-) -> (TestState, ProxyProcess) {
-    let state = TestState::new(extra);
-    state.add_database("orders", pki, "127.0.0.1:0", pg.addr(), rules);
-    let proxy = ProxyProcess::with_config(&state.config);
-    (state, proxy)
-}
 
 fn reloaded(generation: u64) -> impl Fn(&Value) -> bool {
     move |v| v["message"] == "configuration reloaded" && v["generation"] == generation
@@ -182,7 +169,7 @@ async fn held_connection_after(
 ) {
     let pg = PgServer::start();
     let pki = TestPki::new();
-    let (state, proxy) = start(
+    let (state, proxy) = start_orders(
         &pki,
         &pg,
         &[("r2", "127.0.0.2/32"), ("r3", "127.0.0.3/32")],
@@ -255,7 +242,7 @@ async fn a_query_pipelined_before_authentication_never_reaches_postgres() {
     }
     let pg = PgServer::start();
     let pki = TestPki::new();
-    let (_state, proxy) = start(&pki, &pg, &[("lo", "127.0.0.0/8")], "");
+    let (_state, proxy) = start_orders(&pki, &pg, &[("lo", "127.0.0.0/8")], "");
     let tcp = admitted_before_tls("127.0.0.2", proxy.addr()).await;
     let mut s = tls(tcp, &pki, &pki.client).await;
     let hello = startup(APP_USER);
@@ -298,7 +285,7 @@ async fn authentication_that_never_finishes_ends_at_auth_timeout() {
     }
     let pg = PgServer::start();
     let pki = TestPki::new();
-    let (_state, proxy) = start(&pki, &pg, &[("lo", "127.0.0.0/8")], "auth_timeout: 1s\n");
+    let (_state, proxy) = start_orders(&pki, &pg, &[("lo", "127.0.0.0/8")], "auth_timeout: 1s\n");
     let tcp = admitted_before_tls("127.0.0.2", proxy.addr()).await;
     let mut s = tls(tcp, &pki, &pki.client).await;
     let hello = startup(APP_USER);
@@ -335,7 +322,7 @@ async fn a_reload_during_authentication_ends_the_connection() {
     }
     let pg = PgServer::start();
     let pki = TestPki::new();
-    let (state, proxy) = start(&pki, &pg, &[("lo", "127.0.0.0/8")], "");
+    let (state, proxy) = start_orders(&pki, &pg, &[("lo", "127.0.0.0/8")], "");
     let tcp = admitted_before_tls("127.0.0.2", proxy.addr()).await;
     let mut s = tls(tcp, &pki, &pki.client).await;
     s.write_all(&startup(APP_USER)).await.unwrap();
@@ -417,7 +404,7 @@ async fn a_cut_session_has_its_running_statement_cancelled() {
     }
     let pg = PgServer::start();
     let pki = TestPki::new();
-    let (state, proxy) = start(&pki, &pg, &[("lo", "127.0.0.0/8")], "");
+    let (state, proxy) = start_orders(&pki, &pg, &[("lo", "127.0.0.0/8")], "");
     let stream = connect_from("127.0.0.2".parse().unwrap(), proxy.addr())
         .await
         .unwrap();
@@ -453,7 +440,8 @@ async fn a_session_cut_at_the_end_of_the_shutdown_grace_has_its_statement_cancel
     }
     let pg = PgServer::start();
     let pki = TestPki::new();
-    let (_state, mut proxy) = start(&pki, &pg, &[("lo", "127.0.0.0/8")], "shutdown_grace: 1s\n");
+    let (_state, mut proxy) =
+        start_orders(&pki, &pg, &[("lo", "127.0.0.0/8")], "shutdown_grace: 1s\n");
     let stream = connect_from("127.0.0.2".parse().unwrap(), proxy.addr())
         .await
         .unwrap();

@@ -8,14 +8,13 @@
 
 mod common;
 
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use common::admin::{scrape, status, wait_status};
-use common::clients::{app_session_over, connect_from, ConnTask};
+use common::clients::session_from;
 use common::etcd::{etcd_available_or_skip, EtcdServer};
 use common::pg::{pg_available_or_skip, PgServer};
-use common::pki::{Role, TestPki};
+use common::pki::TestPki;
 use common::proxy::ProxyProcess;
 use common::state::{rules_yaml, TestState};
 use serde_json::Value;
@@ -24,18 +23,6 @@ use tokio_postgres::Client;
 const WAIT: Duration = Duration::from_secs(20);
 const BIN: &str = env!("CARGO_BIN_EXE_pgmtls");
 const KEY: &str = "/pgmtls/databases/orders/ip-rules.yaml";
-
-async fn session_from(
-    src: &str,
-    pki: &TestPki,
-    cert: &Role,
-    proxy: &ProxyProcess,
-) -> Result<(Client, ConnTask), tokio_postgres::Error> {
-    let stream = connect_from(src.parse::<IpAddr>().unwrap(), proxy.addr())
-        .await
-        .unwrap();
-    app_session_over(stream, proxy.addr(), pki, cert).await
-}
 
 async fn one(c: &Client) -> i32 {
     c.query_one("SELECT 1", &[]).await.unwrap().get(0)

@@ -7,33 +7,18 @@
 
 mod common;
 
-use std::net::IpAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::admin::scrape;
-use common::clients::{app_session_over, connect_from, ConnTask};
+use common::clients::{session_from, ConnTask};
 use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
-use common::pki::{Role, TestPki};
-use common::proxy::ProxyProcess;
-use common::state::{crl_pem, server_cert, TestState};
+use common::pki::TestPki;
+use common::state::{crl_pem, server_cert, start_orders};
 use serde_json::Value;
 use tokio_postgres::Client;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A session from source address `src`, presenting `cert`.
-async fn session_from(
-    src: &str,
-    pki: &TestPki,
-    cert: &Role,
-    proxy: &ProxyProcess,
-) -> Result<(Client, ConnTask), tokio_postgres::Error> {
-    let stream = connect_from(src.parse::<IpAddr>().unwrap(), proxy.addr())
-        .await
-        .unwrap();
-    app_session_over(stream, proxy.addr(), pki, cert).await
-}
 
 async fn one(c: &Client) -> i32 {
     c.query_one("SELECT 1", &[]).await.unwrap().get(0)
@@ -54,18 +39,6 @@ async fn closed_within(conn: ConnTask, limit: Duration) -> Duration {
     started.elapsed()
 }
 
-fn start(
-    pki: &TestPki,
-    pg: &PgServer,
-    rules: &[(&str, &str)],
-    extra: &str,
-) -> (TestState, ProxyProcess) {
-    let state = TestState::new(extra);
-    state.add_database("orders", pki, "127.0.0.1:0", pg.addr(), rules);
-    let proxy = ProxyProcess::with_config(&state.config);
-    (state, proxy)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_rule_of_a_live_session_closes_it_within_a_second_and_spares_others() {
     if !pg_available_or_skip() {
@@ -73,7 +46,7 @@ async fn deleting_the_rule_of_a_live_session_closes_it_within_a_second_and_spare
     }
     let pg = PgServer::start();
     let pki = TestPki::new();
-    let (state, proxy) = start(
+    let (state, proxy) = start_orders(
         &pki,
         &pg,
         &[("r2", "127.0.0.2/32"), ("r3", "127.0.0.3/32")],
@@ -133,7 +106,7 @@ async fn revoking_a_live_sessions_certificate_closes_it_and_refuses_it_next_time
     }
     let pg = PgServer::start();
     let pki = TestPki::new();
-    let (state, proxy) = start(&pki, &pg, &[("lo", "127.0.0.0/8")], "");
+    let (state, proxy) = start_orders(&pki, &pg, &[("lo", "127.0.0.0/8")], "");
     let other = pki.issue_valid_client("other-app");
     let (a, a_conn) = session_from("127.0.0.2", &pki, &pki.client, &proxy)
         .await
@@ -177,7 +150,7 @@ async fn removing_a_database_closes_its_live_sessions() {
     }
     let pg = PgServer::start();
     let pki = TestPki::new();
-    let (state, proxy) = start(&pki, &pg, &[("lo", "127.0.0.0/8")], "");
+    let (state, proxy) = start_orders(&pki, &pg, &[("lo", "127.0.0.0/8")], "");
     let (a, a_conn) = session_from("127.0.0.2", &pki, &pki.client, &proxy)
         .await
         .unwrap();
@@ -197,7 +170,7 @@ async fn with_enforcement_off_live_sessions_outlast_their_rule() {
     }
     let pg = PgServer::start();
     let pki = TestPki::new();
-    let (state, proxy) = start(
+    let (state, proxy) = start_orders(
         &pki,
         &pg,
         &[("r2", "127.0.0.2/32")],
@@ -227,7 +200,7 @@ async fn reloads_under_pgbench_lose_no_transaction() {
     }
     let pg = PgServer::start();
     let pki = TestPki::new();
-    let (state, proxy) = start(&pki, &pg, &[("lo", "127.0.0.1/32")], "");
+    let (state, proxy) = start_orders(&pki, &pg, &[("lo", "127.0.0.1/32")], "");
     let pgbench = |args: &[&str], host: &str, port: u16, tls: bool| {
         let mut cmd = tokio::process::Command::new(pg.pgbench_path());
         cmd.args(args)

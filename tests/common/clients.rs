@@ -406,3 +406,17 @@ impl Psql {
         PsqlOutput::from_output(out)
     }
 }
+
+/// The test application's session through `proxy` from source address `src`, presenting
+/// `cert`.
+pub async fn session_from(
+    src: &str,
+    pki: &TestPki,
+    cert: &Role,
+    proxy: &super::proxy::ProxyProcess,
+) -> Result<(Client, ConnTask), tokio_postgres::Error> {
+    let stream = connect_from(src.parse::<IpAddr>().expect("a source IP"), proxy.addr())
+        .await
+        .expect("connect to the proxy");
+    app_session_over(stream, proxy.addr(), pki, cert).await
+}

@@ -247,3 +247,17 @@ pub fn server_cert(pki: &TestPki) -> (String, String) {
         leaf_key.serialize_pem(),
     )
 }
+
+/// A proxy serving one database `orders` in front of `pg`, with `rules` and `extra`
+/// pgmtls.yaml lines, from a fresh state directory.
+pub fn start_orders(
+    pki: &super::pki::TestPki,
+    pg: &super::pg::PgServer,
+    rules: &[(&str, &str)],
+    extra: &str,
+) -> (TestState, super::proxy::ProxyProcess) {
+    let state = TestState::new(extra);
+    state.add_database("orders", pki, "127.0.0.1:0", pg.addr(), rules);
+    let proxy = super::proxy::ProxyProcess::with_config(&state.config);
+    (state, proxy)
+}
