@@ -13,7 +13,7 @@ use serde_json::json;
 use time::{Duration, OffsetDateTime};
 
 use super::output::{self, human_time, Block, Table};
-use super::status::{CertificateSeen, ProxyView, UNKNOWN};
+use super::status::{waiting_text, CertificateSeen, Lag, ProxyView, NO_REPLICA, UNKNOWN};
 use super::{actor, done, now, ChangeArgs, Ctx, StateArgs};
 use crate::control::{
     self,
@@ -194,7 +194,13 @@ pub struct CertView {
     /// pending, ready, expiring, expired or revoked.
     pub status: &'static str,
     /// Whether a reachable proxy accepts the certificate; null when no proxy was reachable.
+    /// In etcd mode: whether some live replica still does (true until every one of them
+    /// serves the revocation).
     pub served: Option<bool>,
+    /// etcd mode only: the live replicas that do not serve the certificate's last change yet
+    /// (its revocation, else its creation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lagging: Option<Vec<Lag>>,
     #[serde(skip)]
     pub status_text: String,
 }
@@ -213,17 +219,26 @@ impl CertView {
             "revoked"
         } else if r.expires_at <= at {
             "expired"
-        } else if seen.is_some_and(|s| !s.loaded) {
+        } else if seen.as_ref().is_some_and(|s| !s.loaded) {
             "pending"
         } else if r.expires_at - at <= RENEW_WINDOW {
             "expiring"
         } else {
             "ready"
         };
-        let served = seen.map(|s| s.loaded && !s.revoked && r.expires_at > at);
-        let status_text = match (revoked, served, &r.successor) {
-            (true, Some(true), _) => "revoked (proxy has not reloaded yet)".to_owned(),
-            (false, _, Some(_)) if status == "expiring" => "expiring (renewed)".to_owned(),
+        let served = seen
+            .as_ref()
+            .map(|s| s.loaded && !s.revoked && r.expires_at > at);
+        let lagging = seen.and_then(|s| s.lagging);
+        let waiting = lagging
+            .as_deref()
+            .filter(|l| !l.is_empty())
+            .map(waiting_text);
+        let status_text = match (revoked, served, &r.successor, &waiting) {
+            (true, Some(true), _, Some(w)) => format!("revoked ({w})"),
+            (true, Some(true), _, None) => "revoked (proxy has not reloaded yet)".to_owned(),
+            (false, _, _, Some(w)) if status == "pending" => format!("pending ({w})"),
+            (false, _, Some(_), _) if status == "expiring" => "expiring (renewed)".to_owned(),
             _ => status.to_owned(),
         };
         CertView {
@@ -239,6 +254,7 @@ impl CertView {
             successor: r.successor.clone(),
             status,
             served,
+            lagging,
             status_text,
         }
     }
@@ -272,12 +288,9 @@ pub(crate) fn views(db: &DatabaseState, proxy: &ProxyView, at: OffsetDateTime) -
     db.certificates
         .iter()
         .map(|r| {
-            CertView::new(
-                r,
-                at,
-                on_crl.contains(&r.serial),
-                proxy.certificate(&db.name, &r.id),
-            )
+            let on_crl = on_crl.contains(&r.serial);
+            let revoked = on_crl || r.revoked_at.is_some();
+            CertView::new(r, at, on_crl, proxy.certificate(&db.name, &r.id, revoked))
         })
         .collect()
 }
@@ -298,7 +311,14 @@ pub(crate) fn table(views: &[CertView]) -> Table {
 
 /// Says what the statuses rest on when no proxy answered, or that its last reload failed.
 pub(crate) fn footer(proxy: &ProxyView) {
-    if !proxy.is_reachable() {
+    if let ProxyView::Fleet(f) = proxy {
+        if f.replicas.is_empty() {
+            say!(
+                "fleet: {NO_REPLICA}; statuses describe the certificates, not what a replica \
+                 serves"
+            );
+        }
+    } else if !proxy.is_reachable() {
         say!("proxy: {UNKNOWN}; statuses describe the certificates, not what a proxy serves");
     } else if let Some(e) = proxy.reload_error() {
         say!("proxy: last reload failed: {}", output::clean(e));
@@ -368,7 +388,12 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     done(&format!("Creating certificate for database {name}"));
     let proxy = ctx.proxy();
     let record = &created.record;
-    let view = CertView::new(record, now(), false, proxy.certificate(name, &record.id));
+    let view = CertView::new(
+        record,
+        now(),
+        false,
+        proxy.certificate(name, &record.id, false),
+    );
     print_one(&view, &proxy, args.json);
     Ok(ExitCode::SUCCESS)
 }
@@ -645,9 +670,14 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
         record.id
     ));
     let proxy = ctx.proxy();
-    let view = CertView::new(record, now(), true, proxy.certificate(name, &record.id));
+    let view = CertView::new(
+        record,
+        now(),
+        true,
+        proxy.certificate(name, &record.id, true),
+    );
     print_one(&view, &proxy, args.json);
-    if !args.json {
+    if !args.json && !matches!(proxy, ProxyView::Fleet(_)) {
         say!("The proxy refuses this certificate from its next reload (file change or SIGHUP).");
     }
     Ok(ExitCode::SUCCESS)
@@ -814,26 +844,34 @@ mod tests {
     #[test]
     fn status_words_follow_expiry_revocation_and_the_proxy() {
         let at = now();
-        let st = |r: &CertificateRecord, crl: bool, seen: Option<CertificateSeen>| {
-            CertView::new(r, at, crl, seen).status
+        let st = |r: &CertificateRecord, crl: bool, seen: &Option<CertificateSeen>| {
+            CertView::new(r, at, crl, seen.clone()).status
         };
         let loaded = Some(CertificateSeen {
             loaded: true,
             revoked: false,
+            lagging: None,
         });
         let missing = Some(CertificateSeen {
             loaded: false,
             revoked: false,
+            lagging: None,
         });
-        assert_eq!(st(&record(Duration::days(100), at), false, None), "ready");
-        assert_eq!(st(&record(Duration::days(100), at), false, loaded), "ready");
+        assert_eq!(st(&record(Duration::days(100), at), false, &None), "ready");
         assert_eq!(
-            st(&record(Duration::days(100), at), false, missing),
+            st(&record(Duration::days(100), at), false, &loaded),
+            "ready"
+        );
+        assert_eq!(
+            st(&record(Duration::days(100), at), false, &missing),
             "pending"
         );
-        assert_eq!(st(&record(Duration::days(70), at), false, None), "expiring");
-        assert_eq!(st(&record(Duration::days(-1), at), false, None), "expired");
-        assert_eq!(st(&record(Duration::days(100), at), true, None), "revoked");
+        assert_eq!(
+            st(&record(Duration::days(70), at), false, &None),
+            "expiring"
+        );
+        assert_eq!(st(&record(Duration::days(-1), at), false, &None), "expired");
+        assert_eq!(st(&record(Duration::days(100), at), true, &None), "revoked");
         let mut r = record(Duration::days(100), at);
         r.revoked_at = Some(at);
         let v = CertView::new(&r, at, false, loaded);

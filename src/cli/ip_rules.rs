@@ -10,7 +10,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use super::output::{self, human_time, Block, Table};
-use super::status::ProxyView;
+use super::status::{waiting_text, Lag, ProxyView};
 use super::{actor, done, ChangeArgs, Ctx, StateArgs};
 use crate::control::{self, ip_rules::Selector};
 use crate::state::IpRule;
@@ -126,6 +126,9 @@ pub struct RuleView {
     pub updated_at: OffsetDateTime,
     /// Authorized, Authorizing or unknown.
     pub status: &'static str,
+    /// etcd mode only: the live replicas that do not serve the rule yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lagging: Option<Vec<Lag>>,
     #[serde(skip)]
     pub status_text: String,
 }
@@ -141,6 +144,7 @@ impl RuleView {
             updated_at: r.updated_at,
             status: status.as_json(),
             status_text: status.to_string(),
+            lagging: status.lagging,
         }
     }
 
@@ -246,16 +250,38 @@ fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let removed =
         control::ip_rules::delete(&ctx.control(), name, selector, &actor(&args.change))?.rule;
     done(&format!("Deleting IP rule for database {name}"));
+    // etcd mode: the replicas that have not applied the deletion still admit the block.
+    let lagging = match ctx.proxy() {
+        ProxyView::Fleet(f) => Some(f.lagging(f.rule_deleted_needs(name, &removed.id))),
+        _ => None,
+    };
     if args.json {
+        let mut out = json!({
+            "id": removed.id,
+            "cidr": removed.cidr.to_string(),
+            "description": removed.description,
+            "deleted": true,
+        });
+        if let Some(l) = &lagging {
+            out["lagging"] = json!(l);
+        }
+        say_raw!("{}", output::json(&out));
+    } else if let Some(l) = &lagging {
         say_raw!(
             "{}",
-            output::json(&json!({
-                "id": removed.id,
-                "cidr": removed.cidr.to_string(),
-                "description": removed.description,
-                "deleted": true,
-            }))
+            Block::new()
+                .row("cidr", removed.cidr.to_string())
+                .row("id", &removed.id)
+                .render()
         );
+        if l.is_empty() {
+            say!("Every live replica has stopped admitting this block.");
+        } else {
+            say!(
+                "Replicas admit this block until they apply the deletion: {}.",
+                waiting_text(l)
+            );
+        }
     } else {
         say_raw!(
             "{}",

@@ -7,7 +7,8 @@
 //! proxy runs on reload), writes it atomically and appends one audit line. These modules only
 //! parse flags, ask for confirmation, and print. A check that fails changes nothing.
 //! Status words (`Operational`, `Authorized`, `ready`, ...) that describe the running proxy
-//! come from its `/status` endpoint ([`status`]), never from the files alone.
+//! come from its `/status` endpoint ([`status`]), never from the files alone; in etcd mode
+//! from the replica registry, against the revision of the change.
 
 pub mod certificates;
 pub mod fleet;
@@ -28,7 +29,7 @@ use crate::config::Config;
 use crate::control::{Control, EtcdBackend};
 use crate::state::{one_line, DatabaseState, StateDir};
 use crate::store::etcd::EtcdConfig;
-use status::{AdminUrl, ProxyView};
+use status::{AdminUrl, FleetView, ProxyView};
 
 /// The control commands, flattened into `pgmtls`'s own subcommands.
 #[derive(Subcommand, Debug)]
@@ -98,6 +99,8 @@ pub(crate) struct Ctx {
     pub state: StateDir,
     control: Control,
     admin: Option<AdminUrl>,
+    /// Set in etcd mode: status words come from the replica registry there.
+    fleet: Option<EtcdConfig>,
 }
 
 /// The `etcd:` section as the store's settings; reads the password file.
@@ -130,9 +133,14 @@ impl Ctx {
         // The config's etcd prefix is the state unless a directory is named directly: what
         // the CLI shows and changes is then what the fleet serves.
         let etcd = config.as_ref().and_then(|c| c.etcd.as_ref());
+        let mut fleet = None;
         let control = match (&args.state_dir, etcd) {
             (Some(dir), _) => Control::new(StateDir::new(dir)),
-            (None, Some(e)) => Control::etcd(EtcdBackend::connect(etcd_config(e)?)?),
+            (None, Some(e)) => {
+                let store = etcd_config(e)?;
+                fleet = Some(store.clone());
+                Control::etcd(EtcdBackend::connect(store)?)
+            }
             (None, None) => match config.as_ref().and_then(|c| c.state_dir.clone()) {
                 Some(dir) => Control::new(StateDir::new(dir)),
                 None => bail!(
@@ -145,6 +153,7 @@ impl Ctx {
             state: control.state().clone(),
             control,
             admin,
+            fleet,
         })
     }
 
@@ -158,9 +167,16 @@ impl Ctx {
         self.control.etcd_backend()
     }
 
-    /// Asks the running proxy what it serves (one request, short timeout).
+    /// Asks the running proxy what it serves (one request, short timeout); in etcd mode, the
+    /// replica registry what the live replicas serve.
     pub fn proxy(&self) -> ProxyView {
-        ProxyView::query(self.admin.as_ref())
+        match &self.fleet {
+            Some(config) => match FleetView::read(config.clone()) {
+                Ok(view) => ProxyView::Fleet(view),
+                Err(reason) => ProxyView::Unreachable { reason },
+            },
+            None => ProxyView::query(self.admin.as_ref()),
+        }
     }
 
     /// Loads one database through the proxy's own loader.

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::certificates::{self, CertView};
 use super::output::{self, human_time, Block, Table};
-use super::status::ProxyView;
+use super::status::{Lag, ProxyView};
 use super::{actor, confirm, done, now, ChangeArgs, Ctx, StateArgs};
 use crate::control::{self, mtls::EnableRequest};
 use crate::pki::{self, KeyType};
@@ -212,6 +212,7 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
                 "server_names": names,
                 "certificate_id": record.id,
                 "status": tls_status.as_json(),
+                "lagging": tls_status.lagging,
                 "proxy": proxy.summary(),
             }))
         );
@@ -266,6 +267,9 @@ fn destroy(args: DestroyArgs) -> anyhow::Result<ExitCode> {
 struct StatusView {
     database: String,
     tls_status: &'static str,
+    /// etcd mode only: the live replicas that do not serve the database yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lagging: Option<Vec<Lag>>,
     enabled_by: Option<String>,
     #[serde(with = "time::serde::rfc3339::option")]
     created_at: Option<time::OffsetDateTime>,
@@ -295,9 +299,11 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     let at = now();
     let certs = certificates::views(&db, &proxy, at);
     let server_info = cert_info(&db.server_cert_pem);
+    let tls_status = proxy.tls_status(&name);
     let view = StatusView {
         database: name.clone(),
-        tls_status: proxy.tls_status(&name).as_json(),
+        tls_status: tls_status.as_json(),
+        lagging: tls_status.lagging.clone(),
         enabled_by: db.settings.enabled_by.clone(),
         created_at: db.settings.created_at,
         listen: served_listen(&name, db.settings.listen, &proxy),
@@ -321,7 +327,7 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     }
     let opt_time = |t: Option<time::OffsetDateTime>| t.map(human_time).unwrap_or_default();
     let mut block = Block::new()
-        .row("TLS-status", proxy.tls_status(&name).to_string())
+        .row("TLS-status", tls_status.to_string())
         .row("database", &name)
         .row("created_at", opt_time(view.created_at))
         .row("enabled_by", view.enabled_by.as_deref().unwrap_or(""))
@@ -366,6 +372,9 @@ struct DatabaseRow {
     ip_rules: Option<usize>,
     certificates: Option<usize>,
     tls_status: &'static str,
+    /// etcd mode only: the live replicas that do not serve the database yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lagging: Option<Vec<Lag>>,
     /// Why the database does not load, if it does not.
     error: Option<String>,
     /// Why the proxy rejected the database's last change (it serves the previous one).
@@ -419,9 +428,12 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
                     .map_err(|e| one_line(&e))
             });
         let proxy_reload_error = proxy.database_error(&name).map(str::to_owned);
+        let tls_status = proxy.tls_status(&name);
+        let lagging = tls_status.lagging.clone();
         match loaded {
             Ok(db) => rows.push(DatabaseRow {
-                tls_status: proxy.tls_status(&name).as_json(),
+                tls_status: tls_status.as_json(),
+                lagging,
                 listen: Some(served_listen(&name, db.settings.listen, &proxy)),
                 upstream: Some(db.settings.upstream.to_string()),
                 ip_rules: Some(db.rules.len()),
@@ -433,7 +445,8 @@ pub fn databases(args: DatabasesArgs) -> anyhow::Result<ExitCode> {
             Err(e) => {
                 broken += 1;
                 rows.push(DatabaseRow {
-                    tls_status: proxy.tls_status(&name).as_json(),
+                    tls_status: tls_status.as_json(),
+                    lagging,
                     listen: None,
                     upstream: None,
                     ip_rules: None,

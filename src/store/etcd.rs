@@ -134,6 +134,9 @@ impl EtcdStore {
                 continue;
             }
             listing.records.insert(key.to_owned(), kv.value().to_vec());
+            listing
+                .mod_revisions
+                .insert(key.to_owned(), kv.mod_revision());
         }
         Ok(listing)
     }

@@ -39,6 +39,10 @@ pub struct Listing {
     pub revision: i64,
     /// Record bytes by logical key.
     pub records: BTreeMap<String, Vec<u8>>,
+    /// The revision of each record's last change, by logical key (etcd's `mod_revision`): what
+    /// tells which commit a record comes from, and so whether a replica serving revision N
+    /// has it.
+    pub mod_revisions: BTreeMap<String, i64>,
     /// What a commit built from this listing compares against (the guard key's last change;
     /// 0 when no commit was ever made).
     pub(crate) guard: i64,
@@ -52,6 +56,7 @@ impl Listing {
         Listing {
             revision,
             records: BTreeMap::new(),
+            mod_revisions: BTreeMap::new(),
             guard: revision,
         }
     }
