@@ -280,6 +280,27 @@ async fn status_words_wait_for_every_live_replica_and_changes_reach_all_within_a
     let show = cli.json(&["mtls", "orders", "--json"]).await;
     assert_eq!(show["tls_status"], "Operational", "{show}");
 
+    // A rule created through the CLI before the freeze: in force once all three apply it.
+    let earlier = cli
+        .json(&[
+            "ip-rules",
+            "create",
+            "orders",
+            "--cidr",
+            "127.0.0.6/32",
+            "--json",
+        ])
+        .await;
+    let earlier_id = earlier["id"].as_str().unwrap().to_owned();
+    let earlier_rev = last_commit(&etcd);
+    sandwich(
+        &cli,
+        earlier_rev,
+        || cli.rule(&earlier_id),
+        |r| r["status"] == "Authorized",
+    )
+    .await;
+
     // One replica frozen (its lease outlives the freeze): a new rule is not in force on it.
     let frozen = &replicas[2];
     let frozen_id = &ids[2];
@@ -319,6 +340,16 @@ async fn status_words_wait_for_every_live_replica_and_changes_reach_all_within_a
     );
     assert_eq!(lagging_ids(&waiting), vec![frozen_id.clone()], "{waiting}");
     assert_eq!(lagging_ids(&r2), Vec::<String>::new());
+    // What the frozen replica already serves stays in force: the words compare with each
+    // change's own commit (the earlier rule's audit key), not with the rules file's newest
+    // revision. An imported rule has no commit of its own: the file's revision stands in.
+    let earlier = cli.rule(&earlier_id).await;
+    assert_eq!(earlier["status"], "Authorized", "{earlier}");
+    let r2 = cli.rule("r2").await;
+    assert_eq!(r2["status"], "Authorizing", "{r2}");
+    let dbs = cli.json(&["databases", "--json"]).await;
+    assert_eq!(dbs[0]["tls_status"], "Operational", "{dbs}");
+    assert_eq!(lagging_ids(&dbs[0]), Vec::<String>::new());
     let lag = &waiting["lagging"][0];
     assert_eq!(lag["needs"], committed, "{waiting}");
     let text = cli.run(&["ip-rules", "orders"]).await;

@@ -878,6 +878,35 @@ mod tests {
         assert_eq!(v.status, "revoked");
         assert_eq!(v.served, Some(true));
         assert_eq!(v.status_text, "revoked (proxy has not reloaded yet)");
+        assert_eq!(v.lagging, None);
+        // etcd mode: the replicas behind are named.
+        let lag = vec![Lag {
+            replica: "3".into(),
+            revision: 41,
+            needs: 44,
+        }];
+        let behind = Some(CertificateSeen {
+            loaded: true,
+            revoked: false,
+            lagging: Some(lag.clone()),
+        });
+        let v = CertView::new(&r, at, true, behind);
+        assert_eq!(v.served, Some(true));
+        assert_eq!(
+            v.status_text,
+            "revoked (waiting for replica 3 at revision 41 < 44)"
+        );
+        let not_yet = Some(CertificateSeen {
+            loaded: false,
+            revoked: false,
+            lagging: Some(lag),
+        });
+        let v = CertView::new(&record(Duration::days(100), at), at, false, not_yet);
+        assert_eq!(v.status, "pending");
+        assert_eq!(
+            v.status_text,
+            "pending (waiting for replica 3 at revision 41 < 44)"
+        );
     }
 
     #[test]

@@ -212,7 +212,6 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
                 "server_names": names,
                 "certificate_id": record.id,
                 "status": tls_status.as_json(),
-                "lagging": tls_status.lagging,
                 "proxy": proxy.summary(),
             }))
         );
