@@ -309,15 +309,6 @@ impl Txn<'_> {
         }
     }
 
-    /// How many operations this change has collected for its etcd transaction (0 for a
-    /// directory, which writes as it goes).
-    pub fn pending_ops(&self) -> usize {
-        match &self.inner {
-            TxnInner::Dir { .. } => 0,
-            TxnInner::Etcd { write, .. } => write.ops(),
-        }
-    }
-
     /// Whether this change commits to etcd (and so to a transaction of bounded size).
     pub fn is_etcd(&self) -> bool {
         matches!(self.inner, TxnInner::Etcd { .. })

@@ -154,4 +154,14 @@ mod tests {
         w.put("a", "4");
         assert!(w.deletes.is_empty());
     }
+
+    #[test]
+    fn a_range_delete_is_one_operation() {
+        let mut w = Write::default();
+        assert!(w.is_empty());
+        w.delete_under("databases/app");
+        assert!(!w.is_empty());
+        w.delete_under("secrets/databases/app").put("audit/1", "x");
+        assert_eq!(w.ops(), 3);
+    }
 }
