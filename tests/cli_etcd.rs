@@ -1,7 +1,9 @@
 //! The control commands with an `etcd:` pgmtls.yaml, with the real binary against a real etcd:
 //! each change lands in etcd as one transaction with its audit key, concurrent writers never
-//! both win (the 60-rule limit holds under concurrent creates), and with etcd down a change
-//! fails naming the endpoint and changes nothing.
+//! both win (the 60-rule limit holds under concurrent creates, one of two `mtls create` of a
+//! name wins, two renews renew each certificate once), a destroy archives under `secrets/`
+//! whatever the number of certificates, a renewal too large for one transaction is split,
+//! and with etcd down a change fails naming the endpoint and changes nothing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -431,6 +433,20 @@ fn mtls_create_and_destroy_write_etcd_in_one_transaction_and_one_create_of_a_nam
     ]);
     assert!(to.join("databases/other/database.yaml").is_file());
     assert!(!to.join("archive").exists() && !to.join("secrets").exists());
+    // Replacing the prefix from a directory keeps the archive, as a directory keeps its own.
+    f.env
+        .run(&[
+            "state",
+            "import",
+            "--force",
+            "--etcd-endpoints",
+            &f.etcd.endpoint(),
+            "--etcd-prefix",
+            PREFIX,
+        ])
+        .ok();
+    assert!(f.keys("databases/other/").is_empty());
+    assert_eq!(f.keys("secrets/archive/other/"), archived);
     assert_eq!(f.env.snapshot(), on_disk, "the directory is not the store");
     assert!(
         !f.env.dir.path().join("etcd:").exists() && !std::path::Path::new("etcd:").exists(),
@@ -506,4 +522,48 @@ fn renew_on_etcd_renews_more_than_one_transaction_holds_each_once_with_its_audit
     let again = f.json(&["certificates", "renew", "--json"]);
     assert!(again["renewed"].as_array().unwrap().is_empty(), "{again:#}");
     assert_eq!(f.audit().len(), audit_before + 30);
+}
+
+#[test]
+fn two_renews_at_once_renew_each_certificate_once() {
+    if !etcd_available_or_skip() {
+        return;
+    }
+    let f = Fleet::new(0);
+    for _ in 0..25 {
+        f.ok(&["certificates", "create", "app", "--valid-for", "30d"]);
+    }
+    let audit_before = f.audit().len();
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            f.command(&["certificates", "renew", "--json"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut previous = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for r in report["renewed"].as_array().unwrap() {
+            previous.push(r["previous_id"].as_str().unwrap().to_owned());
+        }
+    }
+    previous.sort();
+    previous.dedup();
+    assert_eq!(previous.len(), 25, "{previous:?}");
+    assert_eq!(
+        f.audit().len(),
+        audit_before + 25,
+        "one audit key per renewal"
+    );
+    let listed = f.json(&["certificates", "app", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 51, "no second successor");
 }

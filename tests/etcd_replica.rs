@@ -2,7 +2,8 @@
 //! binary. The state is moved in with `pgmtls state import`; a rule deleted in etcd closes
 //! the live session it admitted; bad content keeps the last good state and is named in
 //! `/status` by key and field; with etcd down the proxy keeps serving and says it is stale;
-//! when etcd is back it catches up.
+//! when etcd is back it catches up; a database created, renewed and destroyed with the CLI
+//! on etcd is served, keeps serving, and has its sessions closed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
