@@ -1,7 +1,9 @@
 //! The control commands with an `etcd:` pgmtls.yaml, with the real binary against a real etcd:
 //! each change lands in etcd as one transaction with its audit key, concurrent writers never
-//! both win (the 60-rule limit holds under concurrent creates), and with etcd down a change
-//! fails naming the endpoint and changes nothing.
+//! both win (the 60-rule limit holds under concurrent creates, one of two `mtls create` of a
+//! name wins, two renews renew each certificate once), a destroy archives under `secrets/`
+//! whatever the number of certificates, a renewal too large for one transaction is split,
+//! and with etcd down a change fails naming the endpoint and changes nothing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -280,36 +282,288 @@ fn with_etcd_stopped_a_change_fails_naming_the_endpoint_and_changes_nothing() {
 }
 
 #[test]
-fn changes_that_do_not_write_etcd_yet_refuse_and_change_nothing() {
+fn mtls_create_and_destroy_write_etcd_in_one_transaction_and_one_create_of_a_name_wins() {
     if !etcd_available_or_skip() {
         return;
     }
     let f = Fleet::new(0);
-    let keys = f.keys("");
+    let on_disk = f.env.snapshot();
+    let audit_before = f.audit().len();
+    let app_keys = f.keys("databases/app/");
     let listen = free_listen();
-    for args in [
-        vec![
-            "mtls",
-            "create",
-            "other",
-            "--listen",
-            &listen,
-            "--upstream",
-            "127.0.0.1:5432",
-            "--confirm",
-            "other",
-        ],
-        vec!["mtls", "destroy", "app", "--confirm", "app"],
-        vec!["certificates", "renew"],
+    let create = [
+        "mtls",
+        "create",
+        "other",
+        "--listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:5432",
+        "--confirm",
+        "other",
+        "--json",
+    ];
+    // Two creates of one name at once: exactly one wins, the other is told why.
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            f.command(&create)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let won: Vec<_> = outs.iter().filter(|o| o.status.success()).collect();
+    assert_eq!(won.len(), 1, "exactly one create wins");
+    let lost = outs.iter().find(|o| !o.status.success()).unwrap();
+    let stderr = String::from_utf8_lossy(&lost.stderr);
+    assert!(
+        stderr.contains("mTLS is already enabled for database \"other\""),
+        "{stderr}"
+    );
+    let created: Value = serde_json::from_slice(&won[0].stdout).unwrap();
+    let first = created["certificate_id"].as_str().unwrap().to_owned();
+    for rel in [
+        "database.yaml",
+        "ca.crt",
+        "server.crt",
+        "server.key",
+        "crl.pem",
+        "ip-rules.yaml",
     ] {
-        let out = f.run(&args);
-        assert!(!out.status.success(), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("does not write to etcd yet"), "{stderr}");
+        assert!(f.get(&format!("databases/other/{rel}")).is_some(), "{rel}");
     }
-    assert_eq!(f.keys(""), keys);
+    assert!(
+        f.get("databases/other/ca.key").is_none(),
+        "the CA key is a secret"
+    );
+    assert!(f
+        .get("secrets/databases/other/ca.key")
+        .unwrap()
+        .contains("PRIVATE KEY"));
+    assert!(f
+        .get(&format!(
+            "secrets/databases/other/certificates/{first}/client.key"
+        ))
+        .is_some());
+    let audit = f.audit();
+    assert_eq!(audit.len(), audit_before + 1, "one audit key");
+    assert_eq!(audit.last().unwrap()["action"], "mtls.create");
+    assert_eq!(audit.last().unwrap()["database"], "other");
+    let dbs = f.json(&["databases", "--json"]);
+    assert_eq!(dbs.as_array().unwrap().len(), 2, "{dbs}");
+    // The address is taken now, as the etcd listing says.
+    let out = f.run(&[
+        "mtls",
+        "create",
+        "third",
+        "--listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:5432",
+        "--confirm",
+        "third",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "--listen {listen} is already the listen address of database \"other\""
+        )),
+        "{stderr}"
+    );
+
+    // 40 certificates: deleting them key by key would take over 128 operations.
+    for _ in 0..39 {
+        f.ok(&["certificates", "create", "other"]);
+    }
+    assert_eq!(f.keys("secrets/databases/other/certificates/").len(), 40);
+    let audit_before = f.audit().len();
+    let destroyed = f.json(&["mtls", "destroy", "other", "--confirm", "other", "--json"]);
+    assert!(f.keys("databases/other/").is_empty());
+    assert!(f.keys("secrets/databases/other/").is_empty());
+    let archived = f.keys("secrets/archive/other/");
+    assert_eq!(archived.len(), 1, "{archived:?}");
+    assert_eq!(
+        destroyed["archived_to"].as_str().unwrap(),
+        format!("etcd:{}", archived[0])
+    );
+    let out = f.etcd.etcdctl(&["get", "--print-value-only", &archived[0]]);
+    let archive: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records = archive["records"].as_object().unwrap();
+    assert!(records["secrets/databases/other/ca.key"]
+        .as_str()
+        .unwrap()
+        .contains("PRIVATE KEY"));
+    assert_eq!(
+        records
+            .keys()
+            .filter(|k| k.ends_with("/client.key"))
+            .count(),
+        40
+    );
+    let audit = f.audit();
+    assert_eq!(audit.len(), audit_before + 1, "one audit key");
+    assert_eq!(audit.last().unwrap()["action"], "mtls.destroy");
+    assert_eq!(
+        audit.last().unwrap()["details"]["archived_to"],
+        destroyed["archived_to"]
+    );
+    assert_eq!(
+        f.keys("databases/app/"),
+        app_keys,
+        "the other database is untouched"
+    );
+    // The name is free again; the archive is no state (export leaves it out).
+    f.ok(&create);
+    let to = f.env.dir.path().join("exported");
+    f.ok(&[
+        "state",
+        "export",
+        "--etcd-endpoints",
+        &f.etcd.endpoint(),
+        "--etcd-prefix",
+        PREFIX,
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(to.join("databases/other/database.yaml").is_file());
+    assert!(!to.join("archive").exists() && !to.join("secrets").exists());
+    // Replacing the prefix from a directory keeps the archive, as a directory keeps its own.
+    f.env
+        .run(&[
+            "state",
+            "import",
+            "--force",
+            "--etcd-endpoints",
+            &f.etcd.endpoint(),
+            "--etcd-prefix",
+            PREFIX,
+        ])
+        .ok();
+    assert!(f.keys("databases/other/").is_empty());
+    assert_eq!(f.keys("secrets/archive/other/"), archived);
+    assert_eq!(f.env.snapshot(), on_disk, "the directory is not the store");
     assert!(
         !f.env.dir.path().join("etcd:").exists() && !std::path::Path::new("etcd:").exists(),
         "no directory named after the prefix"
     );
+}
+
+#[test]
+fn renew_on_etcd_renews_more_than_one_transaction_holds_each_once_with_its_audit_key() {
+    if !etcd_available_or_skip() {
+        return;
+    }
+    let f = Fleet::new(0);
+    // 30 due: 30 renewals of five operations each are more than one transaction may hold.
+    let due: Vec<String> = (0..30)
+        .map(|_| {
+            f.json(&[
+                "certificates",
+                "create",
+                "app",
+                "--valid-for",
+                "30d",
+                "--json",
+            ])["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let audit_before = f.audit().len();
+    let report = f.json(&["certificates", "renew", "--json"]);
+    let renewed = report["renewed"].as_array().unwrap();
+    assert_eq!(renewed.len(), 30, "{report:#}");
+    let mut previous: Vec<String> = renewed
+        .iter()
+        .map(|r| r["previous_id"].as_str().unwrap().to_owned())
+        .collect();
+    previous.sort();
+    let mut expected = due.clone();
+    expected.sort();
+    assert_eq!(previous, expected, "each due certificate renewed once");
+    for r in renewed {
+        let (old, new) = (
+            r["previous_id"].as_str().unwrap(),
+            r["id"].as_str().unwrap(),
+        );
+        let record = f
+            .get(&format!(
+                "databases/app/certificates/{old}/certificate.yaml"
+            ))
+            .unwrap();
+        assert!(record.contains(&format!("successor: {new}")), "{record}");
+        assert!(f
+            .get(&format!(
+                "secrets/databases/app/certificates/{new}/client.key"
+            ))
+            .is_some());
+    }
+    let audit = f.audit();
+    assert_eq!(audit.len(), audit_before + 30, "one audit key per renewal");
+    let mut logged: Vec<String> = audit[audit_before..]
+        .iter()
+        .map(|e| {
+            assert_eq!(e["action"], "certificate.renew", "{e}");
+            e["details"]["previous_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    logged.sort();
+    assert_eq!(logged, expected);
+    let listed = f.json(&["certificates", "app", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 61, "{listed}");
+
+    let again = f.json(&["certificates", "renew", "--json"]);
+    assert!(again["renewed"].as_array().unwrap().is_empty(), "{again:#}");
+    assert_eq!(f.audit().len(), audit_before + 30);
+}
+
+#[test]
+fn two_renews_at_once_renew_each_certificate_once() {
+    if !etcd_available_or_skip() {
+        return;
+    }
+    let f = Fleet::new(0);
+    for _ in 0..25 {
+        f.ok(&["certificates", "create", "app", "--valid-for", "30d"]);
+    }
+    let audit_before = f.audit().len();
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            f.command(&["certificates", "renew", "--json"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut previous = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for r in report["renewed"].as_array().unwrap() {
+            previous.push(r["previous_id"].as_str().unwrap().to_owned());
+        }
+    }
+    previous.sort();
+    previous.dedup();
+    assert_eq!(previous.len(), 25, "{previous:?}");
+    assert_eq!(
+        f.audit().len(),
+        audit_before + 25,
+        "one audit key per renewal"
+    );
+    let listed = f.json(&["certificates", "app", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 51, "no second successor");
 }

@@ -173,7 +173,8 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         "Enabling Mutual TLS will allow external access to this database. This action will be \
          logged. Continue?",
     )?;
-    let had_state_dir = ctx.state.root().exists();
+    // In etcd mode the state is the prefix: no directory is made.
+    let had_state_dir = ctx.etcd().is_some() || ctx.state.root().exists();
     let enabled = control::mtls::enable(&control, &request, &actor(&args.change))?;
     if !had_state_dir {
         eprintln!(
@@ -232,7 +233,6 @@ fn destroy(args: DestroyArgs) -> anyhow::Result<ExitCode> {
     let name = args.database.as_str();
     let ctx = Ctx::new(&args.state)?;
     ctx.require(name)?;
-    ctx.control().directory_only("`pgmtls mtls destroy`")?;
     confirm(
         name,
         args.confirm.as_deref(),

@@ -14,7 +14,9 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand};
 
 use super::{done, StateArgs};
-use crate::state::records::{audit_line_key, from_store_key, to_store_key, AUDIT_PREFIX};
+use crate::state::records::{
+    audit_line_key, from_store_key, to_store_key, ARCHIVE_PREFIX, AUDIT_PREFIX,
+};
 use crate::state::{
     one_line, write_atomic, StateDir, AUDIT_LOG, CA_KEY, CLIENT_KEY, DATABASES_DIR,
     PRIVATE_DIR_MODE, PRIVATE_MODE, PUBLIC_MODE, SERVER_KEY,
@@ -301,8 +303,9 @@ async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
                 listing.revision
             );
         }
+        // Archives of destroyed databases are kept, as a directory's archive/ is.
         for key in listing.records.keys() {
-            if !write.puts.contains_key(key) {
+            if !write.puts.contains_key(key) && !key.starts_with(ARCHIVE_PREFIX) {
                 write.delete(key.clone());
             }
         }
@@ -351,6 +354,10 @@ async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     let mut files: Vec<(String, &[u8])> = Vec::new();
     let mut audit: Vec<u8> = Vec::new();
     for (key, bytes) in &listing.records {
+        if key.starts_with(ARCHIVE_PREFIX) {
+            // Archives of destroyed databases are not state (as archive/ is not imported).
+            continue;
+        }
         if key.starts_with(AUDIT_PREFIX) {
             // Keys are fixed-width line numbers, so the map's order is the log's order.
             audit.extend_from_slice(bytes);

@@ -249,10 +249,18 @@ pub struct RenewReport {
     pub errors: Vec<String>,
 }
 
-/// Renews what is due in `databases` (every database when `None`) under one lock. A
-/// database that fails is reported in `errors` and does not stop the others.
+/// How many client certificates one etcd transaction renews. Each renewal is five operations
+/// (certificate, key, record, the predecessor's record, its audit key) and etcd refuses a
+/// transaction of more than 128 (`--max-txn-ops`); this leaves room for the server
+/// certificate, the CRL, their audit keys and the guard.
+const RENEWALS_PER_COMMIT: usize = 20;
+
+/// Renews what is due in `databases` (every database when `None`). A database that fails is
+/// reported in `errors` and does not stop the others. In a directory each database's renewal
+/// is one change under the lock; in etcd it is one guarded transaction per
+/// [`RENEWALS_PER_COMMIT`] certificates, each computed and validated from the state the
+/// previous one left (renewed certificates then have successors and are not due again).
 pub fn renew(control: &Control, databases: Option<&str>, actor: &str) -> Result<RenewReport> {
-    control.directory_only("`pgmtls certificates renew`")?;
     let names = match databases {
         Some(db) => {
             control.require(db)?;
@@ -261,32 +269,83 @@ pub fn renew(control: &Control, databases: Option<&str>, actor: &str) -> Result<
         None => control.database_names()?,
     };
     let mut report = RenewReport::default();
-    if names.is_empty() {
-        return Ok(report);
-    }
-    let mut txn = control.begin(None, actor)?;
     let at = now();
     for name in &names {
-        if let Err(e) = renew_database(&mut txn, name, at, &mut report) {
+        if let Err(e) = renew_database(control, name, at, actor, &mut report) {
             report.errors.push(format!("database {name}: {e}"));
         }
     }
     Ok(report)
 }
 
-/// Renews what is due in one database: client certificates without a successor, the server
-/// certificate, and the CRL's nextUpdate. Everything is validated together before any write.
+/// Renews what is due in one database, in as many changes as it takes.
 fn renew_database(
+    control: &Control,
+    name: &str,
+    at: OffsetDateTime,
+    actor: &str,
+    report: &mut RenewReport,
+) -> Result<()> {
+    let in_etcd = control.etcd_backend().is_some();
+    loop {
+        let mut part = RenewReport::default();
+        let outcome = control.retrying(|| {
+            part = RenewReport::default();
+            let mut txn = control.begin(Some(name), actor)?;
+            let limit = if txn.is_etcd() {
+                RENEWALS_PER_COMMIT
+            } else {
+                usize::MAX
+            };
+            let more = renew_some(&mut txn, name, at, limit, &mut part)?;
+            txn.commit()?;
+            Ok(more)
+        });
+        // A failed etcd pass wrote nothing; a directory keeps what it wrote before failing
+        // (with its audit lines), so that is reported too.
+        let more = match outcome {
+            Ok(more) => more,
+            Err(e) => {
+                if !in_etcd {
+                    merge(report, part);
+                }
+                return Err(e);
+            }
+        };
+        let none = part.renewed.is_empty();
+        merge(report, part);
+        // Every pass that leaves more to do renewed some (they now have successors), so
+        // this ends; `none` only guards against a state that would not move.
+        if !more || none {
+            return Ok(());
+        }
+    }
+}
+
+fn merge(report: &mut RenewReport, part: RenewReport) {
+    report.renewed.extend(part.renewed);
+    report.server_certificates.extend(part.server_certificates);
+    report.crls_refreshed.extend(part.crls_refreshed);
+    report.errors.extend(part.errors);
+}
+
+/// Renews what is due in one database as of `txn`, at most `limit` client certificates:
+/// client certificates without a successor, the server certificate, and the CRL's
+/// nextUpdate. Everything is validated together before any write; each renewal's audit
+/// record goes with it. Returns whether client certificates are left for another pass.
+fn renew_some(
     txn: &mut Txn<'_>,
     name: &str,
     at: OffsetDateTime,
+    limit: usize,
     report: &mut RenewReport,
-) -> Result<()> {
+) -> Result<bool> {
     let db = txn.load(name)?;
     let signer = signer(&db, &txn.ca_key(&db)?)?;
     let on_crl = crl_serials(&db);
     let mut records = db.certificates.clone();
     let mut new: Vec<(CertificateRecord, Issued)> = Vec::new();
+    let mut more = false;
     for i in 0..records.len() {
         let old = &records[i];
         // A successor that points back counts even if this record lost its link (a crash
@@ -301,6 +360,10 @@ fn renew_database(
             && old.expires_at - at <= RENEW_WINDOW;
         if !due {
             continue;
+        }
+        if new.len() >= limit {
+            more = true;
+            break;
         }
         let key_type: KeyType = old.key_type.parse().unwrap_or_default();
         let (rec, issued) = issue(
@@ -354,12 +417,12 @@ fn renew_database(
         None
     };
     if new.is_empty() && server.is_none() && crl.is_none() {
-        return Ok(());
+        return Ok(false);
     }
     validate(&candidate)?;
 
     for (rec, issued) in &new {
-        txn.state().add_certificate(
+        txn.add_certificate(
             name,
             rec,
             issued.cert_pem.as_bytes(),
@@ -370,17 +433,8 @@ fn renew_database(
             .iter()
             .find(|r| Some(r.id.as_str()) == rec.successor_of.as_deref())
         {
-            txn.state().save_certificate_record(name, old)?;
-            report.renewed.push(Renewal {
-                database: name.to_owned(),
-                previous_id: old.id.clone(),
-                previous_expires_at: old.expires_at,
-                id: rec.id.clone(),
-                serial: rec.serial.clone(),
-                common_name: rec.common_name.clone(),
-                expires_at: rec.expires_at,
-            });
-            txn.record(
+            txn.save_certificate_record(name, old)?;
+            txn.queue_record(
                 "certificate.renew",
                 Some(name),
                 json!({
@@ -390,20 +444,29 @@ fn renew_database(
                     "expires_at": state::rfc3339(rec.expires_at),
                 }),
             )?;
+            report.renewed.push(Renewal {
+                database: name.to_owned(),
+                previous_id: old.id.clone(),
+                previous_expires_at: old.expires_at,
+                id: rec.id.clone(),
+                serial: rec.serial.clone(),
+                common_name: rec.common_name.clone(),
+                expires_at: rec.expires_at,
+            });
         }
     }
     if let Some((issued, chain, previous)) = server {
         // Key first, then certificate: a reload in between fails as a mismatch and keeps the
-        // previous snapshot; the certificate write triggers the next, good, reload.
-        txn.state().write_database_file(
+        // previous snapshot; the certificate write triggers the next, good, reload. (In etcd
+        // both land in one revision.)
+        txn.write_database_file(
             name,
             state::SERVER_KEY,
             issued.key_pem.as_bytes(),
             PRIVATE_MODE,
         )?;
-        txn.state()
-            .write_database_file(name, state::SERVER_CERT, chain.as_bytes(), PUBLIC_MODE)?;
-        txn.record(
+        txn.write_database_file(name, state::SERVER_CERT, chain.as_bytes(), PUBLIC_MODE)?;
+        txn.queue_record(
             "server_certificate.renew",
             Some(name),
             json!({"serial": issued.serial, "expires_at": state::rfc3339(issued.not_after)}),
@@ -416,9 +479,8 @@ fn renew_database(
         });
     }
     if let Some((pem, number)) = crl {
-        txn.state()
-            .write_database_file(name, state::CRL, pem.as_bytes(), PUBLIC_MODE)?;
-        txn.record(
+        txn.write_database_file(name, state::CRL, pem.as_bytes(), PUBLIC_MODE)?;
+        txn.queue_record(
             "crl.refresh",
             Some(name),
             json!({"crl_number": number, "next_update": state::rfc3339(at + CRL_VALIDITY)}),
@@ -429,7 +491,7 @@ fn renew_database(
             next_update: at + CRL_VALIDITY,
         });
     }
-    Ok(())
+    Ok(more)
 }
 
 /// The certificate record `id` of `db`.

@@ -3,13 +3,20 @@
 //! key in one transaction guarded by that revision ([`EtcdStore::commit`]). The CLI is
 //! synchronous, so the backend owns a small current-thread runtime and blocks on each call.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use time::OffsetDateTime;
+
 use super::{ControlError, Result};
+use crate::config::ConfigErrors;
 use crate::state::records::{
-    audit_line_key, databases_of, etcd_origin, AUDIT_PREFIX, SECRETS_PREFIX,
+    audit_line_key, databases_of, etcd_origin, DatabaseRecords, ARCHIVE_PREFIX, AUDIT_PREFIX,
+    SECRETS_PREFIX,
 };
-use crate::state::{one_line, DatabaseState, ReadRecords, DATABASES_DIR};
+use crate::state::{
+    one_line, DatabaseSettings, DatabaseState, ReadRecords, DATABASES_DIR, DATABASE_YAML,
+};
 use crate::store::etcd::{EtcdConfig, EtcdStore};
 use crate::store::{Listing, Write};
 
@@ -112,12 +119,30 @@ impl Read {
         }
     }
 
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// One database through the same record parser the replicas use.
     pub(super) fn load(&self, name: &str) -> Result<DatabaseState> {
         self.require(name)?;
         let records = databases_of(&self.listing.records)
             .remove(name)
             .unwrap_or_default();
+        self.load_records(name, records)
+            .map_err(|e| ControlError::DoesNotLoad {
+                name: name.to_owned(),
+                detail: one_line(&e),
+            })
+    }
+
+    /// Parses a database's records (keys relative to its folder) exactly as a replica does,
+    /// with errors naming `etcd:PREFIX/databases/NAME/KEY`.
+    pub(super) fn load_records(
+        &self,
+        name: &str,
+        records: DatabaseRecords,
+    ) -> std::result::Result<DatabaseState, ConfigErrors> {
         let origin = etcd_origin(&self.prefix, name);
         DatabaseState::from_records(
             name,
@@ -128,10 +153,68 @@ impl Read {
                 ..ReadRecords::default()
             },
         )
-        .map_err(|e| ControlError::DoesNotLoad {
-            name: name.to_owned(),
-            detail: one_line(&e),
-        })
+    }
+
+    /// The listen address of every database whose `database.yaml` parses.
+    pub(super) fn listen_addresses(&self) -> Vec<(String, SocketAddr)> {
+        databases_of(&self.listing.records)
+            .into_iter()
+            .filter_map(|(name, records)| {
+                let bytes = records.get(DATABASE_YAML)?;
+                let text = std::str::from_utf8(bytes).ok()?;
+                let file = etcd_origin(&self.prefix, &name).join(DATABASE_YAML);
+                let settings = DatabaseSettings::parse(&file, text).ok()?;
+                Some((name, settings.listen))
+            })
+            .collect()
+    }
+
+    /// The archive of database `name` as one value: every key under `databases/NAME/` and
+    /// `secrets/databases/NAME/`, with when and from which revision. One value, so that a
+    /// database with any number of certificates is archived in one operation. Its key,
+    /// `secrets/archive/NAME/TIMESTAMP` (`-2`, `-3`... if taken), is in the secrets range:
+    /// it holds the CA key, which the replicas' etcd role must not read.
+    pub(super) fn archive(&self, name: &str, at: OffsetDateTime) -> Result<(String, Vec<u8>)> {
+        let under = [
+            format!("{DATABASES_DIR}/{name}/"),
+            format!("{SECRETS_PREFIX}{DATABASES_DIR}/{name}/"),
+        ];
+        let mut records = serde_json::Map::new();
+        let mut binary = serde_json::Map::new();
+        for (key, bytes) in &self.listing.records {
+            if !under.iter().any(|u| key.starts_with(u.as_str())) {
+                continue;
+            }
+            match std::str::from_utf8(bytes) {
+                Ok(text) => records.insert(key.clone(), text.into()),
+                Err(_) => binary.insert(key.clone(), hex::encode(bytes).into()),
+            };
+        }
+        let mut archive = serde_json::json!({
+            "database": name,
+            "archived_at": crate::state::rfc3339(at),
+            "revision": self.listing.revision,
+            "records": records,
+        });
+        if !binary.is_empty() {
+            archive["records_hex"] = binary.into();
+        }
+        let value = serde_json::to_vec_pretty(&archive)
+            .map_err(|e| ControlError::Invalid(format!("archive of database {name}: {e}")))?;
+        let stamp = at
+            .to_offset(time::UtcOffset::UTC)
+            .format(time::macros::format_description!(
+                "[year][month][day]T[hour][minute][second]Z"
+            ))
+            .unwrap_or_else(|_| at.unix_timestamp().to_string());
+        let base = format!("{ARCHIVE_PREFIX}{name}/{stamp}");
+        let mut key = base.clone();
+        let mut n = 1;
+        while self.has(&key) {
+            n += 1;
+            key = format!("{base}-{n}");
+        }
+        Ok((key, value))
     }
 
     pub(super) fn secret(&self, database: &str, rel: &str) -> Result<Vec<u8>> {
@@ -142,9 +225,10 @@ impl Read {
             .ok_or_else(|| ControlError::NotFound(format!("etcd:{}/{key}: missing", self.prefix)))
     }
 
-    /// The key after the last audit line: two writers that read the same state pick the same
-    /// one, and the guard lets only one of them commit.
-    pub(super) fn next_audit_key(&self) -> String {
+    /// The key after the last audit line and the `queued` keys already added to the change:
+    /// two writers that read the same state pick the same one, and the guard lets only one
+    /// of them commit.
+    pub(super) fn next_audit_key(&self, queued: usize) -> String {
         let last = self
             .listing
             .records
@@ -153,6 +237,6 @@ impl Read {
             .filter_map(|(k, _)| k[AUDIT_PREFIX.len()..].parse::<usize>().ok())
             .max()
             .unwrap_or(0);
-        audit_line_key(last + 1)
+        audit_line_key(last + 1 + queued)
     }
 }

@@ -13,6 +13,7 @@ mod etcd;
 pub mod ip_rules;
 pub mod mtls;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -24,11 +25,11 @@ use time::OffsetDateTime;
 use crate::metrics::Metrics;
 use crate::pki::PkiError;
 use crate::snapshot::DatabaseRuntime;
-use crate::state::records::to_store_key;
+use crate::state::records::{to_store_key, SECRETS_PREFIX};
 use crate::state::{
-    self, one_line, validate_database_name, AuditEntry, AuditLog, CertificateRecord, DatabaseState,
-    StateDir, StateError, StateLock, CERTIFICATES_DIR, CERTIFICATE_YAML, CLIENT_CERT, CLIENT_KEY,
-    DATABASES_DIR,
+    self, one_line, validate_database_name, AuditEntry, AuditLog, CertificateRecord,
+    DatabaseSettings, DatabaseState, StateDir, StateError, StateLock, CERTIFICATES_DIR,
+    CERTIFICATE_YAML, CLIENT_CERT, CLIENT_KEY, DATABASES_DIR,
 };
 
 /// Why a change was refused or failed. The messages are what an operator reads, so each one
@@ -73,9 +74,6 @@ pub enum ControlError {
     /// etcd could not be reached or refused the request; nothing was written.
     #[error("{0}; nothing was changed")]
     Store(crate::store::StoreError),
-    /// A change the etcd store cannot make yet.
-    #[error("{0} does not write to etcd yet: make it in a state directory and `pgmtls state import --force` it")]
-    DirectoryOnly(&'static str),
 }
 
 pub type Result<T, E = ControlError> = std::result::Result<T, E>;
@@ -105,7 +103,8 @@ impl Control {
         }
     }
 
-    /// The state directory; a change that only a directory supports fails in etcd mode.
+    /// The state directory (in etcd mode a path naming the prefix, `etcd:PREFIX`, that is
+    /// never written).
     pub fn state(&self) -> &StateDir {
         &self.state
     }
@@ -114,12 +113,31 @@ impl Control {
         self.etcd.as_deref()
     }
 
-    /// Fails in etcd mode, for the changes that do not write to etcd yet.
-    pub fn directory_only(&self, what: &'static str) -> Result<()> {
-        match self.etcd {
-            Some(_) => Err(ControlError::DirectoryOnly(what)),
-            None => Ok(()),
+    /// Whether `name` has any record (a folder, or keys under `databases/NAME/`), loadable or
+    /// not.
+    pub fn has_database(&self, name: &str) -> Result<bool> {
+        match &self.etcd {
+            Some(etcd) => Ok(etcd.read()?.database_names().iter().any(|n| n == name)),
+            None => Ok(self.state.has_database(name)),
         }
+    }
+
+    /// The listen address of every database whose settings parse, by name.
+    pub fn listen_addresses(&self) -> Result<Vec<(String, SocketAddr)>> {
+        if let Some(etcd) = &self.etcd {
+            return Ok(etcd.read()?.listen_addresses());
+        }
+        let mut out = Vec::new();
+        for name in self.database_names()? {
+            let file = self.state.database_dir(&name).join(state::DATABASE_YAML);
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            if let Ok(s) = DatabaseSettings::parse(&file, &text) {
+                out.push((name, s.listen));
+            }
+        }
+        Ok(out)
     }
 
     /// Runs one whole change. In etcd mode a change that lost the race to another writer is
@@ -198,6 +216,7 @@ impl Control {
                 inner: TxnInner::Etcd {
                     read,
                     write: crate::store::Write::default(),
+                    queued_audit: 0,
                 },
                 actor: actor.to_owned(),
             });
@@ -264,6 +283,8 @@ enum TxnInner {
     Etcd {
         read: etcd::Read,
         write: crate::store::Write,
+        /// Audit keys already in `write`, so the next one is numbered after them.
+        queued_audit: usize,
     },
 }
 
@@ -272,10 +293,87 @@ impl Txn<'_> {
         &self.actor
     }
 
-    /// The state directory, for the changes only a directory supports (see
-    /// [`Control::directory_only`]).
-    pub fn state(&self) -> &StateDir {
-        &self.control.state
+    /// Whether `name` has any record as of this change (see [`Control::has_database`]).
+    pub fn has_database(&self, name: &str) -> Result<bool> {
+        match &self.inner {
+            TxnInner::Dir { .. } => self.control.has_database(name),
+            TxnInner::Etcd { read, .. } => Ok(read.database_names().iter().any(|n| n == name)),
+        }
+    }
+
+    /// The listen addresses as of this change (see [`Control::listen_addresses`]).
+    pub fn listen_addresses(&self) -> Result<Vec<(String, SocketAddr)>> {
+        match &self.inner {
+            TxnInner::Dir { .. } => self.control.listen_addresses(),
+            TxnInner::Etcd { read, .. } => Ok(read.listen_addresses()),
+        }
+    }
+
+    /// Whether this change commits to etcd (and so to a transaction of bounded size).
+    pub fn is_etcd(&self) -> bool {
+        matches!(self.inner, TxnInner::Etcd { .. })
+    }
+
+    /// Adds a new database from its files (`rel` relative to its folder, mode for the
+    /// directory), after loading them exactly as a reader will and proving the proxy would
+    /// serve them: a staged folder loaded by the directory loader and renamed into place, or
+    /// records parsed by the replicas' record loader and put into this change's commit. Fails
+    /// if the database exists. Returns the database as loaded.
+    pub fn add_database(
+        &mut self,
+        name: &str,
+        files: &[(String, Vec<u8>, u32)],
+    ) -> Result<DatabaseState> {
+        if let TxnInner::Dir { .. } = self.inner {
+            let staged = self.control.state.stage_database(name)?;
+            for (rel, bytes, mode) in files {
+                staged.write(rel, bytes, *mode)?;
+            }
+            let loaded = DatabaseState::load(name, staged.path())
+                .map_err(|e| ControlError::WouldReject(one_line(&e)))?;
+            validate(&loaded)?;
+            staged.commit()?;
+            return Ok(loaded);
+        }
+        if self.has_database(name)? {
+            return Err(StateError::DatabaseExists(name.to_owned()).into());
+        }
+        let TxnInner::Etcd { read, .. } = &self.inner else {
+            return Err(ControlError::Invalid("no etcd store".into()));
+        };
+        let records = files
+            .iter()
+            .map(|(rel, bytes, _)| (rel.clone(), bytes.clone()))
+            .collect();
+        let loaded = read
+            .load_records(name, records)
+            .map_err(|e| ControlError::WouldReject(one_line(&e)))?;
+        validate(&loaded)?;
+        for (rel, bytes, mode) in files {
+            self.write_database_file(name, rel, bytes, *mode)?;
+        }
+        Ok(loaded)
+    }
+
+    /// Takes a database out of service, keeping its records: the directory moves its folder
+    /// to `archive/NAME-TIMESTAMP`; etcd removes `databases/NAME/` and
+    /// `secrets/databases/NAME/` (one range delete each, whatever the number of
+    /// certificates) and keeps every record in one value under the secrets range,
+    /// `secrets/archive/NAME/TIMESTAMP`, all in this change's commit. Returns where the
+    /// records went.
+    pub fn archive_database(&mut self, name: &str, at: OffsetDateTime) -> Result<PathBuf> {
+        match &mut self.inner {
+            TxnInner::Dir { .. } => Ok(self.control.state.archive_database(name, at)?),
+            TxnInner::Etcd { read, write, .. } => {
+                read.require(name)?;
+                let (key, value) = read.archive(name, at)?;
+                write.delete_under(format!("{DATABASES_DIR}/{name}"));
+                write.delete_under(format!("{SECRETS_PREFIX}{DATABASES_DIR}/{name}"));
+                let path = PathBuf::from(format!("etcd:{}/{key}", read.prefix()));
+                write.put(key, value);
+                Ok(path)
+            }
+        }
     }
 
     /// Loads a database as it is now: under the lock, or as of the etcd listing this change
@@ -381,6 +479,22 @@ impl Txn<'_> {
         database: Option<&str>,
         details: Value,
     ) -> Result<AuditEntry> {
+        let entry = self.queue_record(action, database, details)?;
+        self.commit()?;
+        Ok(entry)
+    }
+
+    /// Adds an audit record to the change without committing it, for a change made of
+    /// several events (each renewal of `certificates renew` keeps its own record). A
+    /// directory appends it at once, after the files it records were written; in etcd it
+    /// joins the change's transaction, numbered after the keys already queued, and lands
+    /// with [`Txn::commit`].
+    pub fn queue_record(
+        &mut self,
+        action: &str,
+        database: Option<&str>,
+        details: Value,
+    ) -> Result<AuditEntry> {
         let entry = AuditEntry {
             time: now(),
             actor: self.actor.clone(),
@@ -390,21 +504,46 @@ impl Txn<'_> {
         };
         match &mut self.inner {
             TxnInner::Dir { audit, .. } => audit.append(&entry)?,
-            TxnInner::Etcd { read, write } => {
+            TxnInner::Etcd {
+                read,
+                write,
+                queued_audit,
+            } => {
                 let mut line = serde_json::to_string(&entry)
                     .map_err(|e| ControlError::Invalid(format!("audit record: {e}")))?;
                 line.push('\n');
-                write.put(read.next_audit_key(), line.into_bytes());
-                let etcd = self
-                    .control
-                    .etcd
-                    .as_ref()
-                    .ok_or_else(|| ControlError::Invalid("no etcd store".into()))?;
-                etcd.commit(read, write)?;
-                *write = crate::store::Write::default();
+                write.put(read.next_audit_key(*queued_audit), line.into_bytes());
+                *queued_audit += 1;
             }
         }
         Ok(entry)
+    }
+
+    /// Commits what the change collected in etcd, in one transaction guarded by the revision
+    /// it read (a lost race is `Store(Conflict)`, for [`Control::retrying`]); nothing to do
+    /// for a directory, which wrote as it went. A change is over once committed: the next
+    /// one starts with [`Control::begin`] from the new state.
+    pub fn commit(&mut self) -> Result<()> {
+        let TxnInner::Etcd {
+            read,
+            write,
+            queued_audit,
+        } = &mut self.inner
+        else {
+            return Ok(());
+        };
+        if write.is_empty() {
+            return Ok(());
+        }
+        let etcd = self
+            .control
+            .etcd
+            .as_ref()
+            .ok_or_else(|| ControlError::Invalid("no etcd store".into()))?;
+        etcd.commit(read, write)?;
+        *write = crate::store::Write::default();
+        *queued_audit = 0;
+        Ok(())
     }
 }
 

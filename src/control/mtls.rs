@@ -7,12 +7,13 @@ use std::path::PathBuf;
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
 
-use super::{certificates, now, validate, Control, ControlError, Result};
+use super::{certificates, now, Control, ControlError, Result};
 use crate::pki::{self, CaSigner, KeyType};
 use crate::state::{
-    self, ip_rules_to_yaml, one_line, AuditEntry, CertificateRecord, DatabaseSettings,
-    DatabaseState, UpstreamAddr, UpstreamTls, PRIVATE_MODE, PUBLIC_MODE,
+    self, ip_rules_to_yaml, AuditEntry, CertificateRecord, DatabaseSettings, UpstreamAddr,
+    UpstreamTls, PRIVATE_MODE, PUBLIC_MODE,
 };
 
 /// Name of the copied upstream CA file inside the database folder.
@@ -75,9 +76,18 @@ pub fn server_names(given: &[String], listen: SocketAddr) -> Vec<String> {
 }
 
 /// Everything about `request` that can be checked without generating keys: a front end calls
-/// this before asking for confirmation, and [`enable`] again under the lock.
+/// this before asking for confirmation, and [`enable`] again against the state it commits to.
 pub fn check(control: &Control, request: &EnableRequest) -> Result<()> {
-    control.directory_only("`pgmtls mtls create`")?;
+    check_request(request)?;
+    check_free(
+        &request.name,
+        request.listen,
+        control.has_database(&request.name)?,
+        control.listen_addresses()?,
+    )
+}
+
+fn check_request(request: &EnableRequest) -> Result<()> {
     let name = request.name.as_str();
     state::validate_database_name(name).map_err(ControlError::Invalid)?;
     if request.upstream_tls == UpstreamTls::VerifyFull && request.upstream_ca_pem.is_none() {
@@ -95,21 +105,51 @@ pub fn check(control: &Control, request: &EnableRequest) -> Result<()> {
             request.upstream
         )));
     }
-    if control.state().has_database(name) {
+    Ok(())
+}
+
+/// The name must be new, and two databases on one listen address would make the proxy refuse
+/// the whole state.
+fn check_free(
+    name: &str,
+    listen: SocketAddr,
+    exists: bool,
+    listens: Vec<(String, SocketAddr)>,
+) -> Result<()> {
+    if exists {
         return Err(ControlError::Conflict(format!(
             "mTLS is already enabled for database {name:?}"
         )));
     }
-    check_listen_free(control, name, request.listen)
+    for (other, addr) in listens {
+        if other != name && addr == listen {
+            return Err(ControlError::Conflict(format!(
+                "--listen {listen} is already the listen address of database {other:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The keys and certificates of a new database, made once: a commit that lost a race in etcd
+/// is recomputed with the same material.
+struct Material {
+    at: OffsetDateTime,
+    ca: pki::Issued,
+    server: pki::Issued,
+    names: Vec<String>,
+    first: (CertificateRecord, pki::Issued),
+    crl: String,
 }
 
 /// Enables mTLS for a new database: CA, server certificate, a first client certificate, an
-/// empty CRL and an empty allowlist, written as one folder that appears whole or not at all.
+/// empty CRL and an empty allowlist, written as one folder (or one etcd transaction) that
+/// appears whole or not at all.
 pub fn enable(control: &Control, request: &EnableRequest, actor: &str) -> Result<Enabled> {
     check(control, request)?;
     let name = request.name.as_str();
     // Keys are generated before the lock is taken: RSA 4096 takes a while, and nothing here
-    // depends on the state directory.
+    // depends on the state.
     let at = now();
     let key_type = request.key_type;
     let ca = pki::create_ca(&ca_common_name(name), key_type, pki::DEFAULT_CA_VALIDITY)?;
@@ -125,11 +165,33 @@ pub fn enable(control: &Control, request: &EnableRequest, actor: &str) -> Result
         None,
     )?;
     let crl = pki::build_crl::<&str>(&signer, &[], 1, at, at + certificates::CRL_VALIDITY)?;
+    let material = Material {
+        at,
+        ca,
+        server,
+        names,
+        first,
+        crl,
+    };
+    control.retrying(|| enable_once(control, request, &material, actor))
+}
 
+fn enable_once(
+    control: &Control,
+    request: &EnableRequest,
+    m: &Material,
+    actor: &str,
+) -> Result<Enabled> {
+    let name = request.name.as_str();
     let mut txn = control.begin(None, actor)?;
-    // Again under the lock: another `mtls create` may have taken the name or the address
-    // meanwhile.
-    check(control, request)?;
+    // Again against the state this change commits to: another `mtls create` may have taken
+    // the name or the address meanwhile.
+    check_free(
+        name,
+        request.listen,
+        txn.has_database(name)?,
+        txn.listen_addresses()?,
+    )?;
     let settings = DatabaseSettings {
         listen: request.listen,
         upstream: request.upstream.clone(),
@@ -143,51 +205,63 @@ pub fn enable(control: &Control, request: &EnableRequest, actor: &str) -> Result
         server_names: request.server_names.clone(),
         user_must_match_cn: request.user_must_match_cn,
         enabled_by: Some(txn.actor().to_owned()),
-        created_at: Some(at),
+        created_at: Some(m.at),
     };
-    let staged = txn.state().stage_database(name)?;
-    staged.write(
-        state::DATABASE_YAML,
-        settings.to_yaml().as_bytes(),
-        PUBLIC_MODE,
-    )?;
-    staged.write(state::CA_CERT, ca.cert_pem.as_bytes(), PUBLIC_MODE)?;
-    staged.write(state::CA_KEY, ca.key_pem.as_bytes(), PRIVATE_MODE)?;
+    let (record, issued) = &m.first;
     // The proxy presents the leaf and its CA, so clients holding only root.crt can verify.
-    let chain = format!("{}{}", server.cert_pem, ca.cert_pem);
-    staged.write(state::SERVER_CERT, chain.as_bytes(), PUBLIC_MODE)?;
-    staged.write(state::SERVER_KEY, server.key_pem.as_bytes(), PRIVATE_MODE)?;
-    staged.write(state::CRL, crl.as_bytes(), PUBLIC_MODE)?;
-    staged.write(
-        state::IP_RULES,
-        ip_rules_to_yaml(&[]).as_bytes(),
-        PUBLIC_MODE,
-    )?;
-    if let Some(pem) = &request.upstream_ca_pem {
-        staged.write(UPSTREAM_CA_FILE, pem, PUBLIC_MODE)?;
-    }
-    let (record, issued) = &first;
+    let chain = format!("{}{}", m.server.cert_pem, m.ca.cert_pem);
     let cert_dir = format!("{}/{}", state::CERTIFICATES_DIR, record.id);
-    staged.write(
-        &format!("{cert_dir}/{}", state::CLIENT_CERT),
-        issued.cert_pem.as_bytes(),
-        PUBLIC_MODE,
-    )?;
-    staged.write(
-        &format!("{cert_dir}/{}", state::CLIENT_KEY),
-        issued.key_pem.as_bytes(),
-        PRIVATE_MODE,
-    )?;
-    staged.write(
-        &format!("{cert_dir}/{}", state::CERTIFICATE_YAML),
-        record.to_yaml().as_bytes(),
-        PUBLIC_MODE,
-    )?;
-    // Load the staged folder exactly as the proxy will, and build what it would build.
-    let loaded = DatabaseState::load(name, staged.path())
-        .map_err(|e| ControlError::WouldReject(one_line(&e)))?;
-    validate(&loaded)?;
-    staged.commit()?;
+    let mut files: Vec<(String, Vec<u8>, u32)> = vec![
+        (
+            state::DATABASE_YAML.into(),
+            settings.to_yaml().into_bytes(),
+            PUBLIC_MODE,
+        ),
+        (
+            state::CA_CERT.into(),
+            m.ca.cert_pem.clone().into_bytes(),
+            PUBLIC_MODE,
+        ),
+        (
+            state::CA_KEY.into(),
+            m.ca.key_pem.clone().into_bytes(),
+            PRIVATE_MODE,
+        ),
+        (state::SERVER_CERT.into(), chain.into_bytes(), PUBLIC_MODE),
+        (
+            state::SERVER_KEY.into(),
+            m.server.key_pem.clone().into_bytes(),
+            PRIVATE_MODE,
+        ),
+        (state::CRL.into(), m.crl.clone().into_bytes(), PUBLIC_MODE),
+        (
+            state::IP_RULES.into(),
+            ip_rules_to_yaml(&[]).into_bytes(),
+            PUBLIC_MODE,
+        ),
+    ];
+    if let Some(pem) = &request.upstream_ca_pem {
+        files.push((UPSTREAM_CA_FILE.into(), pem.clone(), PUBLIC_MODE));
+    }
+    files.extend([
+        (
+            format!("{cert_dir}/{}", state::CLIENT_CERT),
+            issued.cert_pem.clone().into_bytes(),
+            PUBLIC_MODE,
+        ),
+        (
+            format!("{cert_dir}/{}", state::CLIENT_KEY),
+            issued.key_pem.clone().into_bytes(),
+            PRIVATE_MODE,
+        ),
+        (
+            format!("{cert_dir}/{}", state::CERTIFICATE_YAML),
+            record.to_yaml().into_bytes(),
+            PUBLIC_MODE,
+        ),
+    ]);
+    // Loaded exactly as the proxy (or a replica) will load it, and built, before it lands.
+    txn.add_database(name, &files)?;
     let audit = txn.record(
         "mtls.create",
         Some(name),
@@ -195,66 +269,43 @@ pub fn enable(control: &Control, request: &EnableRequest, actor: &str) -> Result
             "listen": request.listen.to_string(),
             "upstream": settings.upstream.to_string(),
             "upstream_tls": settings.upstream_tls.to_string(),
-            "server_names": names,
+            "server_names": m.names,
             "user_must_match_cn": settings.user_must_match_cn,
-            "key_type": key_type.as_str(),
-            "ca_serial": ca.serial,
-            "server_serial": server.serial,
+            "key_type": request.key_type.as_str(),
+            "ca_serial": m.ca.serial,
+            "server_serial": m.server.serial,
             "certificate_id": record.id,
             "certificate_serial": record.serial,
         }),
     )?;
     Ok(Enabled {
         settings,
-        server_names: names,
-        certificate: first.0,
+        server_names: m.names.clone(),
+        certificate: record.clone(),
         audit,
     })
 }
 
-/// Two databases on one listen address would make the proxy refuse the whole state.
-fn check_listen_free(control: &Control, name: &str, listen: SocketAddr) -> Result<()> {
-    for other in control.database_names()? {
-        if other == name {
-            continue;
-        }
-        let file = control
-            .state()
-            .database_dir(&other)
-            .join(state::DATABASE_YAML);
-        let Ok(text) = std::fs::read_to_string(&file) else {
-            continue;
-        };
-        if let Ok(s) = DatabaseSettings::parse(&file, &text) {
-            if s.listen == listen {
-                return Err(ControlError::Conflict(format!(
-                    "--listen {listen} is already the listen address of database {other:?}"
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A database whose mTLS was disabled, and where its folder went.
+/// A database whose mTLS was disabled, and where its records went.
 #[derive(Debug, Clone)]
 pub struct Disabled {
     pub archived_to: PathBuf,
     pub audit: AuditEntry,
 }
 
-/// Disables mTLS for `name`: the proxy stops serving it and closes its sessions on its next
-/// reload; the CA, keys and records are archived, not deleted.
+/// Disables mTLS for `name`: the proxy (every replica, in etcd) stops serving it and closes
+/// its sessions on its next reload; the CA, keys and records are archived, not deleted.
 pub fn disable(control: &Control, name: &str, actor: &str) -> Result<Disabled> {
-    control.directory_only("`pgmtls mtls destroy`")?;
-    let mut txn = control.begin(Some(name), actor)?;
-    let archived_to = txn.state().archive_database(name, now())?;
-    let audit = txn.record(
-        "mtls.destroy",
-        Some(name),
-        json!({ "archived_to": archived_to.display().to_string() }),
-    )?;
-    Ok(Disabled { archived_to, audit })
+    control.retrying(|| {
+        let mut txn = control.begin(Some(name), actor)?;
+        let archived_to = txn.archive_database(name, now())?;
+        let audit = txn.record(
+            "mtls.destroy",
+            Some(name),
+            json!({ "archived_to": archived_to.display().to_string() }),
+        )?;
+        Ok(Disabled { archived_to, audit })
+    })
 }
 
 #[cfg(test)]

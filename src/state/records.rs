@@ -23,6 +23,10 @@ pub type DatabaseRecords = BTreeMap<String, Vec<u8>>;
 pub const SECRETS_PREFIX: &str = "secrets/";
 /// Where the audit log's lines live in a store, one key per line.
 pub const AUDIT_PREFIX: &str = "audit/";
+/// Where `mtls destroy` keeps a database's records in a store, one value per destroyed
+/// database (`secrets/archive/NAME/TIMESTAMP`): in the secrets range, since it holds the CA
+/// key. Not state: the loaders, `state export` and `state import --force` leave it alone.
+pub const ARCHIVE_PREFIX: &str = "secrets/archive/";
 
 /// Whether a key relative to the state root is one the proxy must never need: the CA's
 /// private key and the client keys.

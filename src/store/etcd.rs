@@ -144,7 +144,12 @@ impl EtcdStore {
     /// Writes `write` as one transaction, only if nothing changed since `read` was loaded.
     /// Returns the new revision.
     pub async fn commit(&self, read: &Listing, write: &Write) -> Result<i64, StoreError> {
-        for key in write.puts.keys().chain(&write.deletes) {
+        for key in write
+            .puts
+            .keys()
+            .chain(&write.deletes)
+            .chain(&write.deletes_under)
+        {
             check_key(key)?;
         }
         let guard = self.full_key(GUARD_KEY);
@@ -153,7 +158,16 @@ impl EtcdStore {
             // Nothing under the prefix changed after the read (a write that bypassed pgmtls).
             Compare::mod_revision(self.range(), CompareOp::Less, read.revision + 1).with_prefix(),
         ];
-        let mut ops: Vec<TxnOp> = Vec::with_capacity(write.puts.len() + write.deletes.len() + 1);
+        let mut ops: Vec<TxnOp> = Vec::with_capacity(write.ops() + 1);
+        // etcd refuses a transaction whose puts fall inside one of its delete ranges
+        // ("duplicate key given in txn request"): callers keep them apart.
+        for key in &write.deletes_under {
+            let range = format!("{}/", self.full_key(key));
+            ops.push(TxnOp::delete(
+                range,
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            ));
+        }
         for (key, bytes) in &write.puts {
             ops.push(TxnOp::put(self.full_key(key), bytes.clone(), None));
         }

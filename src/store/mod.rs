@@ -71,6 +71,9 @@ impl Listing {
 pub struct Write {
     pub puts: BTreeMap<String, Vec<u8>>,
     pub deletes: BTreeSet<String>,
+    /// Every key under `KEY/` is removed, in one operation whatever their number (etcd caps
+    /// the operations of a transaction, and a database may hold many certificates).
+    pub deletes_under: BTreeSet<String>,
 }
 
 impl Write {
@@ -88,8 +91,19 @@ impl Write {
         self
     }
 
+    /// Removes every key under `key/` (not `key` itself, nor `keyX/...`).
+    pub fn delete_under(&mut self, key: impl Into<String>) -> &mut Self {
+        self.deletes_under.insert(key.into());
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.puts.is_empty() && self.deletes.is_empty()
+        self.puts.is_empty() && self.deletes.is_empty() && self.deletes_under.is_empty()
+    }
+
+    /// How many operations the commit of this write takes (without the guard).
+    pub fn ops(&self) -> usize {
+        self.puts.len() + self.deletes.len() + self.deletes_under.len()
     }
 }
 
@@ -144,5 +158,15 @@ mod tests {
         assert_eq!(w.puts, BTreeMap::from([("b".to_string(), b"3".to_vec())]));
         w.put("a", "4");
         assert!(w.deletes.is_empty());
+    }
+
+    #[test]
+    fn a_range_delete_is_one_operation() {
+        let mut w = Write::default();
+        assert!(w.is_empty());
+        w.delete_under("databases/app");
+        assert!(!w.is_empty());
+        w.delete_under("secrets/databases/app").put("audit/1", "x");
+        assert_eq!(w.ops(), 3);
     }
 }
