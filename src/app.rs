@@ -258,6 +258,8 @@ pub struct App {
     draining: watch::Sender<bool>,
     /// Where the peer channel listens, once bound (the replica registry advertises it).
     peer_addr: std::sync::OnceLock<SocketAddr>,
+    /// The cancel directory's view of the replica registry (a fleet replica in etcd mode).
+    registry_peers: Option<crate::fleet::directory::RegistryPeers>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -286,8 +288,19 @@ impl App {
             true,
             OffsetDateTime::now_utc().unix_timestamp(),
         );
+        // In etcd mode the replica registry says where the other replicas are; the follower
+        // starts once the store is connected ([`App::follow_peers`]).
+        let registry_peers = match (&config.fleet, &source) {
+            (Some(f), Source::Etcd(_)) => {
+                Some(crate::fleet::directory::RegistryPeers::new(f.replica_id))
+            }
+            _ => None,
+        };
         let fleet = match &config.fleet {
-            Some(f) => Some(Arc::new(crate::fleet::Fleet::new(f)?)),
+            Some(f) => Some(Arc::new(crate::fleet::Fleet::new_with_registry(
+                f,
+                registry_peers.clone(),
+            )?)),
             None => None,
         };
         let ctx = Arc::new(
@@ -323,6 +336,7 @@ impl App {
             }),
             draining,
             peer_addr: std::sync::OnceLock::new(),
+            registry_peers,
         });
         let dbs: Vec<(String, SocketAddr)> = app
             .ctx
@@ -384,6 +398,14 @@ impl App {
         };
         for (name, addr) in missing {
             self.bind_one(&name, addr);
+        }
+    }
+
+    /// Starts following the replica registry for the cancel directory, when this is a fleet
+    /// replica in etcd mode; a no-op otherwise.
+    pub fn follow_peers(&self, store: crate::store::etcd::EtcdStore) {
+        if let Some(r) = &self.registry_peers {
+            r.follow(store);
         }
     }
 

@@ -364,6 +364,7 @@ async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
     let app = App::start_on(config, source, data_plane).await?;
     let mut registration = None;
     if let (Some(store), Source::Etcd(e)) = (etcd_store, app.source()) {
+        app.follow_peers(store.clone());
         let entry = pgmtls::fleet::registry::ReplicaEntry::new(
             app.config.fleet.as_ref().map(|f| f.replica_id),
             app.peer_addr(),

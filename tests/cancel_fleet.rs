@@ -1,6 +1,7 @@
 //! Cancels across replicas: two pgmtls replicas behind a real HAProxy (round robin, PROXY v2)
 //! and a real Postgres. Round robin sends a client's cancel connection to the replica after
-//! the one relaying its session, so every cancel here crosses the peer channel.
+//! the one relaying its session, so every cancel here crosses the peer channel. The same with
+//! three replicas on a real etcd and no `peers:` list: the replica registry is the directory.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +12,10 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::clients::{free_port, pg_connect_tls, tls_client_config, Psql, SslNegotiation};
+use common::clients::{
+    connect_from, free_port, pg_connect_tls, tls_client_config, Psql, SslNegotiation,
+};
+use common::etcd::{etcd_available_or_skip, EtcdServer};
 use common::haproxy::{haproxy_available_or_skip, HaProxy};
 use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
 use common::pki::TestPki;
@@ -97,6 +101,8 @@ struct Fleet {
     peer_ports: Vec<u16>,
     lb: HaProxy,
     _state: TestState,
+    /// The etcd of an etcd-mode fleet; dropped last.
+    _etcd: Option<EtcdServer>,
 }
 
 /// `n` replicas sharing one state directory (database `app`, rule for 127.0.0.1, which is
@@ -155,6 +161,90 @@ fn start_fleet(n: usize) -> Option<Fleet> {
         peer_ports,
         lb,
         _state: state,
+        _etcd: None,
+    })
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgmtls");
+
+/// `n` replicas on one etcd prefix with no `peers:` list: each finds the others in the replica
+/// registry. The database admits 127.0.0.1 (HAProxy's PROXY headers) and 127.0.0.2 (a client
+/// dialling a replica directly).
+fn start_etcd_fleet(n: usize) -> Option<Fleet> {
+    if !pg_available_or_skip() || !haproxy_available_or_skip() || !etcd_available_or_skip() {
+        return None;
+    }
+    let pg = PgServer::start();
+    let etcd = EtcdServer::start();
+    let pki = TestPki::new();
+    let state = TestState::new("");
+    state.add_database(
+        "app",
+        &pki,
+        "127.0.0.1:0",
+        pg.addr(),
+        &[("local", "127.0.0.1/32"), ("direct", "127.0.0.2/32")],
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["state", "import", "--state-dir"])
+        .arg(&state.root)
+        .args([
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--etcd-prefix",
+            "/pgmtls",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "state import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let peer_pki = PeerPki::new(state.dir(), "fleet");
+    let peer_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let mut replicas = Vec::new();
+    for (i, port) in peer_ports.iter().enumerate() {
+        let id = i + 1;
+        let (cert, key) = peer_pki.issue(&format!("replica{id}"));
+        let text = format!(
+            "etcd:\n  endpoints: [{}]\n  prefix: /pgmtls\n  registry_ttl: 2s\n\
+             admin_listen: 127.0.0.1:0\nreload_poll_interval: 1h\n\
+             proxy_protocol_from: [127.0.0.1/32]\nreplica_id: {id}\n\
+             peer_listen: 127.0.0.1:{port}\n\
+             peer_tls: {{cert: {}, key: {}, ca: {}}}\n",
+            etcd.endpoint(),
+            cert.display(),
+            key.display(),
+            peer_pki.ca_path.display(),
+        );
+        let path = state.dir().join(format!("replica{id}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        replicas.push(ProxyProcess::with_config(&path));
+    }
+    // Ready when every replica's directory holds every other replica.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for r in &replicas {
+        while r.count_logs(|v| v["message"] == "peer directory: replica reachable") < n - 1 {
+            assert!(
+                Instant::now() < deadline,
+                "a replica never learnt its peers from the registry: {}",
+                r.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let addrs: Vec<_> = replicas.iter().map(|r| r.addr()).collect();
+    let lb = HaProxy::start(&addrs);
+    Some(Fleet {
+        pg,
+        pki,
+        peer_pki,
+        replicas,
+        peer_ports,
+        lb,
+        _state: state,
+        _etcd: Some(etcd),
     })
 }
 
@@ -224,6 +314,19 @@ async fn ctrl_c_in_psql_cancels_through_any_replica_ten_times_out_of_ten() {
     let Some(f) = start_fleet(2) else {
         return;
     };
+    psql_ctrl_c_cancels_ten_times(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_in_psql_cancels_through_three_etcd_replicas_without_a_peers_list() {
+    let Some(f) = start_etcd_fleet(3) else {
+        return;
+    };
+    psql_ctrl_c_cancels_ten_times(&f).await;
+}
+
+/// Ten `pg_sleep(60)`s in psql through the balancer, each stopped with Ctrl-C (SIGINT).
+async fn psql_ctrl_c_cancels_ten_times(f: &Fleet) {
     let psql = Psql::new(
         f.pg.psql_path(),
         "127.0.0.1",
@@ -277,7 +380,7 @@ async fn ctrl_c_in_psql_cancels_through_any_replica_ten_times_out_of_ten() {
         cancelled, ROUNDS,
         "psql's Ctrl-C cancelled {cancelled} of {ROUNDS}"
     );
-    assert_crossed(&f).await;
+    assert_crossed(f).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,6 +388,19 @@ async fn tokio_postgres_tls_cancel_through_any_replica_ten_times_out_of_ten() {
     let Some(f) = start_fleet(2) else {
         return;
     };
+    tls_cancels_ten_times(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_tls_cancel_through_three_etcd_replicas_without_a_peers_list() {
+    let Some(f) = start_etcd_fleet(3) else {
+        return;
+    };
+    tls_cancels_ten_times(&f).await;
+}
+
+/// Ten `pg_sleep(60)`s over tokio-postgres through the balancer, each cancelled over TLS.
+async fn tls_cancels_ten_times(f: &Fleet) {
     let tls = tls_client_config(
         &f.pki.ca.cert_path,
         Some((&f.pki.client.chain_path, &f.pki.client.key_path)),
@@ -341,7 +457,7 @@ async fn tokio_postgres_tls_cancel_through_any_replica_ten_times_out_of_ten() {
         cancelled, ROUNDS,
         "the TLS cancel cancelled {cancelled} of {ROUNDS}"
     );
-    assert_crossed(&f).await;
+    assert_crossed(f).await;
 }
 
 fn connections_received(pg: &PgServer) -> usize {
@@ -764,4 +880,69 @@ async fn a_replica_hands_out_its_own_long_key_and_cancels_with_the_real_one() {
         "the real key was forwarded too"
     );
     drop(session);
+}
+
+/// Sends a CancelRequest for `pid` with a random secret tagged for replica `tag` straight to
+/// `to` from 127.0.0.2 (no balancer, no PROXY header) and reads until it closes.
+async fn cancel_tagged(to: std::net::SocketAddr, pid: u32, tag: u8) {
+    let mut s = connect_from("127.0.0.2".parse().unwrap(), to)
+        .await
+        .unwrap();
+    let mut secret = rand::random::<[u8; 4]>();
+    secret[0] = tag;
+    s.write_all(&cancel_request(pid, &secret)).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest).await;
+}
+
+async fn refused_with(r: &ProxyProcess, reason: &str) -> f64 {
+    let m = common::admin::scrape(r.admin()).await;
+    m.samples
+        .get(&format!(
+            r#"pgmtls_connections_refused_total{{database="app",reason="{reason}"}}"#
+        ))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// A replica that leaves the registry (here: drained with SIGTERM, which revokes its lease)
+/// is no longer a cancel target: the others answer a key of its making with
+/// `cancel_peer_unavailable` and do not dial it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_leaves_the_registry_is_no_longer_a_cancel_target() {
+    let Some(mut f) = start_etcd_fleet(3) else {
+        return;
+    };
+    let first = f.replicas[0].addr();
+    // While replica 3 is registered, replica 1 asks it, and 3 knows no such session.
+    cancel_tagged(first, 4242, 3).await;
+    assert_eq!(wait_peer_cancels(&f, "unknown_key", 1).await, 1);
+    assert_eq!(
+        refused_with(&f.replicas[0], "cancel_unknown_key").await,
+        1.0
+    );
+
+    f.replicas[2].signal("TERM");
+    f.replicas[2].wait_exit(Duration::from_secs(20));
+    let left = f.replicas[0].wait_for_log(Duration::from_secs(20), |v| {
+        v["message"] == "peer directory: replica left the registry; no longer a cancel target"
+    });
+    assert_eq!(left["replica_id"], 3, "{left}");
+
+    cancel_tagged(first, 4242, 3).await;
+    let line = f.replicas[0].wait_for_log(Duration::from_secs(10), |v| {
+        v["message"] == "connection closed" && v["error_kind"] == "cancel_peer_unavailable"
+    });
+    let detail = line["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("replica 3 has left the replica registry"),
+        "{line}"
+    );
+    assert_eq!(
+        refused_with(&f.replicas[0], "cancel_peer_unavailable").await,
+        1.0
+    );
+    // A key of a replica still registered is still asked of it.
+    cancel_tagged(first, 4242, 2).await;
+    assert_eq!(wait_peer_cancels(&f, "unknown_key", 2).await, 2);
 }

@@ -322,6 +322,7 @@ impl Config {
                 })
                 .ok()
         });
+        let has_etcd = f.line_of("etcd").is_some();
         match (&state_dir, f.line_of("etcd")) {
             (None, None) => f.push("state_dir", None, "is required"),
             (Some(_), Some(line)) => f.push(
@@ -416,7 +417,7 @@ impl Config {
             admin_status_from: f
                 .optional_with("admin_status_from", convert::cidr_list)
                 .unwrap_or(d.admin_status_from),
-            fleet: crate::fleet::config::take(&mut f, base),
+            fleet: crate::fleet::config::take(&mut f, base, has_etcd),
         };
         f.finish().into_result(cfg)
     }

@@ -23,6 +23,8 @@ const MAX_PEER_CONNECTIONS: usize = 64;
 pub enum ForwardError {
     #[error("no replica {0} is known")]
     UnknownReplica(u8),
+    #[error("replica {0} has left the replica registry")]
+    Departed(u8),
     #[error("replica {id} at {addr}: {what}")]
     Unreachable {
         id: u8,
@@ -40,9 +42,13 @@ impl Fleet {
         key: &CancelKey,
         timeout: Duration,
     ) -> Result<Reply, ForwardError> {
-        let peer = self
-            .locate(owner)
-            .ok_or(ForwardError::UnknownReplica(owner))?;
+        let peer = self.locate(owner).ok_or_else(|| {
+            if self.departed(owner) {
+                ForwardError::Departed(owner)
+            } else {
+                ForwardError::UnknownReplica(owner)
+            }
+        })?;
         let fail = |what: String| ForwardError::Unreachable {
             id: owner,
             addr: peer.addr,

@@ -138,8 +138,9 @@ pub fn from_flags(
 }
 
 /// Takes the fleet keys from `f`; relative paths are resolved against `base`. Errors are
-/// recorded in `f` against the key they concern.
-pub fn take(f: &mut Fields, base: &Path) -> Option<FleetConfig> {
+/// recorded in `f` against the key they concern. With `etcd` (the state is an etcd prefix)
+/// `peers` may be left out: the replica registry says where the other replicas are.
+pub fn take(f: &mut Fields, base: &Path, etcd: bool) -> Option<FleetConfig> {
     let id = f.optional_with("replica_id", |v| match v.as_u64() {
         Some(n) if n <= 255 => Ok(n as u8),
         _ => Err("must be an integer from 0 (single node) to 255".into()),
@@ -190,14 +191,34 @@ pub fn take(f: &mut Fields, base: &Path) -> Option<FleetConfig> {
         return None;
     }
     let line = f.line_of("replica_id");
+    let given_peers = peers.is_some() || f.line_of("peers").is_some();
+    let peers = match peers {
+        None if etcd && !given_peers => Some(Vec::new()),
+        p => p,
+    };
     let (Some(listen), Some(peers), Some(tls)) = (listen, peers, tls) else {
-        f.push(
-            "replica_id",
-            line,
-            "a replica of a fleet needs peer_listen, peers and peer_tls",
-        );
+        let needs = if etcd {
+            "a replica of a fleet needs peer_listen and peer_tls"
+        } else {
+            "a replica of a fleet needs peer_listen, peers and peer_tls (or an etcd: section, \
+             whose replica registry lists the peers)"
+        };
+        f.push("replica_id", line, needs);
         return None;
     };
+    // Without a list the others find this replica at the address it registers: one they
+    // cannot dial would lose every cancel of its sessions that reaches another replica.
+    if etcd && !given_peers && listen.ip().is_unspecified() {
+        f.push(
+            "peer_listen",
+            f.line_of("peer_listen"),
+            format!(
+                "{listen}: the replica registry advertises this address to the other replicas; \
+                 give the address they reach this one at (or list every replica in peers:)"
+            ),
+        );
+        return None;
+    }
     if let Err(m) = check_peers(id, &peers) {
         f.push("peers", f.line_of("peers"), m);
         return None;

@@ -2,10 +2,12 @@
 //! "who owns this cancel key" ([`Fleet::route`]), and hands it the CancelRequests another
 //! replica must serve ([`Fleet::ask_owner`]); the peer channel's server side
 //! ([`channel::serve`]) answers those from other replicas. Where replica N is comes from a
-//! [`Directory`]; today the static `peers:` list of `pgmtls.yaml`.
+//! [`Directory`]: the static `peers:` list of `pgmtls.yaml`, and in etcd mode the replica
+//! registry under it ([`directory::Layered`]).
 
 pub mod channel;
 pub mod config;
+pub mod directory;
 pub mod key;
 pub mod message;
 pub mod registry;
@@ -36,10 +38,16 @@ pub struct PeerAddr {
     pub server_name: ServerName<'static>,
 }
 
-/// "Where is replica N": the one lookup the fleet needs, kept behind this trait so a registry
-/// (etcd) can later fill it instead of the static list.
+/// "Where is replica N": the one lookup the fleet needs, filled by the static list or by the
+/// replica registry.
 pub trait Directory: Send + Sync {
     fn locate(&self, replica_id: u8) -> Option<PeerAddr>;
+
+    /// Whether replica N was a cancel target and has left (so a key of its making was real):
+    /// its cancels are reported as the peer being unavailable, not as an unknown key.
+    fn departed(&self, _replica_id: u8) -> bool {
+        false
+    }
 }
 
 /// The `peers:` list of `pgmtls.yaml`.
@@ -111,13 +119,26 @@ impl std::fmt::Debug for Fleet {
 impl Fleet {
     /// Reads the peer certificate, key and CA; errors name the file.
     pub fn new(cfg: &FleetConfig) -> Result<Fleet, ConfigErrors> {
+        Self::new_with_registry(cfg, None)
+    }
+
+    /// As [`Fleet::new`]; with `registry` (etcd mode) the peers not in `peers:` are found in
+    /// the replica registry.
+    pub fn new_with_registry(
+        cfg: &FleetConfig,
+        registry: Option<directory::RegistryPeers>,
+    ) -> Result<Fleet, ConfigErrors> {
         let (server, client) = peer_tls(&cfg.tls)?;
-        let directory = StaticPeers::new(&cfg.peers)
+        let fixed = StaticPeers::new(&cfg.peers)
             .map_err(|m| ConfigErrors::one(Path::new("pgmtls.yaml"), "peers", None, m))?;
+        let directory: Box<dyn Directory> = match registry {
+            Some(registry) => Box::new(directory::Layered { fixed, registry }),
+            None => Box::new(fixed),
+        };
         Ok(Self::with_directory(
             cfg.replica_id,
             cfg.peer_listen,
-            Box::new(directory),
+            directory,
             server,
             client,
         ))
@@ -149,6 +170,10 @@ impl Fleet {
 
     pub fn locate(&self, replica_id: u8) -> Option<PeerAddr> {
         self.directory.locate(replica_id)
+    }
+
+    pub fn departed(&self, replica_id: u8) -> bool {
+        self.directory.departed(replica_id)
     }
 }
 
