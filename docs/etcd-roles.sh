@@ -4,9 +4,15 @@
 #   PGMTLS_PREFIX=/pgmtls ROOT_PW=... OPERATOR_PW=... REPLICA_PW=... sh docs/etcd-roles.sh
 #
 # Uses etcdctl (API 3, etcd 3.4 syntax) with ETCDCTL_ENDPOINTS / --endpoints from the
-# environment. After it runs:
+# environment; against an https:// etcd also ETCDCTL_CACERT, and with --client-cert-auth
+# ETCDCTL_CERT / ETCDCTL_KEY (a root client certificate). pgmtls then names the same files in
+# etcd.ca_file / etcd.cert_file / etcd.key_file (state import: --etcd-ca-file and so on). With
+# --client-cert-auth and no password given, etcd takes the user from the certificate's CN: a
+# replica certificate with CN pgmtls-replica gets the replica role without a password_file
+# (etcd's documented behaviour; not exercised by the tests). After it runs:
 #   operator  reads and writes PREFIX/ (state import/export, the CLI, secrets/, audit/)
-#   replica   reads PREFIX/databases/ only, writes PREFIX/replicas/ only (its registry entry);
+#   replica   reads PREFIX/databases/, reads and writes PREFIX/replicas/ only (its registry
+#             entry, and the others' entries: where a fleet replica forwards cancels);
 #             PREFIX/secrets/ (ca.key, client.key) and PREFIX/audit/ are "permission denied".
 set -eu
 : "${PGMTLS_PREFIX:=/pgmtls}"

@@ -114,6 +114,7 @@ pub fn etcd_config(e: &crate::config::EtcdSettings) -> anyhow::Result<EtcdConfig
             password.trim_end_matches(['\n', '\r']).to_owned(),
         ));
     }
+    c.tls = e.tls().map_err(|m| anyhow::anyhow!(m))?;
     Ok(c)
 }
 

@@ -64,6 +64,15 @@ pub struct EtcdArgs {
     /// File holding the etcd user's password.
     #[arg(long, value_name = "FILE", requires = "etcd_user")]
     pub etcd_password_file: Option<PathBuf>,
+    /// CA of etcd's server certificate, for https:// endpoints.
+    #[arg(long, env = "PGMTLS_ETCD_CA_FILE", value_name = "FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate, for an etcd with --client-cert-auth.
+    #[arg(long, value_name = "FILE", requires = "etcd_key_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The client certificate's private key.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -119,6 +128,20 @@ impl EtcdArgs {
                 None => bail!("--etcd-user needs --etcd-password-file"),
             };
             config.user = Some((user.clone(), password));
+        }
+        let client = match (&self.etcd_cert_file, &self.etcd_key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        if self.etcd_ca_file.is_some() || client.is_some() {
+            let tls = crate::store::etcd::EtcdTls::read(self.etcd_ca_file.as_deref(), client)
+                .map_err(|m| {
+                    anyhow::anyhow!(
+                        "--{}",
+                        m.replacen("etcd.", "etcd-", 1).replacen('_', "-", 1)
+                    )
+                })?;
+            config.tls = Some(tls);
         }
         config.timeout = Duration::from_secs(10);
         Ok(config)

@@ -71,6 +71,25 @@ pub struct EtcdSettings {
     pub password_file: Option<PathBuf>,
     /// Lease TTL of this replica's registry entry (`PREFIX/replicas/ID`).
     pub registry_ttl: Duration,
+    /// CA of etcd's server certificate, for `https://` endpoints.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, for an etcd with `--client-cert-auth`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl EtcdSettings {
+    /// Reads the TLS files; errors name the key and the file.
+    pub fn tls(&self) -> Result<Option<crate::store::etcd::EtcdTls>, String> {
+        let client = match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        if self.ca_file.is_none() && client.is_none() {
+            return Ok(None);
+        }
+        crate::store::etcd::EtcdTls::read(self.ca_file.as_deref(), client).map(Some)
+    }
 }
 
 /// Every key of the `etcd:` section, for the docs check.
@@ -80,6 +99,9 @@ pub const ETCD_KEYS: &[&str] = &[
     "user",
     "password_file",
     "registry_ttl",
+    "ca_file",
+    "cert_file",
+    "key_file",
 ];
 
 #[derive(Debug, serde::Deserialize)]
@@ -93,51 +115,113 @@ struct RawEtcd {
     password_file: Option<String>,
     #[serde(default)]
     registry_ttl: Option<String>,
+    #[serde(default)]
+    ca_file: Option<String>,
+    #[serde(default)]
+    cert_file: Option<String>,
+    #[serde(default)]
+    key_file: Option<String>,
 }
 
 impl RawEtcd {
-    fn check(self, base: &Path) -> Result<EtcdSettings, String> {
+    /// Errors are `(key, message)`: `etcd` with the sub-key in the message, or the TLS key
+    /// itself (`etcd.cert_file`) with the file in the message.
+    fn check(self, base: &Path) -> Result<EtcdSettings, (String, String)> {
+        let etcd = |m: String| ("etcd".to_string(), m);
         if self.endpoints.is_empty() {
-            return Err("endpoints: give at least one etcd client URL".into());
+            return Err(etcd("endpoints: give at least one etcd client URL".into()));
         }
         for e in &self.endpoints {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(format!(
+                return Err(etcd(format!(
                     "endpoints: {e:?} is not an http:// or https:// URL"
-                ));
+                )));
             }
         }
         let prefix = self.prefix.trim_end_matches('/').to_owned();
         if !prefix.starts_with('/') || prefix.len() < 2 {
-            return Err(format!(
+            return Err(etcd(format!(
                 "prefix: {:?} must be an absolute key prefix such as /pgmtls",
                 self.prefix
-            ));
+            )));
         }
         if self.user.is_some() != self.password_file.is_some() {
-            return Err("user and password_file go together".into());
+            return Err(etcd("user and password_file go together".into()));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            let missing = if self.cert_file.is_some() {
+                "key_file"
+            } else {
+                "cert_file"
+            };
+            return Err((
+                format!("etcd.{missing}"),
+                "cert_file and key_file go together (the client certificate and its key)".into(),
+            ));
+        }
+        let https = self
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        let tls_given = self.ca_file.is_some() || self.cert_file.is_some();
+        // The client speaks TLS to every endpoint or to none.
+        if https > 0 && https < self.endpoints.len() {
+            return Err(etcd(
+                "endpoints: give all https:// or all http:// URLs, not a mix".into(),
+            ));
+        }
+        if tls_given && https == 0 {
+            let key = if self.ca_file.is_some() {
+                "etcd.ca_file"
+            } else {
+                "etcd.cert_file"
+            };
+            return Err((
+                key.into(),
+                "TLS settings need https:// endpoints; these are http://".into(),
+            ));
+        }
+        if https > 0 && self.ca_file.is_none() {
+            return Err((
+                "etcd.ca_file".into(),
+                "https:// endpoints need the CA that signed etcd's server certificate".into(),
+            ));
         }
         let registry_ttl = match &self.registry_ttl {
             None => crate::fleet::registry::DEFAULT_TTL,
             Some(s) => {
                 let d = humantime::parse_duration(s)
-                    .map_err(|e| format!("registry_ttl: invalid duration {s:?}: {e}"))?;
+                    .map_err(|e| etcd(format!("registry_ttl: invalid duration {s:?}: {e}")))?;
                 // etcd leases count whole seconds.
                 if d < Duration::from_secs(1) || d.subsec_nanos() != 0 {
-                    return Err(format!(
+                    return Err(etcd(format!(
                         "registry_ttl: {s:?}: give whole seconds, at least 1s"
-                    ));
+                    )));
                 }
                 d
             }
         };
-        Ok(EtcdSettings {
+        let settings = EtcdSettings {
             endpoints: self.endpoints,
             prefix,
             user: self.user,
             password_file: self.password_file.map(|p| base.join(p)),
             registry_ttl,
-        })
+            ca_file: self.ca_file.map(|p| base.join(p)),
+            cert_file: self.cert_file.map(|p| base.join(p)),
+            key_file: self.key_file.map(|p| base.join(p)),
+        };
+        // A missing or unreadable file is found now, not at the first connection.
+        settings.tls().map_err(|m| {
+            let key = m.split(':').next().unwrap_or("etcd").to_owned();
+            let message = m[key.len()..]
+                .trim_start_matches(':')
+                .trim_start()
+                .to_owned();
+            (key, message)
+        })?;
+        Ok(settings)
     }
 }
 
@@ -316,9 +400,9 @@ impl Config {
             .map(|s| base.join(s));
         let etcd = f.optional::<RawEtcd>("etcd").and_then(|raw| {
             raw.check(base)
-                .map_err(|m| {
+                .map_err(|(key, m)| {
                     let line = f.line_of("etcd");
-                    f.push("etcd", line, m);
+                    f.push(&key, line, m);
                 })
                 .ok()
         });
@@ -426,6 +510,114 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn etcd_tls_keys_are_checked_at_load_and_errors_name_the_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["etcd".into()]).unwrap();
+        let cert_pem = ca.cert.pem();
+        let key_pem = ca.signing_key.serialize_pem();
+        std::fs::write(dir.path().join("ca.pem"), &cert_pem).unwrap();
+        std::fs::write(dir.path().join("c.pem"), &cert_pem).unwrap();
+        std::fs::write(dir.path().join("k.pem"), &key_pem).unwrap();
+        let file = dir.path().join("p.yaml");
+        let parse = |endpoints: &str, extra: &str| {
+            Config::parse(
+                &file,
+                &format!("etcd:\n  endpoints: [{endpoints}]\n  prefix: /p\n{extra}"),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let tls = "  ca_file: ca.pem\n  cert_file: c.pem\n  key_file: k.pem\n";
+        let ok = parse("https://a:1, https://b:1", tls)
+            .unwrap()
+            .etcd
+            .unwrap();
+        assert_eq!(ok.cert_file, Some(dir.path().join("c.pem")));
+        let read = ok.tls().unwrap().unwrap();
+        assert!(read.ca_pem.is_some() && read.identity.is_some());
+        // A server CA alone: etcd without client-certificate authentication.
+        let ca_only = parse("https://a:1", "  ca_file: ca.pem\n").unwrap();
+        assert!(ca_only
+            .etcd
+            .unwrap()
+            .tls()
+            .unwrap()
+            .unwrap()
+            .identity
+            .is_none());
+        let cases = [
+            (
+                "https://a:1",
+                "",
+                "etcd.ca_file: https:// endpoints need the CA",
+            ),
+            (
+                "http://a:1",
+                tls,
+                "etcd.ca_file: TLS settings need https://",
+            ),
+            ("https://a:1, http://b:1", tls, "not a mix"),
+            (
+                "https://a:1",
+                "  ca_file: ca.pem\n  cert_file: c.pem\n",
+                "etcd.key_file: cert_file and key_file go together",
+            ),
+            ("https://a:1", "  ca_file: gone.pem\n", "etcd.ca_file: "),
+            (
+                "https://a:1",
+                "  ca_file: ca.pem\n  cert_file: k.pem\n  key_file: k.pem\n",
+                "etcd.cert_file: ",
+            ),
+            (
+                "https://a:1",
+                "  ca_file: ca.pem\n  cert_file: c.pem\n  key_file: c.pem\n",
+                "etcd.key_file: ",
+            ),
+        ];
+        for (endpoints, extra, want) in cases {
+            let err = parse(endpoints, extra).unwrap_err();
+            assert!(err.contains(want), "{endpoints} {extra:?}: {err}");
+        }
+        let err = parse("https://a:1", "  ca_file: gone.pem\n").unwrap_err();
+        let gone = dir.path().join("gone.pem").display().to_string();
+        assert!(
+            err.contains(&format!("etcd.ca_file: {gone}: cannot read")),
+            "{err}"
+        );
+        let err = parse(
+            "https://a:1",
+            "  ca_file: ca.pem\n  cert_file: k.pem\n  key_file: k.pem\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn in_etcd_mode_a_replica_needs_no_peers_list_but_an_address_others_can_dial() {
+        let fleet = "replica_id: 2\npeer_tls: {cert: c, key: k, ca: a}\n";
+        let etcd = "etcd:\n  endpoints: [http://a:1]\n  prefix: /p\n";
+        let parse =
+            |text: String| Config::parse(Path::new("p.yaml"), &text).map_err(|e| e.to_string());
+        let c = parse(format!("{etcd}{fleet}peer_listen: 10.0.0.2:6433\n")).unwrap();
+        assert!(c.fleet.unwrap().peers.is_empty());
+        let err = parse(format!("{etcd}{fleet}peer_listen: 0.0.0.0:6433\n")).unwrap_err();
+        assert!(
+            err.contains("peer_listen: 0.0.0.0:6433: the replica registry advertises"),
+            "{err}"
+        );
+        // With every replica listed the registry's address is not used.
+        let listed = format!(
+            "{etcd}{fleet}peer_listen: 0.0.0.0:6433\npeers: [{{id: 1, addr: \"10.0.0.1:6433\"}}]\n"
+        );
+        assert_eq!(parse(listed).unwrap().fleet.unwrap().peers.len(), 1);
+        // A state directory has no registry: the list is required.
+        let err = parse(format!("state_dir: s\n{fleet}peer_listen: 10.0.0.2:6433\n")).unwrap_err();
+        assert!(
+            err.contains("needs peer_listen, peers and peer_tls"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn registry_ttl_defaults_and_refuses_less_than_a_whole_second() {

@@ -4,8 +4,9 @@
 //! `etcd.registry_ttl`); one that drains revokes the lease and leaves at once. `pgmtls fleet`
 //! reads the list.
 //!
-//! The entry is informational: nothing on the data path reads it, so a replica whose
-//! registration fails keeps serving (and says why in the log, retrying).
+//! A replica whose registration fails keeps serving (and says why in the log, retrying); the
+//! only reader on the data path is the cancel directory of a fleet in etcd mode
+//! ([`super::directory`]), for which the entry's `peer_addr` is where to forward cancels.
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    TlsOptions, Txn, TxnOp, WatchOptions,
 };
 
 use super::{check_key, Batch, Event, Listing, StoreError, Write};
@@ -29,6 +30,63 @@ pub struct EtcdConfig {
     pub user: Option<(String, String)>,
     /// Dial and per-request timeout.
     pub timeout: Duration,
+    /// TLS to `https://` endpoints: the CA to verify etcd with, and the client certificate
+    /// for a cluster started with `--client-cert-auth`.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd, as PEM bytes (read once, when the settings are read).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct EtcdTls {
+    /// The CA(s) that signed etcd's server certificate.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate chain and private key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl EtcdTls {
+    /// Reads and checks the files; an error names the key (`etcd.cert_file`) and the file.
+    pub fn read(
+        ca_file: Option<&std::path::Path>,
+        client: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<EtcdTls, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let read = |key: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("etcd.{key}: {}: cannot read: {e}", p.display()))
+        };
+        let certs = |key: &str, p: &std::path::Path| -> Result<Vec<u8>, String> {
+            let pem = read(key, p)?;
+            let n = CertificateDer::pem_slice_iter(&pem)
+                .map(|c| c.map(|_| ()))
+                .collect::<Result<Vec<()>, _>>()
+                .map_err(|e| format!("etcd.{key}: {}: not PEM certificates: {e}", p.display()))?
+                .len();
+            if n == 0 {
+                return Err(format!(
+                    "etcd.{key}: {}: no PEM certificate in the file",
+                    p.display()
+                ));
+            }
+            Ok(pem)
+        };
+        let ca_pem = ca_file.map(|p| certs("ca_file", p)).transpose()?;
+        let identity = match client {
+            None => None,
+            Some((cert, key)) => {
+                let chain = certs("cert_file", cert)?;
+                let key_pem = read("key_file", key)?;
+                PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+                    format!(
+                        "etcd.key_file: {}: not a PEM private key: {e}",
+                        key.display()
+                    )
+                })?;
+                Some((chain, key_pem))
+            }
+        };
+        Ok(EtcdTls { ca_pem, identity })
+    }
 }
 
 // By hand: the password must never reach a log line.
@@ -39,6 +97,15 @@ impl std::fmt::Debug for EtcdConfig {
             .field("prefix", &self.prefix)
             .field("user", &self.user.as_ref().map(|(u, _)| u))
             .field("timeout", &self.timeout)
+            .field(
+                "tls",
+                &self.tls.as_ref().map(|t| {
+                    (
+                        t.ca_pem.as_ref().map(|_| "ca"),
+                        t.identity.as_ref().map(|_| "client certificate"),
+                    )
+                }),
+            )
             .finish()
     }
 }
@@ -50,6 +117,7 @@ impl EtcdConfig {
             prefix: prefix.trim_end_matches('/').to_owned(),
             user: None,
             timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -78,6 +146,16 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(10), config.timeout);
         if let Some((user, password)) = &config.user {
             options = options.with_user(user.clone(), password.clone());
+        }
+        if let Some(tls) = &config.tls {
+            let mut t = TlsOptions::new();
+            if let Some(ca) = &tls.ca_pem {
+                t = t.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(t);
         }
         let client = Client::connect(&config.endpoints, Some(options))
             .await
@@ -383,9 +461,37 @@ impl Watch {
 }
 
 fn unavailable(config: &EtcdConfig, what: &str, e: etcd_client::Error) -> StoreError {
+    // A transport error says only "transport error"; the TLS reason is in its sources.
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !detail.contains(&text) {
+            detail.push_str(": ");
+            detail.push_str(&text);
+        }
+        source = s.source();
+    }
+    // TLS 1.3 hands the client its session before the server checks the client certificate:
+    // a refused one shows as a closed connection or a bare alert, so say what it likely means.
+    let refused = [
+        "connection closed",
+        "broken pipe",
+        "connection reset",
+        "badcertificate",
+        "certificaterequired",
+        "unknownca",
+    ];
+    let lower = detail.to_ascii_lowercase();
+    if config.tls.is_some() && refused.iter().any(|r| lower.contains(r)) {
+        detail.push_str(
+            " (etcd closed the TLS connection: with --client-cert-auth it wants a client \
+             certificate of the CA it trusts, see etcd.cert_file and etcd.key_file)",
+        );
+    }
     StoreError::Unavailable {
         what: format!("{what} etcd at {}", config.endpoints.join(",")),
-        detail: e.to_string(),
+        detail,
     }
 }
 

@@ -45,29 +45,51 @@ pub fn etcd_bin() -> PathBuf {
     })
 }
 
+/// The files of an etcd that serves its clients over TLS and asks each for a certificate of
+/// `client_ca` (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    /// Server certificate (for 127.0.0.1) and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA client certificates must come from.
+    pub client_ca: PathBuf,
+}
+
 pub struct EtcdServer {
     child: Option<Child>,
     client_port: u16,
     peer_port: u16,
     _dir: TempDir,
     log: PathBuf,
+    tls: Option<EtcdTlsFiles>,
 }
 
 impl EtcdServer {
     pub fn start() -> EtcdServer {
+        Self::start_with(None)
+    }
+
+    /// An etcd whose client URL is `https://` and which requires a client certificate.
+    pub fn start_tls(files: &EtcdTlsFiles) -> EtcdServer {
+        Self::start_with(Some(files.clone()))
+    }
+
+    fn start_with(tls: Option<EtcdTlsFiles>) -> EtcdServer {
         let dir = tempfile::Builder::new()
             .prefix("pgmtls-etcd-")
             .tempdir()
             .expect("temp dir for etcd");
         for _attempt in 0..5 {
             let (client, peer) = (free_port(), free_port());
-            if let Some(s) = Self::try_start(&dir, client, peer) {
+            if let Some(s) = Self::try_start(&dir, client, peer, tls.as_ref()) {
                 return EtcdServer {
                     child: Some(s.0),
                     client_port: s.1,
                     peer_port: peer,
                     log: s.2,
                     _dir: dir,
+                    tls,
                 };
             }
         }
@@ -78,12 +100,26 @@ impl EtcdServer {
     }
 
     /// One attempt on fresh ports; `None` when etcd exited (a port was taken meanwhile).
-    fn try_start(dir: &TempDir, client: u16, peer: u16) -> Option<(Child, u16, PathBuf)> {
+    fn try_start(
+        dir: &TempDir,
+        client: u16,
+        peer: u16,
+        tls: Option<&EtcdTlsFiles>,
+    ) -> Option<(Child, u16, PathBuf)> {
         let data = dir.path().join(format!("data-{client}"));
         let log = dir.path().join(format!("etcd-{client}.log"));
-        let client_url = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut child = Command::new(etcd_bin())
+        let mut command = Command::new(etcd_bin());
+        if let Some(t) = tls {
+            command
+                .arg(format!("--cert-file={}", t.cert.display()))
+                .arg(format!("--key-file={}", t.key.display()))
+                .arg(format!("--trusted-ca-file={}", t.client_ca.display()))
+                .arg("--client-cert-auth");
+        }
+        let mut child = command
             .arg("--name=test")
             .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={client_url}"))
@@ -128,7 +164,8 @@ impl EtcdServer {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn log_path(&self) -> &Path {
@@ -146,10 +183,34 @@ impl EtcdServer {
     /// Starts the stopped server again on its ports and data directory (an outage ending).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "restart of a running etcd");
-        let (child, _, log) = Self::try_start(&self._dir, self.client_port, self.peer_port)
-            .expect("etcd did not restart on its ports");
+        let (child, _, log) = Self::try_start(
+            &self._dir,
+            self.client_port,
+            self.peer_port,
+            self.tls.as_ref(),
+        )
+        .expect("etcd did not restart on its ports");
         self.child = Some(child);
         self.log = log;
+    }
+
+    /// `etcdctl` against this server (over TLS: with `client` as its certificate and key, and
+    /// the server certificate's CA `ca`).
+    pub fn etcdctl_tls(
+        &self,
+        ca: &Path,
+        client: (&Path, &Path),
+        args: &[&str],
+    ) -> std::process::Output {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .arg(format!("--cacert={}", ca.display()))
+            .arg(format!("--cert={}", client.0.display()))
+            .arg(format!("--key={}", client.1.display()))
+            .args(args)
+            .output()
+            .expect("run etcdctl (Debian: apt-get install etcd-client)")
     }
 
     /// `etcdctl` against this server.
