@@ -40,11 +40,17 @@ pub struct HaProxy {
 impl HaProxy {
     /// HAProxy balancing round robin over `servers`, each sent a PROXY v2 header.
     pub fn start(servers: &[SocketAddr]) -> HaProxy {
+        Self::start_with(servers, "")
+    }
+
+    /// As [`HaProxy::start`], with `backend` lines added to the backend section (e.g.
+    /// `option redispatch 1`).
+    pub fn start_with(servers: &[SocketAddr], backend: &str) -> HaProxy {
         // The port is chosen before HAProxy binds it: another process may take it in between,
         // so a failed start is retried on a fresh port.
         let mut last = String::new();
         for _ in 0..5 {
-            match Self::try_start(servers, free_port()) {
+            match Self::try_start(servers, free_port(), backend) {
                 Ok(h) => return h,
                 Err(e) => last = e,
             }
@@ -52,7 +58,7 @@ impl HaProxy {
         panic!("HAProxy did not start: {last}");
     }
 
-    fn try_start(servers: &[SocketAddr], port: u16) -> Result<HaProxy, String> {
+    fn try_start(servers: &[SocketAddr], port: u16, backend: &str) -> Result<HaProxy, String> {
         let dir = tempfile::Builder::new()
             .prefix("pgmtls-haproxy-")
             .tempdir()
@@ -65,6 +71,9 @@ impl HaProxy {
             "frontend pg\n  bind 127.0.0.1:{port}\n  default_backend replicas\n\n\
              backend replicas\n  balance roundrobin\n"
         ));
+        for line in backend.lines() {
+            cfg.push_str(&format!("  {}\n", line.trim()));
+        }
         for (i, s) in servers.iter().enumerate() {
             cfg.push_str(&format!("  server r{} {s} send-proxy-v2\n", i + 1));
         }
