@@ -28,6 +28,9 @@ struct Known {
     /// Replicas seen in the registry that have left it since: a key of theirs is a session
     /// that was real, not a guess, and its cancel is reported as the peer being unavailable.
     departed: BTreeSet<u8>,
+    /// Why an entry was last ignored, so that an entry rewritten at every revision is
+    /// reported once, not at every state change.
+    ignored: HashMap<u8, String>,
 }
 
 /// The registry's replicas, by replica id. Cheap to clone: clones share the map.
@@ -100,13 +103,16 @@ impl RegistryPeers {
         match parsed {
             Parsed::Skip => {}
             Parsed::Unusable(why) => {
-                if let Some(id) = id_of_key(key) {
-                    known.peers.remove(&id);
+                let Some(id) = id_of_key(key) else { return };
+                known.peers.remove(&id);
+                if known.ignored.get(&id) != Some(&why) {
+                    tracing::warn!(key, reason = why, "peer directory: registry entry ignored");
+                    known.ignored.insert(id, why);
                 }
-                tracing::warn!(key, reason = why, "peer directory: registry entry ignored");
             }
             Parsed::Peer(id, addr) => {
                 known.departed.remove(&id);
+                known.ignored.remove(&id);
                 let previous = known.peers.insert(id, peer_addr(addr)).map(|p| p.addr);
                 if previous != Some(addr) {
                     tracing::info!(
@@ -122,6 +128,7 @@ impl RegistryPeers {
     fn delete(&self, key: &str) {
         let Some(id) = id_of_key(key) else { return };
         let mut known = write(&self.known);
+        known.ignored.remove(&id);
         if known.peers.remove(&id).is_some() {
             known.departed.insert(id);
             tracing::info!(
