@@ -110,31 +110,33 @@ fn check_manifest(name: &str) {
             .unwrap_or_else(|| panic!("{name}: nothing mounted at {path}"))
     };
     mount_for(cfg_path);
-    let state_dir = cfg.state_dir.unwrap();
-    let state_mount = mount_for(state_dir.to_str().unwrap());
-    let volumes = pod["spec"]["volumes"].as_array().unwrap();
-    let state_vol = volumes
-        .iter()
-        .find(|v| v["name"] == state_mount["name"])
-        .unwrap();
-    assert!(
-        state_vol["secret"]["defaultMode"].is_number(),
-        "{name}: key mode"
-    );
-    let items = state_vol["secret"]["items"].as_array().unwrap();
-    for f in [
-        "database.yaml",
-        "server.crt",
-        "server.key",
-        "ca.crt",
-        "ip-rules.yaml",
-    ] {
+    // With etcd: there is no state on disk (gateway_replicas_follow_the_etcd_of_etcd_yaml).
+    if let Some(state_dir) = &cfg.state_dir {
+        let state_mount = mount_for(state_dir.to_str().unwrap());
+        let volumes = pod["spec"]["volumes"].as_array().unwrap();
+        let state_vol = volumes
+            .iter()
+            .find(|v| v["name"] == state_mount["name"])
+            .unwrap();
         assert!(
-            items
-                .iter()
-                .any(|i| i["path"].as_str().unwrap().ends_with(&format!("/{f}"))),
-            "{name}: state secret lacks {f}"
+            state_vol["secret"]["defaultMode"].is_number(),
+            "{name}: key mode"
         );
+        let items = state_vol["secret"]["items"].as_array().unwrap();
+        for f in [
+            "database.yaml",
+            "server.crt",
+            "server.key",
+            "ca.crt",
+            "ip-rules.yaml",
+        ] {
+            assert!(
+                items
+                    .iter()
+                    .any(|i| i["path"].as_str().unwrap().ends_with(&format!("/{f}"))),
+                "{name}: state secret lacks {f}"
+            );
+        }
     }
     // The connection budgets fit the memory limit, at the measured costs (docs/CONFIG.md).
     let limit = c["resources"]["limits"]["memory"]
@@ -204,4 +206,161 @@ fn systemd_unit_is_hardened_and_reloads_with_sighup() {
     ] {
         assert!(has(line), "pgmtls.service lacks {line:?}");
     }
+}
+
+#[test]
+fn gateway_files_manifest_is_the_secret_publishing_fallback() {
+    check_manifest("gateway-files.yaml");
+    let docs = docs(&root().join("kubernetes/gateway-files.yaml"));
+    let cm = find(&docs, "ConfigMap")[0];
+    let cfg = Config::parse(
+        Path::new("pgmtls.yaml"),
+        cm["data"]["pgmtls.yaml"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert!(cfg.etcd.is_none() && cfg.state_dir.is_some());
+    let svc = find(&docs, "Service")[0];
+    assert_eq!(svc["spec"]["externalTrafficPolicy"], "Local");
+    assert_eq!(find(&docs, "Deployment")[0]["spec"]["replicas"], 3);
+}
+
+/// The command-line value of `--flag=VALUE` in a container's args.
+fn flag<'a>(args: &'a [Value], flag: &str) -> &'a str {
+    args.iter()
+        .filter_map(Value::as_str)
+        .find_map(|a| a.strip_prefix(&format!("--{flag}=")))
+        .unwrap_or_else(|| panic!("etcd.yaml: no --{flag}"))
+}
+
+#[test]
+fn gateway_replicas_follow_the_etcd_of_etcd_yaml() {
+    let gateway = docs(&root().join("kubernetes/gateway.yaml"));
+    let cm = find(&gateway, "ConfigMap")[0];
+    let cfg = Config::parse(
+        Path::new("pgmtls.yaml"),
+        cm["data"]["pgmtls.yaml"].as_str().unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("gateway.yaml: embedded config: {e}"));
+    // Every replica runs this one config: it names etcd and no state directory.
+    let etcd = cfg
+        .etcd
+        .as_ref()
+        .expect("gateway.yaml: the replicas follow etcd");
+    assert!(cfg.state_dir.is_none(), "gateway.yaml: state_dir and etcd");
+    let deploy = find(&gateway, "Deployment")[0];
+    let pod = &deploy["spec"]["template"]["spec"];
+    let volumes = pod["volumes"].as_array().unwrap();
+    for c in pod["containers"].as_array().unwrap() {
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let at = args.iter().position(|a| *a == "--config").unwrap();
+        let mount = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == args[at + 1])
+            .expect("the config is mounted");
+        let vol = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
+        assert_eq!(vol["configMap"]["name"], cm["metadata"]["name"]);
+    }
+
+    // The replica user of docs/etcd-roles.sh, its password from a Secret mounted read-only.
+    let roles =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/etcd-roles.sh"))
+            .unwrap();
+    let user = etcd.user.as_deref().expect("gateway.yaml: an etcd user");
+    assert_eq!(user, "pgmtls-replica");
+    assert!(
+        roles.contains(&format!("user add \"{user}:")),
+        "etcd-roles.sh"
+    );
+    assert!(roles.contains(&format!(": \"${{PGMTLS_PREFIX:={}}}\"", etcd.prefix)));
+    let password = etcd.password_file.as_ref().expect("a password_file");
+    let c = &pod["containers"][0];
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| password.starts_with(m["mountPath"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("nothing mounted at {}", password.display()));
+    assert_eq!(mount["readOnly"], true);
+    let vol = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
+    let secret = &vol["secret"];
+    // No other Secret: the state (and every key in it) comes from etcd, not from a volume.
+    assert_eq!(
+        volumes.iter().filter(|v| v["secret"].is_object()).count(),
+        1,
+        "gateway.yaml: replicas on etcd mount no published state"
+    );
+    assert!(
+        secret["secretName"].is_string(),
+        "the password comes from a Secret"
+    );
+    let rel = password
+        .strip_prefix(mount["mountPath"].as_str().unwrap())
+        .unwrap();
+    assert!(
+        secret["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| Path::new(i["path"].as_str().unwrap()) == rel),
+        "the Secret has no item at {}",
+        rel.display()
+    );
+    // The nonroot user reads the root-owned secret file through its group.
+    assert!(pod["securityContext"]["fsGroup"].is_number());
+    // The registry: a killed replica leaves `pgmtls fleet` within its TTL.
+    assert!(etcd.registry_ttl.as_secs() >= 1);
+
+    // The endpoints are the members etcd.yaml runs, at the Service's client port, and those
+    // members form one cluster.
+    let cluster = docs(&root().join("kubernetes/etcd.yaml"));
+    let sts = find(&cluster, "StatefulSet")[0];
+    let name = sts["metadata"]["name"].as_str().unwrap();
+    let svc_name = sts["spec"]["serviceName"].as_str().unwrap();
+    let svc = find(&cluster, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == svc_name)
+        .expect("the StatefulSet's Service");
+    assert_eq!(svc["spec"]["clusterIP"], "None", "a headless Service");
+    let port = svc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "client")
+        .and_then(|p| p["port"].as_u64())
+        .unwrap();
+    let members = sts["spec"]["replicas"].as_u64().unwrap();
+    let expected: Vec<String> = (0..members)
+        .map(|i| format!("http://{name}-{i}.{svc_name}:{port}"))
+        .collect();
+    assert_eq!(etcd.endpoints, expected, "gateway.yaml's etcd endpoints");
+    let args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap();
+    let initial: Vec<String> = (0..members)
+        .map(|i| format!("{name}-{i}=http://{name}-{i}.{svc_name}:2380"))
+        .collect();
+    assert_eq!(flag(args, "initial-cluster"), initial.join(","));
+    assert_eq!(
+        flag(args, "advertise-client-urls"),
+        format!("http://$(POD_NAME).{svc_name}:{port}")
+    );
+    // Only the gateway's pods (and the members) reach the client port.
+    let policy = find(&cluster, "NetworkPolicy")[0];
+    let gateway_labels = &deploy["spec"]["template"]["metadata"]["labels"];
+    assert!(
+        policy["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|rule| rule["from"][0]["podSelector"]["matchLabels"] == *gateway_labels),
+        "etcd.yaml: the NetworkPolicy does not admit the gateway"
+    );
+    assert_eq!(find(&cluster, "PodDisruptionBudget").len(), 1);
 }

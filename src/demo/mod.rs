@@ -2,8 +2,10 @@
 //! throwaway PostgreSQL (or uses `--upstream`), enables mTLS for a database `demo` with the
 //! real CLI commands, allowlists this machine, downloads a client certificate, runs the proxy
 //! with its admin endpoint, and prints what to type next. Ctrl-C stops everything and removes
-//! every file it made.
+//! every file it made. `--replicas N` runs the same database as a fleet on this machine
+//! instead ([`fleet`]).
 
+mod fleet;
 pub mod postgres;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -30,6 +32,11 @@ pub struct DemoArgs {
     /// Database the printed psql line connects to.
     #[arg(long, default_value = "postgres")]
     pub pg_database: String,
+    /// Run N replicas on etcd behind HAProxy (round robin, PROXY v2) instead of one proxy on a
+    /// state directory; 1 is the single-node demo.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=fleet::MAX_REPLICAS))]
+    pub replicas: u8,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -37,7 +44,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(demo(args))?;
+    if args.replicas > 1 {
+        rt.block_on(fleet::demo(args))?;
+    } else {
+        rt.block_on(demo(args))?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -57,70 +68,14 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     )?;
     say!("pgmtls demo: working in {}", work.path().display());
 
-    let mut local_pg = None;
-    let upstream = match &args.upstream {
-        Some(u) => u.clone(),
-        None => {
-            let pg = LocalPostgres::start(&work.path().join("pg")).map_err(|e| {
-                anyhow!(
-                    "{e}\nOr point the demo at a running server: pgmtls demo --upstream HOST:PORT"
-                )
-            })?;
-            let addr = format!("unix:{}", pg.socket_path().display());
-            say!(
-                "pgmtls demo: started PostgreSQL on {addr}, reachable only through pgmtls \
-                 (data in {})",
-                pg.dir.display()
-            );
-            local_pg = Some(pg);
-            addr
-        }
-    };
-
-    let state = work.path().join("state");
-    let client_dir = work.path().join("client");
     let listen = format!("127.0.0.1:{}", free_port()?);
-    let state_arg = state.to_string_lossy().into_owned();
-    let cli = |a: &[&str]| run_cli(&exe, a, &state_arg);
-    cli(&[
-        "mtls",
-        "create",
-        DB,
-        "--listen",
-        &listen,
-        "--upstream",
-        &upstream,
-        "--confirm",
-        DB,
-    ])?;
-    cli(&[
-        "ip-rules",
-        "create",
-        DB,
-        "--cidr",
-        "127.0.0.1/32",
-        "--description",
-        "this machine (demo)",
-    ])?;
-    let certs: serde_json::Value = serde_json::from_str(&cli(&["certificates", DB, "--json"])?)
-        .context("certificates --json")?;
-    let cert_id = certs
-        .get(0)
-        .and_then(|c| c["id"].as_str())
-        .ok_or_else(|| anyhow!("mtls create made no client certificate"))?
-        .to_owned();
-    let dir_arg = client_dir.to_string_lossy().into_owned();
-    cli(&[
-        "certificates",
-        "download",
-        DB,
-        "--id",
-        &cert_id,
-        "--prefix",
-        PREFIX,
-        "--dir",
-        &dir_arg,
-    ])?;
+    let setup = set_up_database(&exe, work.path(), &args, &listen)?;
+    let Setup {
+        local_pg,
+        state_arg,
+        client_dir,
+        cert_id,
+    } = setup;
 
     let config = work.path().join("pgmtls.yaml");
     std::fs::write(
@@ -177,6 +132,95 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     work.close().context("cannot remove the demo directory")?;
     say!("pgmtls demo: stopped and removed {}", dir.display());
     Ok(())
+}
+
+/// What the database set-up made: the throwaway server (stopped when dropped), the state
+/// directory, the client's files and the id of its certificate.
+struct Setup {
+    local_pg: Option<LocalPostgres>,
+    state_arg: String,
+    client_dir: PathBuf,
+    cert_id: String,
+}
+
+/// The throwaway PostgreSQL (unless `--upstream`), then the database `demo` with the real CLI
+/// commands: mTLS on `listen`, a rule for this machine, a client certificate downloaded.
+fn set_up_database(
+    exe: &Path,
+    work: &Path,
+    args: &DemoArgs,
+    listen: &str,
+) -> anyhow::Result<Setup> {
+    let mut local_pg = None;
+    let upstream = match &args.upstream {
+        Some(u) => u.clone(),
+        None => {
+            let pg = LocalPostgres::start(&work.join("pg")).map_err(|e| {
+                anyhow!(
+                    "{e}\nOr point the demo at a running server: pgmtls demo --upstream HOST:PORT"
+                )
+            })?;
+            let addr = format!("unix:{}", pg.socket_path().display());
+            say!(
+                "pgmtls demo: started PostgreSQL on {addr}, reachable only through pgmtls \
+                 (data in {})",
+                pg.dir.display()
+            );
+            local_pg = Some(pg);
+            addr
+        }
+    };
+
+    let state = work.join("state");
+    let client_dir = work.join("client");
+    let state_arg = state.to_string_lossy().into_owned();
+    let cli = |a: &[&str]| run_cli(exe, a, &state_arg);
+    cli(&[
+        "mtls",
+        "create",
+        DB,
+        "--listen",
+        listen,
+        "--upstream",
+        &upstream,
+        "--confirm",
+        DB,
+    ])?;
+    cli(&[
+        "ip-rules",
+        "create",
+        DB,
+        "--cidr",
+        "127.0.0.1/32",
+        "--description",
+        "this machine (demo)",
+    ])?;
+    let certs: serde_json::Value = serde_json::from_str(&cli(&["certificates", DB, "--json"])?)
+        .context("certificates --json")?;
+    let cert_id = certs
+        .get(0)
+        .and_then(|c| c["id"].as_str())
+        .ok_or_else(|| anyhow!("mtls create made no client certificate"))?
+        .to_owned();
+    let dir_arg = client_dir.to_string_lossy().into_owned();
+    cli(&[
+        "certificates",
+        "download",
+        DB,
+        "--id",
+        &cert_id,
+        "--prefix",
+        PREFIX,
+        "--dir",
+        &dir_arg,
+    ])?;
+
+    Ok(Setup {
+        local_pg,
+        state_arg,
+        client_dir,
+        cert_id,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -329,6 +373,17 @@ impl LocalPostgres {
 impl LocalPostgres {
     fn socket_path(&self) -> PathBuf {
         self.dir.join(format!(".s.PGSQL.{}", self.port))
+    }
+
+    /// The postmaster's PID: the first line of its `postmaster.pid`.
+    fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 
