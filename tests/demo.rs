@@ -351,3 +351,39 @@ fn running(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+#[test]
+fn fleet_demo_without_etcd_says_what_to_install_and_starts_nothing() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgmtls"))
+        .args(["demo", "--replicas", "2"])
+        .env("PATH", empty.path())
+        .env_remove("PGMTLS_ETCD_BIN")
+        .env_remove("PGMTLS_HAPROXY_BIN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("etcd not found"), "{err}");
+    assert!(err.contains("apt-get install etcd-server haproxy"), "{err}");
+    // It failed before making anything: no working directory, no PostgreSQL.
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_pgmtls"))
+        .args(["demo", "--replicas", "2"])
+        .env("PGMTLS_ETCD_BIN", empty.path().join("etcd"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PGMTLS_ETCD_BIN=") && err.contains("apt-get install"),
+        "{err}"
+    );
+}
