@@ -235,7 +235,7 @@ async fn fleet_demo_balances_over_replicas_on_etcd_and_cleans_up_on_sigint() {
     if !pg_available_or_skip() || !etcd_available_or_skip() || !haproxy_available_or_skip() {
         return;
     }
-    let mut demo = start_fleet_demo(3);
+    let demo = start_fleet_demo(3);
     assert!(
         demo.conninfo.contains("sslmode=verify-ca"),
         "{}",
@@ -306,8 +306,14 @@ async fn fleet_demo_balances_over_replicas_on_etcd_and_cleans_up_on_sigint() {
         assert!(err.contains("certificate revoked"), "{err}");
     }
 
+    stop_and_check(demo, "INT");
+}
+
+/// Sends `signal` to the demo: it exits cleanly, its directory is gone, and so is every
+/// process it listed.
+fn stop_and_check(mut demo: FleetDemo, signal: &str) {
     let ok = Command::new("kill")
-        .args(["-INT", &demo.child.id().to_string()])
+        .args([&format!("-{signal}"), &demo.child.id().to_string()])
         .status()
         .unwrap()
         .success();
@@ -385,5 +391,26 @@ fn fleet_demo_without_etcd_says_what_to_install_and_starts_nothing() {
     assert!(
         err.contains("PGMTLS_ETCD_BIN=") && err.contains("apt-get install"),
         "{err}"
+    );
+}
+
+#[test]
+fn fleet_demo_stops_everything_on_sigterm() {
+    if !pg_available_or_skip() || !etcd_available_or_skip() || !haproxy_available_or_skip() {
+        return;
+    }
+    let demo = start_fleet_demo(2);
+    assert_eq!(demo.metrics.len(), 2);
+    let out = psql(&demo.conninfo);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conninfo = demo.conninfo.clone();
+    stop_and_check(demo, "TERM");
+    assert!(
+        !psql(&conninfo).status.success(),
+        "the balancer still answers"
     );
 }

@@ -71,10 +71,10 @@ struct Proc {
     waiter: JoinHandle<()>,
 }
 
-#[derive(Default)]
 struct Procs {
     list: Vec<Proc>,
-    exits: Option<mpsc::UnboundedSender<String>>,
+    /// Where each waiter reports its process' exit; the demo stops when one comes early.
+    exits: mpsc::UnboundedSender<String>,
 }
 
 impl Procs {
@@ -91,9 +91,8 @@ impl Procs {
         let label = name.to_owned();
         let waiter = tokio::spawn(async move {
             let status = child.wait().await;
-            if let Some(tx) = exits {
-                let _ = tx.send(format!("{label} exited ({})", describe(status)));
-            }
+            // Nobody listens once the demo is stopping; that is fine.
+            let _ = exits.send(format!("{label} exited ({})", describe(status)));
         });
         self.list.push(Proc {
             name: name.to_owned(),
@@ -107,8 +106,6 @@ impl Procs {
     /// SIGTERM to each stage's processes at once, then their exit awaited (SIGKILL after
     /// [`STOP_TIMEOUT`]).
     async fn stop_all(&mut self) {
-        // The waiters report every exit from now on; nobody listens any more.
-        self.exits = None;
         let mut stages: Vec<u8> = self.list.iter().map(|p| p.stage).collect();
         stages.sort_unstable();
         stages.dedup();
@@ -205,7 +202,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let (tx, mut exits) = mpsc::unbounded_channel();
     let mut procs = Procs {
         list: Vec::new(),
-        exits: Some(tx),
+        exits: tx,
     };
     let mut local_pg = None;
     let started = start(
