@@ -299,6 +299,13 @@ async fn fleet_demo_balances_over_replicas_on_etcd_and_cleans_up_on_sigint() {
         // The registry has no push signal to a client; ask again.
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The CLI says so too: every live replica serves the revocation.
+    let certs: serde_json::Value = serde_json::from_str(&cli(
+        &demo.pgmtls_config,
+        &["certificates", "demo", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(certs[0]["status"], "revoked", "{certs:#}");
     for _ in 0..3 {
         let out = psql(&demo.conninfo);
         assert!(!out.status.success(), "a revoked certificate got in");

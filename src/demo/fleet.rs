@@ -308,9 +308,7 @@ async fn start(
              replicas follow.\n\
              etcd:\n  endpoints: [{endpoint}]\n  prefix: {ETCD_PREFIX}\n  user: {OPERATOR}\n  \
              password_file: secrets/etcd-operator.password\n\
-             # Replica 1's admin endpoint: where the CLI's status words come from.\n\
-             admin_listen: {}\n",
-            replicas[0].admin
+             # The status words (Authorized, revoked, ...) come from the replica registry.\n"
         ),
     )
     .with_context(|| format!("cannot write {}", operator.display()))?;
