@@ -479,6 +479,10 @@ fn import_state(state: &str, endpoint: &str, password_file: &Path) -> anyhow::Re
                 etcd_prefix: ETCD_PREFIX.to_owned(),
                 etcd_user: Some(OPERATOR.to_owned()),
                 etcd_password_file: Some(password_file.to_path_buf()),
+                // The demo's etcd listens on loopback only, without TLS.
+                etcd_ca_file: None,
+                etcd_cert_file: None,
+                etcd_key_file: None,
             },
             force: false,
             state: StateArgs {
