@@ -38,6 +38,7 @@ pub mod cli;
 pub mod client_verify;
 pub mod config;
 pub mod conn;
+pub mod console;
 pub mod control;
 pub mod demo;
 pub mod fleet;

@@ -47,6 +47,8 @@ pub enum Command {
     State(state::StateCmdArgs),
     /// List the replicas serving from etcd: id, version, revision served, peer address, age.
     Fleet(fleet::FleetArgs),
+    /// Serve the web console on loopback: the same changes as these commands, in a browser.
+    Console(crate::console::ConsoleArgs),
 }
 
 /// Runs one control command.
@@ -58,6 +60,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Databases(a) => mtls::databases(a),
         Command::State(a) => state::run(a),
         Command::Fleet(a) => fleet::run(a),
+        Command::Console(a) => crate::console::run(a),
     }
 }
 

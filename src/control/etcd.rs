@@ -225,6 +225,23 @@ impl Read {
             .ok_or_else(|| ControlError::NotFound(format!("etcd:{}/{key}: missing", self.prefix)))
     }
 
+    /// The audit records under `PREFIX/audit/`, in key order (the order they were written).
+    pub(super) fn audit_entries(&self) -> Result<Vec<crate::state::AuditEntry>> {
+        self.listing
+            .records
+            .range(AUDIT_PREFIX.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(AUDIT_PREFIX))
+            .map(|(k, v)| {
+                serde_json::from_slice(v).map_err(|e| {
+                    ControlError::Invalid(format!(
+                        "etcd:{}/{k}: not an audit record: {e}",
+                        self.prefix
+                    ))
+                })
+            })
+            .collect()
+    }
+
     /// The key after the last audit line and the `queued` keys already added to the change:
     /// two writers that read the same state pick the same one, and the guard lets only one
     /// of them commit.

@@ -255,6 +255,26 @@ impl Control {
         })
     }
 
+    /// Every audit record, oldest first: `STATE/audit.log`, or the keys under `PREFIX/audit/`.
+    /// Read-only (the console's activity list); a missing log is an empty one.
+    pub fn audit_log(&self) -> Result<Vec<AuditEntry>> {
+        if let Some(etcd) = &self.etcd {
+            return etcd.read()?.audit_entries();
+        }
+        let path = self.state.audit_log();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(ControlError::Invalid(format!(
+                    "{}: cannot read: {e}",
+                    path.display()
+                )))
+            }
+        };
+        state::parse_audit_log(&path, &text).map_err(|e| ControlError::Invalid(one_line(&e)))
+    }
+
     /// The CA private key of a database, to sign with: a file of the directory (with the
     /// proxy's permission check), or `PREFIX/secrets/databases/NAME/ca.key` in etcd.
     pub fn ca_key(&self, db: &DatabaseState) -> Result<Vec<u8>> {

@@ -1,0 +1,349 @@
+//! The console's HTML. Pages are built from plain values the handlers gathered; nothing here
+//! reads state or decides anything. maud escapes every value put into the markup.
+
+use maud::{html, Markup, DOCTYPE};
+
+use super::auth::Session;
+use crate::allowlist::MAX_RULES;
+use crate::state::{AuditEntry, MAX_DESCRIPTION};
+
+/// One row of the databases page.
+#[derive(Debug, Clone, Default)]
+pub struct DbRow {
+    pub name: String,
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub tls_status: String,
+    pub rules: Option<usize>,
+    pub certificates: Option<usize>,
+    pub next_expiry: Option<String>,
+    /// Why the database does not load, when it does not.
+    pub error: Option<String>,
+}
+
+/// One IP rule as listed.
+#[derive(Debug, Clone)]
+pub struct RuleRow {
+    pub id: String,
+    pub cidr: String,
+    pub description: String,
+    pub created: String,
+    pub status: String,
+}
+
+/// One client certificate as listed.
+#[derive(Debug, Clone)]
+pub struct CertRow {
+    pub id: String,
+    pub common_name: String,
+    pub created: String,
+    pub expires: String,
+    pub status: String,
+    pub revoked: bool,
+}
+
+/// Everything the page of one database shows.
+#[derive(Debug, Clone)]
+pub struct DbView {
+    pub name: String,
+    pub tls_status: String,
+    pub settings: Vec<(&'static str, String)>,
+    pub rules: Vec<RuleRow>,
+    pub certificates: Vec<CertRow>,
+    /// The database's audit records, newest first, or why they could not be read.
+    pub audit: Result<Vec<AuditEntry>, String>,
+}
+
+/// Which form an inline error belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Rules,
+    Certificates,
+}
+
+/// A refused change, shown next to the form it came from, with what was typed.
+#[derive(Debug, Clone)]
+pub struct FormError {
+    pub section: Section,
+    pub message: String,
+    pub cidr: String,
+    pub description: String,
+}
+
+fn layout(title: &str, session: Option<&Session>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · pgmtls console" }
+                link rel="stylesheet" href="/style.css";
+            }
+            body {
+                header.top {
+                    a.brand href="/" { "pgmtls console" }
+                    @if let Some(s) = session {
+                        nav {
+                            a href="/" { "Databases" }
+                            form.inline method="post" action="/logout" {
+                                (csrf(s))
+                                button.link type="submit" { "Log out" }
+                            }
+                        }
+                    }
+                }
+                main { (body) }
+            }
+        }
+    }
+}
+
+fn csrf(s: &Session) -> Markup {
+    html! { input type="hidden" name="csrf" value=(s.csrf); }
+}
+
+fn flash(message: Option<&str>) -> Markup {
+    html! {
+        @if let Some(m) = message {
+            p.notice role="status" { (m) }
+        }
+    }
+}
+
+/// `/login` without a (good) token.
+pub fn login(message: &str) -> Markup {
+    layout(
+        "Log in",
+        None,
+        html! {
+            h1 { "Log in" }
+            p.error role="alert" { (message) }
+            p {
+                "Open the login URL that " code { "pgmtls console" } " printed when it started ("
+                code { "http://127.0.0.1:PORT/login?token=…" } "). It works once; to log in "
+                "again, restart the console for a new one."
+            }
+        },
+    )
+}
+
+/// A page that only says what went wrong.
+pub fn error(session: Option<&Session>, title: &str, message: &str) -> Markup {
+    layout(
+        title,
+        session,
+        html! {
+            h1 { (title) }
+            p.error role="alert" { (message) }
+            p { a href="/" { "Back to the databases" } }
+        },
+    )
+}
+
+/// `/`: every database.
+pub fn databases(
+    session: &Session,
+    rows: &[DbRow],
+    proxy_note: Option<&str>,
+    login_failures: u64,
+    notice: Option<&str>,
+) -> Markup {
+    let n = |v: Option<usize>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    layout(
+        "Databases",
+        Some(session),
+        html! {
+            h1 { "Databases" }
+            (flash(notice))
+            @if let Some(note) = proxy_note {
+                p.note { "Proxy: " (note) }
+            }
+            @if rows.is_empty() {
+                p { "No databases yet. Enable one with " code { "pgmtls mtls create" } "." }
+            } @else {
+                div.scroll {
+                    table {
+                        thead { tr {
+                            th scope="col" { "Name" } th scope="col" { "Listen" }
+                            th scope="col" { "Upstream" } th scope="col" { "mTLS status" }
+                            th scope="col" { "IP rules" } th scope="col" { "Certificates" }
+                            th scope="col" { "Next certificate expiry" }
+                        } }
+                        tbody {
+                            @for r in rows {
+                                tr {
+                                    td { a href={ "/databases/" (r.name) } { (r.name) } }
+                                    @if let Some(e) = &r.error {
+                                        td colspan="6" .error { "does not load: " (e) }
+                                    } @else {
+                                        td { code { (r.listen.as_deref().unwrap_or("-")) } }
+                                        td { code { (r.upstream.as_deref().unwrap_or("-")) } }
+                                        td { (r.tls_status) }
+                                        td.num { (n(r.rules)) }
+                                        td.num { (n(r.certificates)) }
+                                        td { (r.next_expiry.as_deref().unwrap_or("-")) }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            p.small { "Refused login attempts since the console started: " (login_failures) }
+        },
+    )
+}
+
+/// `/databases/NAME`.
+pub fn database(
+    session: &Session,
+    view: &DbView,
+    proxy_note: Option<&str>,
+    notice: Option<&str>,
+    error: Option<&FormError>,
+) -> Markup {
+    let name = &view.name;
+    let form_error = |section: Section| error.filter(|e| e.section == section);
+    let full = view.rules.len() >= MAX_RULES;
+    layout(
+        name,
+        Some(session),
+        html! {
+            h1 { "Database " code { (name) } }
+            (flash(notice))
+            @if let Some(note) = proxy_note {
+                p.note { "Proxy: " (note) }
+            }
+            section aria-labelledby="settings" {
+                h2 #settings { "Settings" }
+                dl.settings {
+                    dt { "mTLS status" } dd { (view.tls_status) }
+                    @for (k, v) in &view.settings {
+                        dt { (k) } dd { code { (v) } }
+                    }
+                }
+            }
+            section aria-labelledby="rules" {
+                h2 #rules { "IP rules" }
+                p.count { (view.rules.len()) " of " (MAX_RULES) " rules" }
+                @if view.rules.is_empty() {
+                    p { "No IP rules: nobody can connect." }
+                } @else {
+                    div.scroll { table {
+                        thead { tr {
+                            th scope="col" { "ID" } th scope="col" { "CIDR" }
+                            th scope="col" { "Description" } th scope="col" { "Created" }
+                            th scope="col" { "Status" } th scope="col" { "Delete" }
+                        } }
+                        tbody { @for r in &view.rules { tr {
+                            td { code.id { (r.id) } }
+                            td { code { (r.cidr) } }
+                            td { (r.description) }
+                            td { (r.created) }
+                            td { (r.status) }
+                            td {
+                                form.inline method="post" action={ "/databases/" (name) "/ip-rules/delete" } {
+                                    (csrf(session))
+                                    input type="hidden" name="id" value=(r.id);
+                                    label {
+                                        input type="checkbox" name="confirm" value="yes" required;
+                                        " confirm"
+                                    }
+                                    button.danger type="submit" { "Delete " (r.cidr) }
+                                }
+                            }
+                        } } }
+                    } }
+                }
+                h3 { "Add a rule" }
+                @if let Some(e) = form_error(Section::Rules) {
+                    p.error role="alert" #rule-error { (e.message) }
+                }
+                @if full {
+                    p.error { "This database has the maximum of " (MAX_RULES) " rules: delete one before adding another." }
+                }
+                form.stacked method="post" action={ "/databases/" (name) "/ip-rules" } {
+                    (csrf(session))
+                    label for="cidr" { "CIDR block (no host bits), e.g. 203.0.113.7/32 or 2001:db8::/48" }
+                    input #cidr type="text" name="cidr" required
+                        value=(form_error(Section::Rules).map(|e| e.cidr.as_str()).unwrap_or(""));
+                    label for="description" { "Description (at most " (MAX_DESCRIPTION) " characters)" }
+                    input #description type="text" name="description"
+                        value=(form_error(Section::Rules).map(|e| e.description.as_str()).unwrap_or(""));
+                    button type="submit" disabled[full] { "Add rule" }
+                }
+            }
+            section aria-labelledby="certificates" {
+                h2 #certificates { "Client certificates" }
+                @if view.certificates.is_empty() {
+                    p { "No client certificates." }
+                } @else {
+                    div.scroll { table {
+                        thead { tr {
+                            th scope="col" { "ID" } th scope="col" { "Common name" }
+                            th scope="col" { "Created" } th scope="col" { "Expires" }
+                            th scope="col" { "Status" } th scope="col" { "Revoke" }
+                        } }
+                        tbody { @for c in &view.certificates { tr {
+                            td { code.id { (c.id) } }
+                            td { (c.common_name) }
+                            td { (c.created) }
+                            td { (c.expires) }
+                            td { (c.status) }
+                            td {
+                                @if !c.revoked {
+                                    form.inline method="post" action={ "/databases/" (name) "/certificates/revoke" } {
+                                        (csrf(session))
+                                        input type="hidden" name="id" value=(c.id);
+                                        label {
+                                            input type="checkbox" name="confirm" value="yes" required;
+                                            " confirm"
+                                        }
+                                        button.danger type="submit" { "Revoke" }
+                                    }
+                                }
+                            }
+                        } } }
+                    } }
+                }
+                p.small {
+                    "Download a certificate's files with "
+                    code { "pgmtls certificates download " (name) " --id ID" } "."
+                }
+                h3 { "Create a certificate" }
+                @if let Some(e) = form_error(Section::Certificates) {
+                    p.error role="alert" #certificate-error { (e.message) }
+                }
+                form.stacked method="post" action={ "/databases/" (name) "/certificates" } {
+                    (csrf(session))
+                    label for="common_name" { "Common name (optional; default: the certificate's id)" }
+                    input #common_name type="text" name="common_name";
+                    button type="submit" { "Create certificate" }
+                }
+            }
+            section aria-labelledby="activity" {
+                h2 #activity { "Activity" }
+                @match &view.audit {
+                    Err(e) => p.error { "The audit log cannot be read: " (e) },
+                    Ok(entries) if entries.is_empty() => p { "No changes recorded." },
+                    Ok(entries) => div.scroll { table {
+                        thead { tr {
+                            th scope="col" { "Time" } th scope="col" { "Actor" }
+                            th scope="col" { "Action" } th scope="col" { "Details" }
+                        } }
+                        tbody { @for a in entries { tr.audit {
+                            td { (crate::cli::output::human_time(a.time)) }
+                            td { (a.actor) }
+                            td { code { (a.action) } }
+                            td { code.details { (a.details.to_string()) } }
+                        } } }
+                    } },
+                }
+            }
+        },
+    )
+}
+
+/// The stylesheet, served as `/style.css` (CSP allows styles from the console itself only).
+pub const STYLE: &str = include_str!("style.css");

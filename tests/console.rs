@@ -1,0 +1,739 @@
+//! `pgmtls console` over real HTTP: the real binary on a state directory made with the CLI,
+//! a plain HTTP/1.1 client over a TCP stream. Every change the console makes must be the one
+//! the CLI would make (same messages, same records, one audit line with the console's actor),
+//! and every request without a session or without the session's CSRF token must change
+//! nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli_support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, ChildStdout, Stdio};
+use std::sync::{Arc, Mutex};
+
+use cli_support::Env;
+use serde_json::Value;
+
+/// A running `pgmtls console`, ended when dropped.
+struct Console {
+    child: Child,
+    addr: SocketAddr,
+    token: String,
+    stderr: Arc<Mutex<String>>,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Console {
+    fn start(env: &Env) -> Console {
+        let mut cmd = env.command(&["console"]);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        // The login line is the readiness signal: the listener is bound before it is printed.
+        let mut url = None;
+        for _ in 0..5 {
+            let mut line = String::new();
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            if let Some(u) = line.trim().strip_prefix("Log in (once) with: ") {
+                url = Some(u.to_owned());
+                break;
+            }
+        }
+        let url = url.unwrap_or_else(|| {
+            let _ = child.wait();
+            panic!("no login URL; stderr: {}", stderr.lock().unwrap())
+        });
+        let rest = url.strip_prefix("http://").unwrap();
+        let (hostport, query) = rest.split_once("/login?token=").unwrap();
+        assert_eq!(query.len(), 64, "a 32-byte hex token: {url}");
+        assert!(query.bytes().all(|b| b.is_ascii_hexdigit()));
+        Console {
+            child,
+            addr: hostport.parse().unwrap(),
+            token: query.to_owned(),
+            stderr,
+            _stdout: stdout,
+        }
+    }
+
+    fn get(&self, path: &str, cookie: Option<&str>) -> Resp {
+        http(self.addr, "GET", path, cookie, None)
+    }
+
+    fn post(&self, path: &str, cookie: Option<&str>, fields: &[(&str, &str)]) -> Resp {
+        http(self.addr, "POST", path, cookie, Some(&form(fields)))
+    }
+
+    /// Logs in with the printed token: the session cookie and the page's CSRF value.
+    fn login(&self) -> Login {
+        let r = self.get(&format!("/login?token={}", self.token), None);
+        assert_eq!(r.status, 303, "{}", r.body);
+        assert_eq!(r.header("location"), Some("/"));
+        let set = r.header("set-cookie").unwrap().to_owned();
+        let cookie = set.split(';').next().unwrap().to_owned();
+        let page = self.get("/", Some(&cookie));
+        assert_eq!(page.status, 200, "{}", page.body);
+        let csrf = field_value(&page.body, "csrf");
+        Login {
+            cookie,
+            set_cookie: set,
+            csrf,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Login {
+    cookie: String,
+    set_cookie: String,
+    csrf: String,
+}
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The page's text with maud's escapes undone, to compare messages with the CLI's.
+    fn text(&self) -> String {
+        self.body
+            .replace("&quot;", "\"")
+            .replace("&#39;", "'")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&")
+    }
+}
+
+/// One HTTP/1.1 request on its own connection, read to the end.
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    body: Option<&str>,
+) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(c) = cookie {
+        req.push_str(&format!("Cookie: {c}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body.unwrap_or(""));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Resp {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.trim().to_ascii_lowercase(), v.trim().to_owned())
+        })
+        .collect();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
+        let mut out = Vec::new();
+        let mut rest = body.as_slice();
+        loop {
+            let end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap().trim(), 16)
+                .unwrap();
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[end + 2..end + 2 + size]);
+            rest = &rest[end + 2 + size + 2..];
+        }
+        body = out;
+    }
+    Resp {
+        status,
+        headers,
+        body: String::from_utf8(body).unwrap(),
+    }
+}
+
+fn form(fields: &[(&str, &str)]) -> String {
+    let enc = |s: &str| {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect::<String>()
+    };
+    fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The value of the first `<input name=NAME value=...>` of a page.
+fn field_value(page: &str, name: &str) -> String {
+    let at = page
+        .find(&format!("name=\"{name}\" value=\""))
+        .unwrap_or_else(|| panic!("no {name} field in {page}"));
+    let rest = &page[at + name.len() + 15..];
+    rest[..rest.find('"').unwrap()].to_owned()
+}
+
+/// A state directory with database `app`, made by the CLI.
+fn env_with_app() -> Env {
+    let env = Env::new();
+    env.create_db("app", "127.0.0.1:0", "127.0.0.1:5432");
+    env
+}
+
+fn cli_error(env: &Env, args: &[&str]) -> String {
+    env.run(args)
+        .error()
+        .strip_prefix("pgmtls: error: ")
+        .unwrap()
+        .to_owned()
+}
+
+fn assert_security_headers(r: &Resp, what: &str) {
+    for (name, value) in pgmtls::console::SECURITY_HEADERS {
+        assert_eq!(
+            r.header(name),
+            Some(value),
+            "{what}: {name} in {:?}",
+            r.headers
+        );
+    }
+}
+
+const POSTS: [&str; 6] = [
+    "/logout",
+    "/databases/app/ip-rules",
+    "/databases/app/ip-rules/delete",
+    "/databases/app/certificates",
+    "/databases/app/certificates/revoke",
+    "/databases/nosuch/ip-rules",
+];
+
+#[test]
+fn every_route_refuses_without_a_session() {
+    let env = env_with_app();
+    let console = Console::start(&env);
+    let before = env.snapshot();
+    for cookie in [None, Some("pgmtls_console=00ff"), Some("other=1")] {
+        for path in ["/", "/databases/app", "/databases/nosuch", "/no-such-page"] {
+            let r = console.get(path, cookie);
+            assert_eq!(r.status, 303, "GET {path} with {cookie:?}: {}", r.body);
+            assert_eq!(r.header("location"), Some("/login"), "GET {path}");
+            assert!(!r.body.contains("app"), "GET {path} leaks: {}", r.body);
+            assert_security_headers(&r, path);
+        }
+        for path in POSTS {
+            let r = console.post(
+                path,
+                cookie,
+                &[
+                    ("cidr", "10.0.0.0/8"),
+                    ("id", "x"),
+                    ("confirm", "yes"),
+                    ("csrf", "x"),
+                ],
+            );
+            assert_eq!(r.status, 401, "POST {path} with {cookie:?}: {}", r.body);
+            assert!(r.text().contains("nothing was changed"), "{}", r.body);
+            assert_security_headers(&r, path);
+        }
+    }
+    assert_eq!(
+        env.snapshot(),
+        before,
+        "a refused request changed the state"
+    );
+    assert!(console.log().contains("no session"), "{}", console.log());
+    // The login page and the stylesheet are the only things served without a session.
+    let r = console.get("/login", None);
+    assert_eq!(r.status, 401);
+    assert!(
+        r.text().contains("Log in with the URL the console printed"),
+        "{}",
+        r.body
+    );
+    assert_security_headers(&r, "/login");
+    let css = console.get("/style.css", None);
+    assert_eq!(css.status, 200);
+    assert_eq!(css.header("content-type"), Some("text/css; charset=utf-8"));
+    assert_security_headers(&css, "/style.css");
+    // Another name for the same address (DNS rebinding) is refused before anything else.
+    let mut s = TcpStream::connect(console.addr).unwrap();
+    s.write_all(b"GET /login HTTP/1.1\r\nHost: evil.example:80\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    assert_eq!(parse_response(&raw).status, 421);
+}
+
+#[test]
+fn the_login_token_works_once_and_logout_ends_the_session() {
+    let env = env_with_app();
+    let console = Console::start(&env);
+    let wrong = console.get(&format!("/login?token={}", "0".repeat(64)), None);
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.header("set-cookie").is_none());
+    let login = console.login();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(
+            login.set_cookie.contains(attr),
+            "{attr}: {}",
+            login.set_cookie
+        );
+    }
+    let id = login.cookie.strip_prefix("pgmtls_console=").unwrap();
+    assert_eq!(id.len(), 64);
+    assert!(!id.contains(&console.token), "the cookie is not the token");
+    let again = console.get(&format!("/login?token={}", console.token), None);
+    assert_eq!(again.status, 401, "the token works once: {}", again.body);
+    assert!(again.header("set-cookie").is_none());
+    let log = console.log();
+    assert!(log.contains("login refused from 127.0.0.1"), "{log}");
+    assert!(log.contains("(2 refused since start)"), "{log}");
+    let page = console.get("/", Some(&login.cookie));
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains("href=\"/databases/app\""),
+        "{}",
+        page.body
+    );
+    assert!(page
+        .text()
+        .contains("Refused login attempts since the console started: 2"));
+    assert_security_headers(&page, "/");
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    // Logout is a POST with the CSRF value; afterwards the cookie opens nothing.
+    let out = console.post("/logout", Some(&login.cookie), &[("csrf", &login.csrf)]);
+    assert_eq!(out.status, 303);
+    assert!(out.header("set-cookie").unwrap().contains("Max-Age=0"));
+    let after = console.get("/", Some(&login.cookie));
+    assert_eq!(after.status, 303);
+    assert_eq!(after.header("location"), Some("/login"));
+}
+
+#[test]
+fn repeated_bad_tokens_lock_the_login() {
+    let env = env_with_app();
+    let console = Console::start(&env);
+    for i in 0..5 {
+        let r = console.get(&format!("/login?token=bad{i}"), None);
+        assert_eq!(r.status, 401, "attempt {i}");
+    }
+    // Locked: even the right token is refused, and it is not used up by the refusal.
+    let r = console.get(&format!("/login?token={}", console.token), None);
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.header("set-cookie").is_none());
+    assert!(r.header("retry-after").is_some());
+    assert!(r.text().contains("logins are locked"), "{}", r.body);
+    assert!(
+        console.log().contains("locked after 5 bad tokens"),
+        "{}",
+        console.log()
+    );
+}
+
+#[test]
+fn a_post_without_the_sessions_csrf_token_changes_nothing() {
+    let env = env_with_app();
+    let id = env.run(&["certificates", "create", "app", "--json"]).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let console = Console::start(&env);
+    let login = console.login();
+    let before = env.snapshot();
+    let wrong = "f".repeat(64);
+    for csrf in [
+        None,
+        Some(""),
+        Some(wrong.as_str()),
+        Some(&login.csrf[..63]),
+    ] {
+        let with = |mut f: Vec<(&'static str, String)>| {
+            if let Some(c) = csrf {
+                f.push(("csrf", c.to_owned()));
+            }
+            f
+        };
+        let forms: [(&str, Vec<(&str, String)>); 5] = [
+            (
+                "/databases/app/ip-rules",
+                with(vec![("cidr", "10.0.0.0/8".into())]),
+            ),
+            (
+                "/databases/app/certificates/revoke",
+                with(vec![("id", id.clone()), ("confirm", "yes".into())]),
+            ),
+            ("/databases/app/certificates", with(vec![])),
+            (
+                "/databases/app/ip-rules/delete",
+                with(vec![("id", "x".into()), ("confirm", "yes".into())]),
+            ),
+            ("/logout", with(vec![])),
+        ];
+        for (path, fields) in forms {
+            let f: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = console.post(path, Some(&login.cookie), &f);
+            assert_eq!(r.status, 403, "POST {path} with csrf {csrf:?}: {}", r.body);
+            assert!(r.text().contains("nothing was changed"), "{}", r.body);
+            assert_security_headers(&r, path);
+        }
+    }
+    assert_eq!(
+        env.snapshot(),
+        before,
+        "a POST without the CSRF token changed the state"
+    );
+    assert!(
+        console.log().contains("missing CSRF token"),
+        "{}",
+        console.log()
+    );
+    assert!(
+        console.log().contains("wrong CSRF token"),
+        "{}",
+        console.log()
+    );
+    // The session survived the refused logout, and with the right token the same form works.
+    let ok = console.post(
+        "/databases/app/ip-rules",
+        Some(&login.cookie),
+        &[("cidr", "10.0.0.0/8"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(ok.status, 303, "{}", ok.body);
+    assert_ne!(env.snapshot(), before);
+}
+
+#[test]
+fn a_rule_added_and_deleted_in_the_console_is_the_clis() {
+    let env = env_with_app();
+    let console = Console::start(&env);
+    let login = console.login();
+    let audit_before = env.audit_lines().len();
+    let r = console.post(
+        "/databases/app/ip-rules",
+        Some(&login.cookie),
+        &[
+            ("cidr", "203.0.113.0/24"),
+            ("description", "Office <VPN> & co"),
+            ("csrf", &login.csrf),
+        ],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.header("location"), Some("/databases/app"));
+    let rules = env.run(&["ip-rules", "app", "--json"]).json();
+    let rules = rules.as_array().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["cidr"], "203.0.113.0/24");
+    assert_eq!(rules[0]["description"], "Office <VPN> & co");
+    let rule_id = rules[0]["id"].as_str().unwrap().to_owned();
+    let audit = env.audit_lines();
+    assert_eq!(audit.len(), audit_before + 1, "one audit record per change");
+    let last = audit.last().unwrap();
+    assert_eq!(last["action"], "ip_rule.create");
+    assert_eq!(last["database"], "app");
+    assert_eq!(last["details"]["id"], Value::String(rule_id.clone()));
+    let actor = last["actor"].as_str().unwrap();
+    let label = actor
+        .strip_prefix("console:")
+        .and_then(|a| a.strip_suffix("@127.0.0.1"))
+        .unwrap_or_else(|| panic!("actor {actor}"));
+    assert_eq!(label.len(), 8);
+    assert!(
+        !login.cookie.contains(label),
+        "the actor names no part of the cookie"
+    );
+    // The page shows the rule (escaped), the count, the notice and the audit record.
+    let page = console.get("/databases/app", Some(&login.cookie));
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains("Office &lt;VPN&gt; &amp; co"),
+        "{}",
+        page.body
+    );
+    assert!(page.text().contains("1 of 60 rules"));
+    assert!(page
+        .text()
+        .contains(&format!("Added IP rule {rule_id} for 203.0.113.0/24")));
+    assert!(
+        page.body.contains(actor),
+        "the activity list names the actor"
+    );
+    assert!(page.body.contains("ip_rule.create"));
+    // Delete without ticking the confirmation: refused inline, nothing changed.
+    let before = env.snapshot();
+    let r = console.post(
+        "/databases/app/ip-rules/delete",
+        Some(&login.cookie),
+        &[("id", &rule_id), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.text().contains("tick \"confirm\""), "{}", r.body);
+    assert_eq!(env.snapshot(), before);
+    let r = console.post(
+        "/databases/app/ip-rules/delete",
+        Some(&login.cookie),
+        &[("id", &rule_id), ("confirm", "yes"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(
+        env.run(&["ip-rules", "app", "--json"]).json(),
+        Value::Array(vec![])
+    );
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(last["action"], "ip_rule.delete");
+    assert_eq!(last["actor"], actor);
+    // An id the database does not have: the CLI's message, inline.
+    let r = console.post(
+        "/databases/app/ip-rules/delete",
+        Some(&login.cookie),
+        &[("id", &rule_id), ("confirm", "yes"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 404);
+    let cli = cli_error(&env, &["ip-rules", "delete", "app", "--id", &rule_id]);
+    assert!(r.text().contains(&cli), "{cli} not in {}", r.body);
+}
+
+#[test]
+fn bad_input_gets_the_clis_message_inline_and_changes_nothing() {
+    let env = env_with_app();
+    let console = Console::start(&env);
+    let login = console.login();
+    let long = "d".repeat(256);
+    let cases: [(&str, &str, &str, u16); 4] = [
+        ("app", "10.0.0.1/8", "", 400),
+        ("app", "not-a-cidr", "", 400),
+        ("app", "10.0.0.0/8", long.as_str(), 400),
+        ("nosuch", "10.0.0.0/8", "", 404),
+    ];
+    let before = env.snapshot();
+    for (db, cidr, description, status) in cases {
+        let cli = cli_error(
+            &env,
+            &[
+                "ip-rules",
+                "create",
+                db,
+                "--cidr",
+                cidr,
+                "--description",
+                description,
+            ],
+        );
+        let r = console.post(
+            &format!("/databases/{db}/ip-rules"),
+            Some(&login.cookie),
+            &[
+                ("cidr", cidr),
+                ("description", description),
+                ("csrf", &login.csrf),
+            ],
+        );
+        assert_eq!(r.status, status, "{db} {cidr}: {}", r.body);
+        assert!(
+            r.text().contains(&cli),
+            "{cli:?} not in the page: {}",
+            r.body
+        );
+        if db == "app" {
+            // Inline, by the form, with what was typed kept in it.
+            assert!(r.body.contains("id=\"rule-error\""), "{}", r.body);
+            assert!(r.body.contains(&format!("value=\"{cidr}\"")), "{}", r.body);
+        }
+        assert_eq!(env.snapshot(), before, "{db} {cidr} changed the state");
+    }
+    assert!(
+        cli_error(&env, &["ip-rules", "create", "app", "--cidr", "10.0.0.1/8"])
+            .contains("did you mean 10.0.0.0/8")
+    );
+    // The 61st rule.
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    let rules: Vec<pgmtls::state::IpRule> = (0..60)
+        .map(|i| pgmtls::state::IpRule {
+            id: format!("rule-{i}"),
+            cidr: format!("10.{i}.0.0/16").parse().unwrap(),
+            description: String::new(),
+            created_at: now,
+            updated_at: now,
+        })
+        .collect();
+    std::fs::write(
+        env.db_dir("app").join("ip-rules.yaml"),
+        pgmtls::state::ip_rules_to_yaml(&rules),
+    )
+    .unwrap();
+    let page = console.get("/databases/app", Some(&login.cookie));
+    assert!(page.text().contains("60 of 60 rules"), "{}", page.body);
+    assert!(page.text().contains("maximum of 60 rules"));
+    let before = env.snapshot();
+    let cli = cli_error(
+        &env,
+        &["ip-rules", "create", "app", "--cidr", "192.0.2.0/24"],
+    );
+    assert!(cli.contains("the maximum is 60"), "{cli}");
+    let r = console.post(
+        "/databases/app/ip-rules",
+        Some(&login.cookie),
+        &[("cidr", "192.0.2.0/24"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.text().contains(&cli), "{}", r.body);
+    assert_eq!(env.snapshot(), before);
+}
+
+#[test]
+fn certificates_created_and_revoked_in_the_console_are_the_clis() {
+    let env = env_with_app();
+    let id = env.run(&["certificates", "create", "app", "--json"]).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let certificates_before = listed_count(&env);
+    let console = Console::start(&env);
+    let login = console.login();
+    let page = console.get("/databases/app", Some(&login.cookie));
+    assert!(page.body.contains(&id), "{}", page.body);
+    // Revoke without the confirmation: refused, nothing changed.
+    let before = env.snapshot();
+    let r = console.post(
+        "/databases/app/certificates/revoke",
+        Some(&login.cookie),
+        &[("id", &id), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("id=\"certificate-error\""), "{}", r.body);
+    assert_eq!(env.snapshot(), before);
+    let r = console.post(
+        "/databases/app/certificates/revoke",
+        Some(&login.cookie),
+        &[("id", &id), ("confirm", "yes"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let status = |id: &str| {
+        let listed = env.run(&["certificates", "app", "--json"]).json();
+        let one = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .cloned();
+        one.map(|c| c["status"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(status(&id).as_deref(), Some("revoked"));
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(last["action"], "certificate.revoke");
+    assert!(last["actor"].as_str().unwrap().starts_with("console:"));
+    // Revoking it again: the CLI's refusal, inline.
+    let cli = cli_error(&env, &["certificates", "revoke", "app", "--id", &id]);
+    let r = console.post(
+        "/databases/app/certificates/revoke",
+        Some(&login.cookie),
+        &[("id", &id), ("confirm", "yes"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.text().contains(&cli), "{cli} not in {}", r.body);
+    // Create one through the form, with a common name.
+    let r = console.post(
+        "/databases/app/certificates",
+        Some(&login.cookie),
+        &[("common_name", "reporting"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(last["action"], "certificate.create");
+    assert_eq!(last["details"]["common_name"], "reporting");
+    let new_id = last["details"]["id"].as_str().unwrap();
+    assert_eq!(status(new_id).as_deref(), Some("ready"));
+    assert_eq!(listed_count(&env), certificates_before + 1);
+}
+
+fn listed_count(env: &Env) -> usize {
+    env.run(&["certificates", "app", "--json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn a_non_loopback_listen_is_refused() {
+    let env = env_with_app();
+    let out = env.run(&["console", "--listen", "0.0.0.0:0"]);
+    let e = out.error();
+    assert!(e.contains("--listen 0.0.0.0:0"), "{e}");
+    assert!(e.contains("loopback addresses only"), "{e}");
+    assert!(e.contains("no TLS yet"), "{e}");
+}
