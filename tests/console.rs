@@ -99,8 +99,22 @@ impl Console {
         }
     }
 
-    fn log(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+    /// Waits for `needle` in the console's stderr (read by a thread, so a line the console
+    /// wrote before answering may arrive here just after the answer).
+    #[track_caller]
+    fn expect_log(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if self.stderr.lock().unwrap().contains(needle) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{needle:?} not in the log: {}",
+                self.stderr.lock().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
@@ -311,7 +325,7 @@ fn every_route_refuses_without_a_session() {
         before,
         "a refused request changed the state"
     );
-    assert!(console.log().contains("no session"), "{}", console.log());
+    console.expect_log("no session");
     // The login page and the stylesheet are the only things served without a session.
     let r = console.get("/login", None);
     assert_eq!(r.status, 401);
@@ -355,9 +369,8 @@ fn the_login_token_works_once_and_logout_ends_the_session() {
     let again = console.get(&format!("/login?token={}", console.token), None);
     assert_eq!(again.status, 401, "the token works once: {}", again.body);
     assert!(again.header("set-cookie").is_none());
-    let log = console.log();
-    assert!(log.contains("login refused from 127.0.0.1"), "{log}");
-    assert!(log.contains("(2 refused since start)"), "{log}");
+    console.expect_log("login refused from 127.0.0.1");
+    console.expect_log("(2 refused since start)");
     let page = console.get("/", Some(&login.cookie));
     assert_eq!(page.status, 200);
     assert!(
@@ -396,11 +409,7 @@ fn repeated_bad_tokens_lock_the_login() {
     assert!(r.header("set-cookie").is_none());
     assert!(r.header("retry-after").is_some());
     assert!(r.text().contains("logins are locked"), "{}", r.body);
-    assert!(
-        console.log().contains("locked after 5 bad tokens"),
-        "{}",
-        console.log()
-    );
+    console.expect_log("locked after 5 bad tokens");
 }
 
 #[test]
@@ -455,16 +464,8 @@ fn a_post_without_the_sessions_csrf_token_changes_nothing() {
         before,
         "a POST without the CSRF token changed the state"
     );
-    assert!(
-        console.log().contains("missing CSRF token"),
-        "{}",
-        console.log()
-    );
-    assert!(
-        console.log().contains("wrong CSRF token"),
-        "{}",
-        console.log()
-    );
+    console.expect_log("missing CSRF token");
+    console.expect_log("wrong CSRF token");
     // The session survived the refused logout, and with the right token the same form works.
     let ok = console.post(
         "/databases/app/ip-rules",
