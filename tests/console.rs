@@ -738,3 +738,75 @@ fn a_non_loopback_listen_is_refused() {
     assert!(e.contains("loopback addresses only"), "{e}");
     assert!(e.contains("no TLS yet"), "{e}");
 }
+
+/// The same flows in a real browser: headless Chromium (Debian's `chromium`) driven by
+/// playwright-core (`tests/browser`, installed by `.ci/run`), with page JavaScript off. The
+/// changes it makes must then be what the CLI shows, with the console's actor.
+#[test]
+fn a_browser_logs_in_changes_rules_and_certificates_and_logs_out() {
+    let browser_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let chromium = std::env::var("PGMTLS_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).exists(),
+        "{chromium} missing: `apt-get install chromium` (.ci/run does)"
+    );
+    assert!(
+        browser_dir.join("node_modules/playwright-core").exists(),
+        "playwright-core missing: `npm ci --prefix tests/browser` (.ci/run does)"
+    );
+    let env = env_with_app();
+    let certificates_before = listed_count(&env);
+    let console = Console::start(&env);
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let login_url = format!("http://{}/login?token={}", console.addr, console.token);
+    let out = std::process::Command::new("node")
+        .arg(browser_dir.join("console.mjs"))
+        .arg(&login_url)
+        .arg(&shots)
+        .env("PGMTLS_CHROMIUM", &chromium)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "browser run failed:\n{}\n{}\nconsole log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        console.stderr.lock().unwrap()
+    );
+    eprintln!("screenshots in {}", shots.display());
+    for name in [
+        "databases-1280",
+        "rule-error-1280",
+        "database-1280",
+        "database-390",
+    ] {
+        let png = std::fs::read(shots.join(format!("{name}.png"))).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "{name}.png");
+    }
+    // What the browser did is what the CLI sees: the rule added and deleted, one certificate
+    // revoked, each change one audit record by the console's session.
+    assert_eq!(
+        env.run(&["ip-rules", "app", "--json"]).json(),
+        Value::Array(vec![])
+    );
+    let listed = env.run(&["certificates", "app", "--json"]).json();
+    let revoked = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "revoked")
+        .count();
+    assert_eq!(revoked, 1);
+    assert_eq!(listed_count(&env), certificates_before);
+    let audit = env.audit_lines();
+    let by_console: Vec<&str> = audit
+        .iter()
+        .filter(|a| a["actor"].as_str().unwrap().starts_with("console:"))
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        by_console,
+        ["ip_rule.create", "ip_rule.delete", "certificate.revoke"]
+    );
+}
