@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli_support;
+mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -26,8 +27,12 @@ struct Console {
 }
 
 impl Console {
+    /// `pgmtls console` on the test's state directory.
     fn start(env: &Env) -> Console {
-        let mut cmd = env.command(&["console"]);
+        Console::spawn(env.command(&["console"]))
+    }
+
+    fn spawn(mut cmd: std::process::Command) -> Console {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -809,4 +814,87 @@ fn a_browser_logs_in_changes_rules_and_certificates_and_logs_out() {
         by_console,
         ["ip_rule.create", "ip_rule.delete", "certificate.revoke"]
     );
+}
+
+/// With an `etcd:` config the console changes etcd, as the CLI does there: a rule added in the
+/// page is what `ip-rules` reads from etcd, its audit key names the console's session, and the
+/// page's activity list reads the audit keys back.
+#[test]
+fn on_etcd_a_rule_added_in_the_console_is_in_etcd_with_its_audit_record() {
+    if !common::etcd::etcd_available_or_skip() {
+        return;
+    }
+    let etcd = common::etcd::EtcdServer::start();
+    let env = env_with_app();
+    env.run(&[
+        "state",
+        "import",
+        "--etcd-endpoints",
+        &etcd.endpoint(),
+        "--etcd-prefix",
+        "/pgmtls",
+    ])
+    .ok();
+    let config = env.dir.path().join("pgmtls.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "etcd:\n  endpoints: [{}]\n  prefix: /pgmtls\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let on_etcd = |args: &[&str]| {
+        let mut cmd = env.command(args);
+        cmd.env_remove("PGMTLS_STATE_DIR")
+            .env("PGMTLS_CONFIG", &config);
+        cmd
+    };
+    let dir_before = env.snapshot();
+    let console = Console::spawn(on_etcd(&["console"]));
+    let login = console.login();
+    let r = console.post(
+        "/databases/app/ip-rules",
+        Some(&login.cookie),
+        &[
+            ("cidr", "198.51.100.0/24"),
+            ("description", "etcd"),
+            ("csrf", &login.csrf),
+        ],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let out = on_etcd(&["ip-rules", "app", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rules[0]["cidr"], "198.51.100.0/24");
+    assert_eq!(
+        env.snapshot(),
+        dir_before,
+        "the directory is not the state any more"
+    );
+    let page = console.get("/databases/app", Some(&login.cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.text().contains("1 of 60 rules"), "{}", page.body);
+    let activity = &page.body[page.body.find("id=\"activity\"").unwrap()..];
+    assert!(
+        activity.contains("console:") && activity.contains("ip_rule.create"),
+        "{activity}"
+    );
+    // The same refusal as the CLI's, from etcd's state.
+    let cli = on_etcd(&["ip-rules", "create", "app", "--cidr", "198.51.100.0/24"])
+        .output()
+        .unwrap();
+    let cli = String::from_utf8_lossy(&cli.stderr);
+    let cli = cli.trim().strip_prefix("pgmtls: error: ").unwrap();
+    let r = console.post(
+        "/databases/app/ip-rules",
+        Some(&login.cookie),
+        &[("cidr", "198.51.100.0/24"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 409);
+    assert!(r.text().contains(cli), "{cli} not in {}", r.body);
 }
