@@ -105,6 +105,28 @@ pub struct Status {
     /// Where the state comes from; absent in older versions.
     #[serde(default)]
     pub source: Option<SourceStatus>,
+    /// The last run of `pgmtls certificates renew`, from the state's `renewal.yaml`; absent
+    /// where the source keeps none (etcd replicas, quick mode) and in older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal: Option<RenewalStatus>,
+}
+
+/// When certificate renewal last ran and last succeeded, as of the last reload. Every field
+/// is null until a run is recorded; `error` says why the record could not be read (then the
+/// times are unknown, and nothing served is affected).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewalStatus {
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_run_at: Option<OffsetDateTime>,
+    /// `success` or `failure`.
+    #[serde(default)]
+    pub last_run_result: Option<String>,
+    #[serde(default)]
+    pub last_run_errors: Option<u64>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_success_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// The state's source: `state_dir`, `etcd` or `flags` (quick mode).
@@ -583,6 +605,7 @@ mod tests {
                 },
                 databases: BTreeMap::new(),
                 source: None,
+                renewal: None,
             }
         }
     }

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::{AdminSource, LastReload, SourceStatus, Status};
+use crate::admin::{AdminSource, LastReload, RenewalStatus, SourceStatus, Status};
 use crate::config::{Config, ConfigErrors};
 use crate::conn::Context;
 use crate::limits::Limits;
@@ -23,7 +23,7 @@ use crate::sessions::EndReason;
 use crate::snapshot::Snapshot;
 use crate::state::{
     read_private_key, DatabaseSettings, DatabaseState, IpRule, LoadedDatabase, MaterialPaths,
-    StateDir, UpstreamAddr, UpstreamTls,
+    RenewalRecord, StateDir, UpstreamAddr, UpstreamTls,
 };
 
 /// Where the databases come from.
@@ -161,6 +161,15 @@ impl Source {
         }
     }
 
+    /// The renewal record (`renewal.yaml`), where this source has one: a directory's. An etcd
+    /// replica reads `PREFIX/databases/` only, and quick mode has no state to renew.
+    pub fn renewal(&self) -> Result<Option<RenewalRecord>, ConfigErrors> {
+        match self {
+            Source::StateDir(s) => RenewalRecord::read(s.root()),
+            Source::Etcd(_) | Source::Quick(_) => Ok(None),
+        }
+    }
+
     /// What the reloader watches: the state directory (recursively) and the config file, or
     /// in quick mode the PEM files named on the command line.
     pub fn watch_plan(&self, config_file: Option<&Path>) -> WatchPlan {
@@ -194,6 +203,14 @@ pub struct ReloadStatus {
     /// The errors of each database the last reload could not apply; each such database
     /// keeps serving its previous configuration, if it had one.
     pub database_errors: BTreeMap<String, String>,
+}
+
+/// What the proxy last read of the renewal record: the record, or why it could not be read
+/// (then the renewal times are unknown; nothing served depends on them).
+#[derive(Debug, Clone, Default)]
+pub struct RenewalView {
+    pub record: Option<RenewalRecord>,
+    pub error: Option<String>,
 }
 
 /// What a reload could not apply: the config file or the state as a whole (`global`), and
@@ -255,6 +272,7 @@ pub struct App {
     generation: AtomicU64,
     reload_lock: tokio::sync::Mutex<()>,
     pub reload_status: Mutex<ReloadStatus>,
+    renewal: Mutex<RenewalView>,
     draining: watch::Sender<bool>,
     /// Where the peer channel listens, once bound (the replica registry advertises it).
     peer_addr: std::sync::OnceLock<SocketAddr>,
@@ -334,10 +352,13 @@ impl App {
                 last_trigger: Some(ReloadKind::startup),
                 database_errors: BTreeMap::new(),
             }),
+            renewal: Mutex::new(RenewalView::default()),
             draining,
             peer_addr: std::sync::OnceLock::new(),
             registry_peers,
         });
+        let renewal = app.source.renewal();
+        app.apply_renewal(renewal);
         let dbs: Vec<(String, SocketAddr)> = app
             .ctx
             .snapshot
@@ -457,6 +478,43 @@ impl App {
         self.reload_locked(trigger).await
     }
 
+    /// Keeps what was read of the renewal record for `/status` and the gauges. A record that
+    /// does not load is a warning that names file and field; it never fails a reload.
+    fn apply_renewal(&self, read: Result<Option<RenewalRecord>, ConfigErrors>) {
+        let view = match read {
+            Ok(record) => RenewalView {
+                record,
+                error: None,
+            },
+            Err(e) => {
+                let error = crate::state::one_line(&e);
+                tracing::warn!(error = %error, "renewal record does not load; renewal times are unknown");
+                RenewalView {
+                    record: None,
+                    error: Some(error),
+                }
+            }
+        };
+        self.ctx.metrics.set_renewal(view.record.as_ref());
+        *lock(&self.renewal) = view;
+    }
+
+    /// `/status`'s `renewal`: absent where the source keeps no renewal record.
+    fn renewal_status(&self) -> Option<RenewalStatus> {
+        if !matches!(self.source, Source::StateDir(_)) {
+            return None;
+        }
+        let view = lock(&self.renewal).clone();
+        let r = view.record.as_ref();
+        Some(RenewalStatus {
+            last_run_at: r.map(|r| r.last_run_at),
+            last_run_result: r.map(|r| r.last_run_result.as_str().to_owned()),
+            last_run_errors: r.map(|r| r.last_run_errors),
+            last_success_at: r.and_then(|r| r.last_success_at),
+            error: view.error,
+        })
+    }
+
     /// Makes the outcome visible in `/status` and the metrics. Called before the outcome's log
     /// line, so whoever reacts to the line finds status and metrics already agreeing with it.
     fn record_outcome(&self, trigger: ReloadKind, errors: &ReloadErrors) {
@@ -510,7 +568,7 @@ impl App {
         let previous = Arc::clone(&old);
         // Reading files and parsing certificates blocks: keep it off the async workers so
         // that accept loops and relays never wait behind a reload.
-        let (file_config, snapshot, errors) = tokio::task::spawn_blocking(move || {
+        let (file_config, snapshot, errors, renewal) = tokio::task::spawn_blocking(move || {
             let _lock = match &source {
                 Source::StateDir(s) => crate::reload::read_lock(s.root()),
                 Source::Etcd(_) | Source::Quick(_) => None,
@@ -537,7 +595,8 @@ impl App {
                     None
                 }
             };
-            (config, snapshot, errors)
+            let renewal = source.renewal();
+            (config, snapshot, errors, Some(renewal))
         })
         .await
         .unwrap_or_else(|e| {
@@ -550,10 +609,13 @@ impl App {
                 ),
                 databases: BTreeMap::new(),
             };
-            (None, None, errors)
+            (None, None, errors, None)
         });
         if let Some(fc) = &file_config {
             self.apply_file_config(fc);
+        }
+        if let Some(r) = renewal {
+            self.apply_renewal(r);
         }
         let snapshot = match snapshot {
             Some(s) if s.content_hash() != old.content_hash() => s,
@@ -823,6 +885,7 @@ impl AdminSource for App {
                     (name, db)
                 })
                 .collect(),
+            renewal: self.renewal_status(),
             source: Some(match &self.source {
                 Source::StateDir(_) => SourceStatus {
                     kind: "state_dir".into(),

@@ -164,6 +164,10 @@ pub struct Metrics {
     pub server_cert_expiry: Family<DbLabel, Gauge>,
     pub ca_cert_expiry: Family<DbLabel, Gauge>,
     pub build_info: Family<BuildLabels, Gauge>,
+    /// The renewal record's times: one unlabelled series each while a record is known, none
+    /// otherwise (so "absent" and "old" are both visible to an alert).
+    pub renewal_last_run: Family<Vec<(String, String)>, Gauge>,
+    pub renewal_last_success: Family<Vec<(String, String)>, Gauge>,
     /// Databases and certificates that have series, so the ones that disappear can be removed.
     known: Mutex<Known>,
 }
@@ -258,6 +262,18 @@ impl Metrics {
         let server_cert_expiry = Family::<DbLabel, Gauge>::default();
         let ca_cert_expiry = Family::<DbLabel, Gauge>::default();
         let build_info = Family::<BuildLabels, Gauge>::default();
+        let renewal_last_run = Family::<Vec<(String, String)>, Gauge>::default();
+        let renewal_last_success = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "renewal_last_run_timestamp_seconds",
+            "When `pgmtls certificates renew` last ran over every database (Unix time), from renewal.yaml",
+            renewal_last_run.clone(),
+        );
+        registry.register(
+            "renewal_last_success_timestamp_seconds",
+            "When `pgmtls certificates renew` last ran without an error (Unix time), from renewal.yaml",
+            renewal_last_success.clone(),
+        );
         registry.register(
             "reloads",
             "Configuration reloads, by what started them and whether they were applied",
@@ -360,7 +376,25 @@ impl Metrics {
             server_cert_expiry,
             ca_cert_expiry,
             build_info,
+            renewal_last_run,
+            renewal_last_success,
             known: Mutex::new(Known::default()),
+        }
+    }
+
+    /// Sets the renewal gauges from the record, or removes them when it is unknown.
+    pub fn set_renewal(&self, record: Option<&crate::state::RenewalRecord>) {
+        self.renewal_last_run.clear();
+        self.renewal_last_success.clear();
+        if let Some(r) = record {
+            self.renewal_last_run
+                .get_or_create(&Vec::new())
+                .set(r.last_run_at.unix_timestamp());
+            if let Some(t) = r.last_success_at {
+                self.renewal_last_success
+                    .get_or_create(&Vec::new())
+                    .set(t.unix_timestamp());
+            }
         }
     }
 

@@ -564,3 +564,65 @@ fn a_lost_crl_is_reported_and_renew_rewrites_it_from_the_records() {
     assert_eq!(c.revoked_serials, vec![serial]);
     env.run(&["databases"]).ok();
 }
+
+fn renewal_record(env: &Env) -> pgmtls::state::RenewalRecord {
+    pgmtls::state::RenewalRecord::read(&env.state)
+        .unwrap()
+        .expect("renewal.yaml written")
+}
+
+/// Every run over all databases leaves `renewal.yaml` and a `renewal.run` audit record; a
+/// failed run moves last_run_at and keeps last_success_at; `renew DB` records nothing.
+#[test]
+fn renew_records_each_run_and_a_failure_keeps_the_last_success() {
+    use pgmtls::state::RenewalResult;
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = Env::new();
+    env.create_db("app", "127.0.0.1:0", "127.0.0.1:5432");
+    assert!(pgmtls::state::RenewalRecord::read(&env.state)
+        .unwrap()
+        .is_none());
+    env.run(&["certificates", "renew", "--notify-command", "true"])
+        .ok();
+    let ok = renewal_record(&env);
+    assert_eq!(ok.last_run_result, RenewalResult::Success);
+    assert_eq!(ok.last_run_errors, 0);
+    assert_eq!(ok.last_success_at, Some(ok.last_run_at));
+    assert_eq!(mode(&env.state.join("renewal.yaml")), 0o644);
+    let audit = env.audit_lines();
+    let run = audit.last().unwrap();
+    assert_eq!(run["action"], "renewal.run");
+    assert_eq!(run["details"]["result"], "success");
+
+    // A CA key readable by others is refused when signing: that database fails the run.
+    let key = env.db_dir("app").join("ca.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = env.run(&["certificates", "renew", "--notify-command", "true"]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("database app"), "{}", out.stderr);
+    let failed = renewal_record(&env);
+    assert_eq!(failed.last_run_result, RenewalResult::Failure);
+    assert_eq!(failed.last_run_errors, 1);
+    assert!(failed.last_run_at >= ok.last_run_at);
+    assert_eq!(failed.last_success_at, ok.last_success_at);
+    let run = env.audit_lines().last().unwrap().clone();
+    assert_eq!(run["action"], "renewal.run");
+    assert_eq!(run["details"]["result"], "failure");
+    assert_eq!(run["details"]["errors"], 1);
+
+    // One database is not a scheduled run: the record stays as it was.
+    let before = std::fs::read(env.state.join("renewal.yaml")).unwrap();
+    let out = env.run(&["certificates", "renew", "app"]);
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        std::fs::read(env.state.join("renewal.yaml")).unwrap(),
+        before
+    );
+
+    // A record that does not parse does not stop the next run: it is replaced.
+    std::fs::write(env.state.join("renewal.yaml"), "last_run_at: yesterday\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    env.run(&["certificates", "renew"]).ok();
+    let again = renewal_record(&env);
+    assert_eq!(again.last_run_result, RenewalResult::Success);
+}

@@ -364,3 +364,285 @@ fn gateway_replicas_follow_the_etcd_of_etcd_yaml() {
     );
     assert_eq!(find(&cluster, "PodDisruptionBudget").len(), 1);
 }
+
+/// `KEY=VALUE` lines of one section of a unit file, in order.
+fn unit_section(unit: &str, section: &str) -> Vec<(String, String)> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for l in unit.lines().map(str::trim) {
+        if l.starts_with('[') {
+            inside = l == format!("[{section}]");
+        } else if inside && !l.starts_with('#') {
+            if let Some((k, v)) = l.split_once('=') {
+                out.push((k.to_owned(), v.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn renew_timer_runs_the_renew_service_daily_with_the_proxys_hardening() {
+    let dir = root().join("systemd");
+    let timer = std::fs::read_to_string(dir.join("pgmtls-renew.timer")).unwrap();
+    let service = std::fs::read_to_string(dir.join("pgmtls-renew.service")).unwrap();
+    let proxy = std::fs::read_to_string(dir.join("pgmtls.service")).unwrap();
+    let t = unit_section(&timer, "Timer");
+    let get = |kv: &[(String, String)], k: &str| {
+        kv.iter()
+            .filter(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(get(&t, "Unit"), ["pgmtls-renew.service"]);
+    assert_eq!(get(&t, "OnCalendar"), ["daily"]);
+    assert_eq!(get(&t, "Persistent"), ["true"]);
+    assert_eq!(get(&t, "RandomizedDelaySec").len(), 1);
+    assert_eq!(
+        get(&unit_section(&timer, "Install"), "WantedBy"),
+        ["timers.target"]
+    );
+
+    let s = unit_section(&service, "Service");
+    assert_eq!(get(&s, "Type"), ["oneshot"]);
+    let exec = get(&s, "ExecStart");
+    assert_eq!(exec.len(), 1);
+    let words: Vec<&str> = exec[0].split_whitespace().collect();
+    let proxy_exec = get(&unit_section(&proxy, "Service"), "ExecStart");
+    let proxy_words: Vec<&str> = proxy_exec[0].split_whitespace().collect();
+    // The same binary and the same config file as the proxy.
+    assert_eq!(words[0], proxy_words[0]);
+    assert_eq!(&words[1..3], ["certificates", "renew"]);
+    let flag = |w: &[&str], f: &str| w.iter().position(|x| *x == f).map(|i| w[i + 1].to_owned());
+    assert_eq!(flag(&words, "--config"), flag(&proxy_words, "--config"));
+    assert!(flag(&words, "--notify-command").is_some(), "{words:?}");
+    // The proxy's hardening and its user, line for line; only what a long-running service
+    // needs differs.
+    let service_only = [
+        "Type",
+        "ExecStart",
+        "ExecReload",
+        "KillSignal",
+        "TimeoutStopSec",
+        "Restart",
+        "RestartSec",
+        "LimitNOFILE",
+    ];
+    for kv in unit_section(&proxy, "Service") {
+        if !service_only.contains(&kv.0.as_str()) {
+            assert!(
+                s.contains(&kv),
+                "pgmtls-renew.service lacks {}={}",
+                kv.0,
+                kv.1
+            );
+        }
+    }
+    // One dynamic user name for both units, so renew's files are the proxy's.
+    assert_eq!(get(&s, "User"), ["pgmtls"]);
+    assert!(get(&unit_section(&proxy, "Service"), "User").is_empty());
+
+    // systemd's own check, where it is installed; the binaries named must exist for it, so it
+    // checks copies that name /bin/true.
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            ("pgmtls-renew.service", &service),
+            ("pgmtls-renew.timer", &timer),
+        ] {
+            let text = text
+                .replace("/usr/local/bin/pgmtls ", "/bin/true ")
+                .replace("/usr/local/bin/pgmtls-notify", "/bin/true");
+            std::fs::write(tmp.path().join(name), text).unwrap();
+        }
+        let out = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(tmp.path().join("pgmtls-renew.service"))
+            .arg(tmp.path().join("pgmtls-renew.timer"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Only complaints about our two files count (the host's own units may be noisy).
+        let ours: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("pgmtls-renew"))
+            .collect();
+        assert!(ours.is_empty(), "systemd-analyze verify:\n{stderr}");
+    }
+}
+
+/// The args of the container `name` of a pod spec.
+fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    pod["containers"]
+        .as_array()
+        .into_iter()
+        .chain(pod["initContainers"].as_array())
+        .flatten()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn renew_cronjobs_run_renew_on_each_profiles_config_and_republish_its_secret() {
+    let jobs = docs(&root().join("kubernetes/renew-cronjob.yaml"));
+    let cronjobs = find(&jobs, "CronJob");
+    let mut covered = Vec::new();
+    for manifest in ["sidecar.yaml", "gateway-files.yaml"] {
+        let m = docs(&root().join("kubernetes").join(manifest));
+        let cm = find(&m, "ConfigMap")[0];
+        let cm_name = cm["metadata"]["name"].as_str().unwrap();
+        let cfg = Config::parse(
+            Path::new("pgmtls.yaml"),
+            cm["data"]["pgmtls.yaml"].as_str().unwrap(),
+        )
+        .unwrap();
+        let state_dir = cfg.state_dir.unwrap().to_str().unwrap().to_owned();
+        let pod = &find(&m, "Deployment")[0]["spec"]["template"]["spec"];
+        let proxy = container(pod, "pgmtls");
+        let proxy_args = strings(&proxy["args"]);
+        let cfg_path = &proxy_args[proxy_args.iter().position(|a| a == "--config").unwrap() + 1];
+        let secret = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["secret"].is_object())
+            .unwrap()["secret"]
+            .clone();
+
+        // The CronJob that mounts this manifest's ConfigMap.
+        let job = cronjobs
+            .iter()
+            .find(|j| {
+                j["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v["configMap"]["name"] == cm_name)
+            })
+            .unwrap_or_else(|| panic!("no renew CronJob uses {manifest}'s {cm_name}"));
+        let name = job["metadata"]["name"].as_str().unwrap();
+        covered.push(name.to_owned());
+        assert_eq!(job["spec"]["concurrencyPolicy"], "Forbid", "{name}");
+        let schedule: Vec<&str> = job["spec"]["schedule"]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .collect();
+        assert_eq!(&schedule[2..], ["*", "*", "*"], "{name}: daily");
+        assert!(schedule[..2].iter().all(|f| f.parse::<u32>().is_ok()));
+        let jpod = &job["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+
+        // The same image, config file and state_dir as the proxy, running renew with a notify
+        // command.
+        let renew = container(jpod, "renew");
+        assert_eq!(renew["image"], proxy["image"], "{name}");
+        let args = strings(&renew["args"]);
+        assert_eq!(&args[..2], ["certificates", "renew"], "{name}");
+        let flag = |f: &str| {
+            args.iter()
+                .position(|a| a == f)
+                .map(|i| args[i + 1].clone())
+        };
+        assert_eq!(
+            flag("--config").as_deref(),
+            Some(cfg_path.as_str()),
+            "{name}"
+        );
+        assert!(flag("--notify-command").is_some(), "{name}");
+        assert!(
+            flag("--state-dir").is_none(),
+            "{name}: the config names the state"
+        );
+        let mount = |c: &Value, path: &str| {
+            c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["mountPath"] == path)
+                .unwrap_or_else(|| panic!("{name}: nothing at {path}"))
+                .clone()
+        };
+        let cfg_mount = mount(renew, cfg_path);
+        let cfg_vol = jpod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == cfg_mount["name"])
+            .unwrap();
+        assert_eq!(cfg_vol["configMap"]["name"], cm_name);
+        // renew writes the state: a writable volume at the config's state_dir.
+        let state_mount = mount(renew, &state_dir);
+        assert_ne!(state_mount["readOnly"], true, "{name}");
+        let state_vol = jpod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == state_mount["name"])
+            .unwrap();
+        assert!(state_vol["persistentVolumeClaim"]["claimName"].is_string());
+        // --notify-command runs `sh -c`: something puts sh on the container's PATH.
+        let path = renew["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "PATH")
+            .unwrap()["value"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let tools = path.split(':').find(|p| *p != "/usr/local/bin").unwrap();
+        mount(renew, tools);
+        let shell = strings(&container(jpod, "shell")["command"]).join(" ");
+        assert!(shell.contains(&format!("{tools}/sh")), "{shell}");
+
+        // It republishes the Secret the proxy mounts, every key at the path the proxy reads it
+        // from, and renewal.yaml.
+        let publish = strings(&container(jpod, "publish")["command"]).join(" ");
+        let secret_name = secret["secretName"].as_str().unwrap();
+        assert!(
+            publish.contains(&format!("create secret generic {secret_name} ")),
+            "{name}: {publish}"
+        );
+        mount(container(jpod, "publish"), &state_dir);
+        let mut keys = vec![("renewal.yaml".to_owned(), "renewal.yaml".to_owned())];
+        for i in secret["items"].as_array().unwrap() {
+            keys.push((
+                i["key"].as_str().unwrap().to_owned(),
+                i["path"].as_str().unwrap().to_owned(),
+            ));
+        }
+        for (key, path) in keys {
+            let arg = format!("--from-file={key}={state_dir}/{path}");
+            assert!(publish.contains(&arg), "{name}: publish lacks {arg}");
+        }
+    }
+    // The sidecar's proxy reads the record from its Secret.
+    let side = docs(&root().join("kubernetes/sidecar.yaml"));
+    let items = find(&side, "Deployment")[0]["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"].is_object())
+        .unwrap()["secret"]["items"]
+        .clone();
+    assert!(items
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["key"] == "renewal.yaml" && i["path"] == "renewal.yaml"));
+    covered.sort();
+    covered.dedup();
+    assert_eq!(covered.len(), cronjobs.len(), "one CronJob per profile");
+}

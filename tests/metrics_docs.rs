@@ -12,7 +12,8 @@ use pgmtls::metrics::{DatabaseFigures, Metrics, ReloadKind};
 use regex::Regex;
 use serde_json::Value;
 
-/// The exposition with every family populated: one database, one certificate, one reload.
+/// The exposition with every family populated: one database, one certificate, one reload,
+/// one renewal run.
 fn exposition() -> String {
     let m = Metrics::new();
     let _ = m.for_database("orders");
@@ -28,6 +29,11 @@ fn exposition() -> String {
         }],
     );
     m.record_reload(ReloadKind::startup, true, 1_700_000_000);
+    m.set_renewal(Some(&pgmtls::state::RenewalRecord::after_run(
+        None,
+        time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+        0,
+    )));
     m.encode()
 }
 

@@ -685,12 +685,32 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
 
 fn renew(args: RenewArgs) -> anyhow::Result<ExitCode> {
     let ctx = Ctx::new(&args.state)?;
+    let started = control::now();
+    // Only a run over every database is a scheduled run worth recording (control::renewal).
+    let record = |summary: control::renewal::RunSummary| -> anyhow::Result<()> {
+        if args.database.is_none() {
+            control::renewal::record_run(&ctx.control(), started, summary, &actor(&args.change))
+                .context("cannot record the renewal run")?;
+        }
+        Ok(())
+    };
     // The notify command runs after the change (and its lock) is over.
-    let mut report = control::certificates::renew(
+    let mut report = match control::certificates::renew(
         &ctx.control(),
         args.database.as_deref(),
         &actor(&args.change),
-    )?;
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            // The run failed as a whole; say so in the record too, unless that fails as well
+            // (then the original error is the one to read).
+            let _ = record(control::renewal::RunSummary {
+                errors: 1,
+                ..Default::default()
+            });
+            return Err(e.into());
+        }
+    };
     let mut failed = !report.errors.is_empty();
     if let Some(cmd) = &args.notify_command {
         for r in &report.renewed {
@@ -702,6 +722,15 @@ fn renew(args: RenewArgs) -> anyhow::Result<ExitCode> {
                 failed = true;
             }
         }
+    }
+    if let Err(e) = record(control::renewal::RunSummary {
+        errors: report.errors.len(),
+        renewed: report.renewed.len(),
+        server_certificates: report.server_certificates.len(),
+        crls_refreshed: report.crls_refreshed.len(),
+    }) {
+        report.errors.push(format!("{e:#}"));
+        failed = true;
     }
     if args.json {
         say_raw!("{}", output::json(&report));

@@ -104,6 +104,12 @@ impl Read {
         self.listing.get(key).is_some()
     }
 
+    /// A record at the root of the prefix (`renewal.yaml`), as of this read.
+    pub(super) fn root_record(&self, key: &str) -> Option<&[u8]> {
+        self.listing.get(key)
+    }
+
+
     pub(super) fn database_names(&self) -> Vec<String> {
         databases_of(&self.listing.records).into_keys().collect()
     }

@@ -12,6 +12,7 @@ pub mod certificates;
 mod etcd;
 pub mod ip_rules;
 pub mod mtls;
+pub mod renewal;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -433,6 +434,41 @@ impl Txn<'_> {
                     to_store_key(&format!("{DATABASES_DIR}/{database}/{rel}")),
                     bytes.to_vec(),
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// The renewal record as of this change, with the name errors give it; `Ok(None)` when
+    /// there is none yet.
+    pub fn renewal_record(&self) -> std::result::Result<Option<state::RenewalRecord>, StateError> {
+        match &self.inner {
+            TxnInner::Dir { .. } => {
+                state::RenewalRecord::read(self.control.state.root()).map_err(StateError::Invalid)
+            }
+            TxnInner::Etcd { read, .. } => {
+                let origin =
+                    PathBuf::from(format!("etcd:{}/{}", read.prefix(), state::RENEWAL_YAML));
+                read.root_record(state::RENEWAL_YAML)
+                    .map(|b| state::RenewalRecord::parse(&origin, b))
+                    .transpose()
+                    .map_err(StateError::Invalid)
+            }
+        }
+    }
+
+    /// Replaces the renewal record at the state root: written now in a directory (0644, it
+    /// holds no secret), part of the commit in etcd (key `renewal.yaml`).
+    pub fn write_renewal_record(&mut self, record: &state::RenewalRecord) -> Result<()> {
+        let bytes = record.to_yaml().into_bytes();
+        match &mut self.inner {
+            TxnInner::Dir { .. } => {
+                let path = self.control.state.root().join(state::RENEWAL_YAML);
+                state::write_atomic(&path, &bytes, state::PUBLIC_MODE)
+                    .map_err(|e| StateError::io(&path, e))?;
+            }
+            TxnInner::Etcd { write, .. } => {
+                write.put(state::RENEWAL_YAML, bytes);
             }
         }
         Ok(())

@@ -6,6 +6,7 @@
 //! STATE/
 //!   .lock                     advisory lock serialising writers
 //!   audit.log                 one JSON line per change
+//!   renewal.yaml              when `certificates renew` last ran and last succeeded
 //!   databases/NAME/
 //!     database.yaml           DatabaseSettings
 //!     server.crt server.key   what the proxy presents (chain, key 0600)
@@ -19,11 +20,13 @@
 mod files;
 mod model;
 pub mod records;
+mod renewal;
 mod write;
 
 pub use files::{write_atomic, StateLock};
 pub use model::*;
 pub use records::{load_each_from_records, DatabaseRecords, ReadRecords};
+pub use renewal::*;
 pub use write::*;
 
 use std::path::{Path, PathBuf};
