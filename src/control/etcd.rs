@@ -109,7 +109,6 @@ impl Read {
         self.listing.get(key)
     }
 
-
     pub(super) fn database_names(&self) -> Vec<String> {
         databases_of(&self.listing.records).into_keys().collect()
     }
