@@ -144,6 +144,7 @@ pub async fn serve(
         error_kind = error_kind.map(ErrorKind::as_str),
         detail,
         closed_by = log.relayed.then(|| log.stats.closed_by.as_str()),
+        told_client = log.stats.told_client.then_some(true),
         bytes_to_upstream = log.stats.to_upstream,
         bytes_to_client = log.stats.to_client,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -203,7 +204,8 @@ async fn run(
     log.stats.to_upstream += stats.to_upstream;
     log.stats.to_client += stats.to_client;
     log.stats.closed_by = stats.closed_by;
-    // The client learns of the cut at once; the backend's socket stays open until the cancel
+    log.stats.told_client = stats.told_client;
+    // The client learns of the cut at once (told why when the relay could, see relay.rs); the backend's socket stays open until the cancel
     // has been taken.
     drop(client);
     if let Some(e) = &err {
