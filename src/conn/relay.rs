@@ -131,7 +131,7 @@ impl Framing {
 
     /// How many bytes of `b` (following what was seen) complete the current message, if `b`
     /// holds all of them.
-    fn to_boundary(&self, b: &[u8]) -> Option<usize> {
+    fn bytes_to_boundary(&self, b: &[u8]) -> Option<usize> {
         let mut f = *self;
         if f.at_boundary() {
             return Some(0);
@@ -242,7 +242,7 @@ where
         let open = matches!(d.phase, Phase::Open | Phase::Flush);
         let framing = d.framing.unwrap_or_default();
         let rest = &d.pending[d.pos.min(d.pending.len())..];
-        let told = match framing.to_boundary(rest).filter(|_| open) {
+        let told = match framing.bytes_to_boundary(rest).filter(|_| open) {
             Some(n) => {
                 let mut out = Vec::with_capacity(n + 128);
                 out.extend_from_slice(&rest[..n]);
@@ -491,11 +491,11 @@ mod tests {
         // From inside the first message, the rest of it is what reaches the boundary.
         let mut f = Framing::default();
         f.advance(&stream[..100]);
-        assert_eq!(f.to_boundary(&stream[100..]), Some(205));
-        assert_eq!(f.to_boundary(&stream[100..200]), None);
+        assert_eq!(f.bytes_to_boundary(&stream[100..]), Some(205));
+        assert_eq!(f.bytes_to_boundary(&stream[100..200]), None);
         let mut f = Framing::default();
         f.advance(&stream[..2]);
-        assert_eq!(f.to_boundary(&stream[2..]), Some(303));
+        assert_eq!(f.bytes_to_boundary(&stream[2..]), Some(303));
     }
 
     #[tokio::test]
