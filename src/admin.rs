@@ -214,7 +214,7 @@ impl DatabaseStatus {
         certificates.sort_by(|a, b| a.id.cmp(&b.id));
         DatabaseStatus {
             operational: bound.is_some(),
-            listen: bound.unwrap_or(db.settings.listen).to_string(),
+            listen: bound.map_or_else(|| db.settings.listen.to_string(), |b| b.to_string()),
             rules: db.rules.iter().map(|r| r.id.clone()).collect(),
             certificates,
             crl_entries: db.tls.revoked_serials.len(),

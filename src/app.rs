@@ -69,7 +69,7 @@ impl QuickSpec {
         let ca = read(&self.client_ca, &mut errors);
         let crl = self.crl.as_ref().and_then(|p| read(p, &mut errors));
         let settings = DatabaseSettings {
-            listen: self.listen,
+            listen: crate::state::Listen::Addr(self.listen),
             upstream: self.upstream.clone(),
             upstream_tls: self.upstream_tls,
             upstream_ca: self.upstream_ca.clone(),
@@ -278,6 +278,8 @@ pub struct App {
     peer_addr: std::sync::OnceLock<SocketAddr>,
     /// The cancel directory's view of the replica registry (a fleet replica in etcd mode).
     registry_peers: Option<crate::fleet::directory::RegistryPeers>,
+    /// Where the shared listener (`shared_listen`) is bound, when configured.
+    shared_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -356,6 +358,7 @@ impl App {
             draining,
             peer_addr: std::sync::OnceLock::new(),
             registry_peers,
+            shared_addr: std::sync::OnceLock::new(),
         });
         let renewal = app.source.renewal();
         app.apply_renewal(renewal);
@@ -365,12 +368,13 @@ impl App {
             .load()
             .databases
             .values()
-            .map(|d| (d.name.to_string(), d.settings.listen))
+            .filter_map(|d| Some((d.name.to_string(), d.settings.listen.addr()?)))
             .collect();
         for (name, addr) in dbs {
             app.start_listener(&name, addr)
                 .map_err(|e| anyhow::anyhow!("database {name}: cannot listen on {addr}: {e}"))?;
         }
+        app.start_shared_listener()?;
         if let Some(fleet) = fleet {
             let addr = fleet.listen;
             let listener = tokio::net::TcpListener::bind(addr)
@@ -414,7 +418,7 @@ impl App {
             snap.databases
                 .values()
                 .filter(|d| !listeners.contains_key(&*d.name))
-                .map(|d| (d.name.to_string(), d.settings.listen))
+                .filter_map(|d| Some((d.name.to_string(), d.settings.listen.addr()?)))
                 .collect()
         };
         for (name, addr) in missing {
@@ -435,6 +439,31 @@ impl App {
         self.peer_addr.get().copied()
     }
 
+    /// Binds `shared_listen`, the one port of every database with `listen: shared`. Fixed at
+    /// start, like every listen address.
+    fn start_shared_listener(&self) -> anyhow::Result<()> {
+        let shared = self.ctx.snapshot.load().shared().count();
+        let Some(addr) = self.config.shared_listen else {
+            if shared > 0 {
+                tracing::warn!(
+                    databases = shared,
+                    "databases with listen: shared are not served: pgmtls.yaml has no shared_listen"
+                );
+            }
+            return Ok(());
+        };
+        let served = crate::conn::Served::Shared {
+            default: self.config.default_database.as_deref().map(Arc::from),
+        };
+        let (bound, _tasks) = self
+            .data_plane
+            .listen(addr, served, &self.ctx, &self.limits, &self.stop)
+            .map_err(|e| anyhow::anyhow!("shared_listen: cannot listen on {addr}: {e}"))?;
+        let _ = self.shared_addr.set(bound);
+        tracing::info!(addr = %bound, databases = shared, "shared listener listening");
+        Ok(())
+    }
+
     fn start_listener(&self, name: &str, addr: SocketAddr) -> std::io::Result<()> {
         let (bound, tasks) =
             self.data_plane
@@ -451,12 +480,24 @@ impl App {
         Ok(())
     }
 
-    /// The address each database's listener is bound to (resolves port 0).
+    /// The address each database's listener is bound to (resolves port 0); for a database
+    /// on the shared listener, that listener's.
     pub fn bound_addrs(&self) -> BTreeMap<String, SocketAddr> {
-        lock(&self.listeners)
+        let mut out: BTreeMap<String, SocketAddr> = lock(&self.listeners)
             .iter()
             .map(|(k, v)| (k.clone(), v.bound))
-            .collect()
+            .collect();
+        if let Some(shared) = self.shared_addr.get() {
+            for db in self.ctx.snapshot.load().shared() {
+                out.insert(db.name.to_string(), *shared);
+            }
+        }
+        out
+    }
+
+    /// The shared listener's bound address, when `shared_listen` is set.
+    pub fn shared_addr(&self) -> Option<SocketAddr> {
+        self.shared_addr.get().copied()
     }
 
     pub fn source(&self) -> &Source {
@@ -671,7 +712,7 @@ impl App {
         let listens: Vec<(String, SocketAddr)> = snapshot
             .databases
             .values()
-            .map(|d| (d.name.to_string(), d.settings.listen))
+            .filter_map(|d| Some((d.name.to_string(), d.settings.listen.addr()?)))
             .collect();
         let ip_rules: usize = snapshot.databases.values().map(|d| d.rules.len()).sum();
         let crl_entries: usize = snapshot

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::config::Keepalive;
 use crate::conn::error::ErrorKind;
-use crate::conn::{self, peer, Context};
+use crate::conn::{self, peer, Context, Served};
 use crate::limits::Limits;
 
 /// The threads that run connections: one single-threaded tokio runtime per thread, each with
@@ -58,7 +58,7 @@ impl DataPlane {
     pub fn listen(
         &self,
         addr: SocketAddr,
-        database: Arc<str>,
+        served: Served,
         ctx: &Arc<Context>,
         limits: &Arc<Limits>,
         stop: &watch::Sender<bool>,
@@ -74,13 +74,13 @@ impl DataPlane {
             .into_iter()
             .enumerate()
             .map(|(i, socket)| {
-                let (database, ctx, limits) = (database.clone(), ctx.clone(), limits.clone());
+                let (served, ctx, limits) = (served.clone(), ctx.clone(), limits.clone());
                 let stop = stop.subscribe();
                 self.spawn(i, async move {
                     // Registration must happen on the runtime that will drive the socket.
                     match TcpListener::from_std(socket) {
-                        Ok(l) => run(l, database, ctx, limits, stop).await,
-                        Err(e) => tracing::error!(database = &*database, error = %e, "cannot register listener"),
+                        Ok(l) => run(l, served, ctx, limits, stop).await,
+                        Err(e) => tracing::error!(database = served.database(), error = %e, "cannot register listener"),
                     }
                 })
             })
@@ -122,7 +122,7 @@ fn bind_std(
 /// for its whole life, which is also how shutdown knows when every connection is gone.
 pub async fn run(
     listener: TcpListener,
-    database: Arc<str>,
+    served: Served,
     ctx: Arc<Context>,
     limits: Arc<Limits>,
     mut stop: watch::Receiver<bool>,
@@ -137,7 +137,7 @@ pub async fn run(
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: the socket stays in the backlog; back off briefly
                 // instead of spinning on the same error.
-                tracing::warn!(database = &*database, error = %e, "accept failed; backing off");
+                tracing::warn!(database = served.database(), error = %e, "accept failed; backing off");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -148,35 +148,41 @@ pub async fn run(
         let admission = match limits.admit(source) {
             Ok(a) => Box::new(a),
             Err(kind) => {
-                refuse_at_accept(&ctx, &database, stream, peer, kind);
+                refuse_at_accept(&ctx, served.database(), stream, peer, kind);
                 continue;
             }
         };
         let ctx = Arc::clone(&ctx);
-        let database = Arc::clone(&database);
-        tokio::spawn(conn::serve(ctx, database, stream, peer, admission));
+        tokio::spawn(conn::serve(ctx, served.clone(), stream, peer, admission));
     }
 }
 
 /// Closes a socket over budget before any byte is read or any crypto is done.
+/// On the shared listener (`database` is `None`) no database is known yet.
 fn refuse_at_accept(
     ctx: &Context,
-    database: &str,
+    database: Option<&str>,
     stream: TcpStream,
     peer: SocketAddr,
     kind: ErrorKind,
 ) {
     drop(stream);
-    if let Some(db) = ctx.snapshot.load().databases.get(database) {
-        db.metrics.refuse(kind);
+    match database {
+        Some(name) => {
+            if let Some(db) = ctx.snapshot.load().databases.get(name) {
+                db.metrics.refuse(kind);
+            }
+        }
+        None => ctx.metrics.refuse_shared(kind),
     }
     let reason = kind.as_str();
-    if !crate::refusal_log::admit(Some(database), reason) {
+    if !crate::refusal_log::admit(database, reason) {
         return;
     }
     tracing::info!(
         client_addr = %peer,
         database,
+        listener = database.is_none().then_some("shared"),
         outcome = "refused",
         error_kind = reason,
         "connection closed"

@@ -402,6 +402,9 @@ async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
     for (db, addr) in app.bound_addrs() {
         println!("pgmtls: listening database={db} addr={addr}");
     }
+    if let Some(addr) = app.shared_addr() {
+        println!("pgmtls: listening shared addr={addr}");
+    }
     if let Some(addr) = app.config.admin_listen {
         let listener = pgmtls::admin::bind(addr)
             .await

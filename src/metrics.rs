@@ -35,6 +35,11 @@ pub struct RefusedLabels {
     pub reason: ErrorKind,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: ErrorKind,
+}
+
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum Direction {
@@ -142,6 +147,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub accepted: Family<DbLabel, Counter>,
     pub refused: Family<RefusedLabels, Counter>,
+    /// Refusals on the shared listener before the SNI named a database.
+    pub shared_refused: Family<ReasonLabel, Counter>,
     pub sessions_active: Family<DbLabel, Gauge>,
     pub bytes: Family<BytesLabels, Counter>,
     pub cancels: Family<CancelLabels, Counter>,
@@ -201,6 +208,10 @@ impl Metrics {
         let mut registry = Registry::with_prefix("pgmtls");
         let accepted = Family::<DbLabel, Counter>::default();
         let refused = Family::<RefusedLabels, Counter>::default();
+        let shared_refused = Family::<ReasonLabel, Counter>::default();
+        for &reason in ErrorKind::ALL {
+            let _ = shared_refused.get_or_create(&ReasonLabel { reason });
+        }
         let sessions_active = Family::<DbLabel, Gauge>::default();
         let bytes = Family::<BytesLabels, Counter>::default();
         let cancels = Family::<CancelLabels, Counter>::default();
@@ -218,6 +229,11 @@ impl Metrics {
             "connections_refused",
             "Connections refused or cut, by reason",
             refused.clone(),
+        );
+        registry.register(
+            "shared_listener_refused",
+            "Connections the shared listener closed before their SNI picked a database, by reason",
+            shared_refused.clone(),
         );
         registry.register(
             "sessions_active",
@@ -357,6 +373,7 @@ impl Metrics {
             registry,
             accepted,
             refused,
+            shared_refused,
             sessions_active,
             bytes,
             cancels,
@@ -509,6 +526,13 @@ impl Metrics {
                 result,
             });
         }
+    }
+
+    /// Counts a refusal on the shared listener that no database can be charged with.
+    pub fn refuse_shared(&self, kind: ErrorKind) {
+        self.shared_refused
+            .get_or_create(&ReasonLabel { reason: kind })
+            .inc();
     }
 
     /// Resolves (and pre-creates at zero) every series of one database.

@@ -531,6 +531,11 @@ pub fn restart_needed(running: &Config, file: &Config) -> Vec<&'static str> {
     );
     check(rf.map(|f| &f.peers) != ff.map(|f| &f.peers), "peers");
     check(rf.map(|f| &f.tls) != ff.map(|f| &f.tls), "peer_tls");
+    check(running.shared_listen != file.shared_listen, "shared_listen");
+    check(
+        running.default_database != file.default_database,
+        "default_database",
+    );
     out
 }
 
@@ -814,6 +819,8 @@ mod tests {
         b.proxy_protocol_from = vec!["10.0.0.0/8".parse().unwrap()];
         b.max_handshakes_per_source = 1;
         b.timeouts.keepalive.user_timeout = None;
+        b.shared_listen = Some("127.0.0.1:2".parse().unwrap());
+        b.default_database = Some("orders".into());
         b.fleet = Some(crate::fleet::FleetConfig {
             replica_id: 1,
             peer_listen: "127.0.0.1:1".parse().unwrap(),
@@ -837,7 +844,9 @@ mod tests {
                 "replica_id",
                 "peer_listen",
                 "peers",
-                "peer_tls"
+                "peer_tls",
+                "shared_listen",
+                "default_database"
             ]
         );
     }

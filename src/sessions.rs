@@ -201,6 +201,14 @@ impl Sessions {
             .map(|e| e.real.clone().unwrap_or_else(|| key.clone()))
     }
 
+    /// The database of the session that handed out `key`, if this process relays it: how a
+    /// CancelRequest on the shared listener, which carries no SNI, finds its database.
+    pub fn cancel_database(&self, key: &CancelKey) -> Option<Arc<str>> {
+        lock(&self.cancel_keys)
+            .get(key)
+            .map(|e| Arc::clone(&e.database))
+    }
+
     pub fn count(&self) -> usize {
         lock(&self.live).len()
     }

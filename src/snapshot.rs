@@ -317,6 +317,8 @@ fn build_upstream(
 pub struct Snapshot {
     pub generation: u64,
     pub databases: BTreeMap<String, Arc<DatabaseRuntime>>,
+    /// Server name (lowercase) -> the database on the shared listener it picks.
+    by_server_name: HashMap<String, Arc<DatabaseRuntime>>,
     pub loaded_at: Option<OffsetDateTime>,
 }
 
@@ -331,10 +333,12 @@ impl Snapshot {
     ) -> Result<Snapshot, ConfigErrors> {
         let mut errors = ConfigErrors::default();
         let mut databases = BTreeMap::new();
-        let mut listens: HashMap<std::net::SocketAddr, &str> = HashMap::new();
+        let mut claimed: HashMap<Claim, &str> = HashMap::new();
         for s in states {
-            if let Some(other) = listens.insert(s.settings.listen, &s.name) {
-                errors.extend(listen_taken(s, other));
+            for claim in claims(&s.settings) {
+                if let Some(other) = claimed.insert(claim.clone(), &s.name) {
+                    errors.extend(claim.taken(&s.dir.join(crate::state::DATABASE_YAML), other));
+                }
             }
             match DatabaseRuntime::build(s, metrics) {
                 Ok(db) => {
@@ -343,11 +347,43 @@ impl Snapshot {
                 Err(e) => errors.extend(e),
             }
         }
-        errors.into_result(Snapshot {
+        errors.into_result(Snapshot::new(generation, databases))
+    }
+
+    fn new(generation: u64, databases: BTreeMap<String, Arc<DatabaseRuntime>>) -> Snapshot {
+        let mut by_server_name = HashMap::new();
+        for db in databases.values() {
+            if db.settings.listen.is_shared() {
+                for n in &db.settings.server_names {
+                    by_server_name.insert(n.to_ascii_lowercase(), Arc::clone(db));
+                }
+            }
+        }
+        Snapshot {
             generation,
             databases,
+            by_server_name,
             loaded_at: Some(OffsetDateTime::now_utc()),
-        })
+        }
+    }
+
+    /// The database on the shared listener that SNI name `name` picks.
+    pub fn by_server_name(&self, name: &str) -> Option<&Arc<DatabaseRuntime>> {
+        self.by_server_name.get(&name.to_ascii_lowercase())
+    }
+
+    /// The databases served on the shared listener.
+    pub fn shared(&self) -> impl Iterator<Item = &Arc<DatabaseRuntime>> {
+        self.databases
+            .values()
+            .filter(|d| d.settings.listen.is_shared())
+    }
+
+    /// Whether any database on the shared listener has an IP rule admitting `ip`: the shared
+    /// port's admission on accept, before a byte is read. The database the SNI then picks
+    /// decides again with its own rules.
+    pub fn shared_admits(&self, ip: std::net::IpAddr) -> bool {
+        self.shared().any(|d| d.allowlist.check(ip).is_some())
     }
 
     /// Builds the next snapshot database by database, for a reload: each database that loads
@@ -393,22 +429,22 @@ impl Snapshot {
         // Two databases on one address: the one already served there keeps it; a database
         // that moved onto it (or a new one) fails and falls back to its previous runtime, at
         // an address it holds, so it never loses again and the loop ends.
+        // The same holds for a server name on the shared listener.
         loop {
-            let mut by_listen: BTreeMap<std::net::SocketAddr, Vec<String>> = BTreeMap::new();
+            let mut by_claim: BTreeMap<Claim, Vec<String>> = BTreeMap::new();
             for (name, db) in &databases {
-                by_listen
-                    .entry(db.settings.listen)
-                    .or_default()
-                    .push(name.clone());
+                for claim in claims(&db.settings) {
+                    by_claim.entry(claim).or_default().push(name.clone());
+                }
             }
             let mut losers = Vec::new();
-            for (addr, names) in by_listen.iter().filter(|(_, n)| n.len() > 1) {
-                // At most one: the previous snapshot had no two databases on one address.
+            for (claim, names) in by_claim.iter().filter(|(_, n)| n.len() > 1) {
+                // At most one: the previous snapshot had no two databases with one claim.
                 let holder = names.iter().find(|n| {
                     previous
                         .databases
                         .get(*n)
-                        .is_some_and(|p| p.settings.listen == *addr)
+                        .is_some_and(|p| claims(&p.settings).contains(claim))
                 });
                 for n in names {
                     if Some(n) != holder {
@@ -416,31 +452,22 @@ impl Snapshot {
                             .or_else(|| names.iter().find(|o| *o != n))
                             .cloned()
                             .unwrap_or_default();
-                        losers.push((n.clone(), other));
+                        losers.push((n.clone(), other, claim.clone()));
                     }
                 }
             }
             if losers.is_empty() {
                 break;
             }
-            for (name, other) in losers {
+            for (name, other, claim) in losers {
                 let file = states
                     .get(&name)
                     .map(|s| s.dir.join(crate::state::DATABASE_YAML))
                     .unwrap_or_default();
-                let listen = databases
-                    .get(&name)
-                    .map(|d| d.settings.listen.to_string())
-                    .unwrap_or_default();
                 failed
                     .entry(name.clone())
                     .or_default()
-                    .extend(ConfigErrors::one(
-                        &file,
-                        "listen",
-                        None,
-                        format!("{listen} is also the listen address of database {other}"),
-                    ));
+                    .extend(claim.taken(&file, &other));
                 match previous.databases.get(&name) {
                     Some(prev) => {
                         databases.insert(name, Arc::clone(prev));
@@ -451,12 +478,7 @@ impl Snapshot {
                 }
             }
         }
-        let snapshot = Snapshot {
-            generation,
-            databases,
-            loaded_at: Some(OffsetDateTime::now_utc()),
-        };
-        (snapshot, failed)
+        (Snapshot::new(generation, databases), failed)
     }
 
     /// A digest of every database's inputs, shown in `/status`.
@@ -477,16 +499,50 @@ impl Snapshot {
     }
 }
 
-fn listen_taken(s: &DatabaseState, other: &str) -> ConfigErrors {
-    ConfigErrors::one(
-        &s.dir.join(crate::state::DATABASE_YAML),
-        "listen",
-        None,
-        format!(
-            "{} is also the listen address of database {other}",
-            s.settings.listen
-        ),
-    )
+/// What a database holds exclusively: its own listen address, or on the shared listener each
+/// of its server names (lowercase, as SNI is compared).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Claim {
+    Addr(std::net::SocketAddr),
+    ServerName(String),
+}
+
+fn claims(s: &DatabaseSettings) -> Vec<Claim> {
+    match s.listen {
+        crate::state::Listen::Addr(a) => vec![Claim::Addr(a)],
+        crate::state::Listen::Shared => {
+            let mut names: Vec<Claim> = s
+                .server_names
+                .iter()
+                .map(|n| Claim::ServerName(n.to_ascii_lowercase()))
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+        }
+    }
+}
+
+impl Claim {
+    fn taken(&self, file: &Path, other: &str) -> ConfigErrors {
+        match self {
+            Claim::Addr(a) => ConfigErrors::one(
+                file,
+                "listen",
+                None,
+                format!("{a} is also the listen address of database {other}"),
+            ),
+            Claim::ServerName(n) => ConfigErrors::one(
+                file,
+                "server_names",
+                None,
+                format!(
+                    "{n} is also a server name of database {other} on the shared listener; \
+                     SNI must pick one database"
+                ),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

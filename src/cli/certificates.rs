@@ -601,18 +601,20 @@ fn connect_line(
     proxy: &ProxyView,
     files: &[String],
 ) -> String {
-    let listen = db.settings.listen;
-    let host = match db.settings.server_names.first() {
-        Some(name) => name.clone(),
-        None if !listen.ip().is_unspecified() => listen.ip().to_string(),
-        None => "HOST".to_owned(),
+    // On the shared listener the port is the proxy's shared one, and the host must be a
+    // server name (the SNI picks the database).
+    let listen = db.settings.listen.addr();
+    let host = match (db.settings.server_names.first(), listen) {
+        (Some(name), _) => name.clone(),
+        (None, Some(l)) if !l.ip().is_unspecified() => l.ip().to_string(),
+        (None, _) => "HOST".to_owned(),
     };
     let served = proxy
         .database(&db.name)
         .and_then(|d| d.listen.as_deref())
         .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
         .map(|a| a.port());
-    let port = match (listen.port(), served) {
+    let port = match (listen.map_or(0, |l| l.port()), served) {
         (0, Some(p)) => p.to_string(),
         (0, None) => "PORT".to_owned(),
         (p, _) => p.to_string(),

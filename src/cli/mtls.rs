@@ -1,7 +1,6 @@
 //! `pgmtls mtls create|destroy|DB` and `pgmtls databases`: enabling and disabling mutual TLS
 //! for a database ([`control::mtls`] makes the change), and what a database serves.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -58,9 +57,11 @@ pub struct CreateArgs {
     /// Database name: 1-63 lowercase letters, digits, '-' or '_'.
     #[arg(value_name = "DATABASE")]
     pub database: String,
-    /// Address the proxy accepts clients on for this database (port 0: any free port).
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub listen: SocketAddr,
+    /// Address the proxy accepts clients on for this database (port 0: any free port), or
+    /// `shared`: the shared listener (`shared_listen` in pgmtls.yaml), where the client's SNI
+    /// picks the database by its --server-name.
+    #[arg(long, value_name = "ADDR:PORT|shared")]
+    pub listen: state::Listen,
     /// The PostgreSQL server behind the proxy, or unix:/path/.s.PGSQL.5432 on the same host.
     #[arg(long, value_name = "HOST:PORT")]
     pub upstream: String,
@@ -382,7 +383,13 @@ struct DatabaseRow {
 
 /// The address a database listens on: with port 0 ("any free port"), the one the running
 /// proxy bound, when it answers; otherwise what is configured.
-fn served_listen(name: &str, configured: SocketAddr, proxy: &ProxyView) -> String {
+fn served_listen(name: &str, configured: state::Listen, proxy: &ProxyView) -> String {
+    let state::Listen::Addr(configured) = configured else {
+        return match proxy.database(name).and_then(|d| d.listen.clone()) {
+            Some(bound) => format!("shared ({bound})"),
+            None => "shared".to_owned(),
+        };
+    };
     if configured.port() == 0 {
         if let Some(bound) = proxy.database(name).and_then(|d| d.listen.clone()) {
             return bound;

@@ -57,6 +57,11 @@ pub struct Config {
     pub admin_status_from: Vec<IpNet>,
     /// This replica's place in a fleet (`replica_id` and the peer keys); `None`: one node.
     pub fleet: Option<crate::fleet::FleetConfig>,
+    /// The one address serving every database with `listen: shared`, picked by SNI.
+    pub shared_listen: Option<SocketAddr>,
+    /// The shared-listener database a client without SNI, or with a name no database has,
+    /// is served; `None` closes such connections.
+    pub default_database: Option<String>,
 }
 
 /// The `etcd:` section: where a replica reads its state.
@@ -350,6 +355,8 @@ impl Default for Config {
             proxy_protocol_from: Vec::new(),
             admin_status_from: crate::admin::AdminOptions::default().status_from,
             fleet: None,
+            shared_listen: None,
+            default_database: None,
         }
     }
 }
@@ -380,6 +387,8 @@ pub const KEYS: &[&str] = &[
     "peer_listen",
     "peers",
     "peer_tls",
+    "shared_listen",
+    "default_database",
 ];
 
 impl Config {
@@ -502,6 +511,12 @@ impl Config {
                 .optional_with("admin_status_from", convert::cidr_list)
                 .unwrap_or(d.admin_status_from),
             fleet: crate::fleet::config::take(&mut f, base, has_etcd),
+            shared_listen: f.optional_with("shared_listen", convert::socket_addr),
+            default_database: f.optional_with("default_database", |v| {
+                let name = convert::string(v)?;
+                crate::state::validate_database_name(&name)?;
+                Ok(name)
+            }),
         };
         f.finish().into_result(cfg)
     }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,11 +30,59 @@ pub async fn forward(
 ) -> Result<(), ConnError> {
     if !ctx.cancel_limiter.admit(source, Instant::now()) {
         db.metrics.cancel_refused.inc();
+        return Err(rate_limited());
+    }
+    forward_admitted(ctx, db, key).await
+}
+
+fn rate_limited() -> ConnError {
+    ConnError::new(
+        ErrorKind::CancelRateLimited,
+        "too many cancel requests from this source",
+    )
+}
+
+/// A CancelRequest on the shared listener: it carries no SNI, so its key names the database
+/// (that of the session which handed it out), and that database's IP rules must admit
+/// `source`. `picked` learns the database as soon as it is known, to charge the refusal to it.
+/// The rate limit comes first, so that guessing keys costs the same as on a database's port.
+pub async fn forward_shared(
+    ctx: &Context,
+    key: CancelKey,
+    source: IpAddr,
+    picked: &mut Option<Arc<DatabaseRuntime>>,
+) -> Result<(), ConnError> {
+    if !ctx.cancel_limiter.admit(source, Instant::now()) {
+        return Err(rate_limited());
+    }
+    let db = ctx
+        .sessions
+        .cancel_database(&key)
+        .and_then(|name| ctx.snapshot.load().databases.get(&*name).cloned())
+        .filter(|db| db.settings.listen.is_shared());
+    let Some(db) = db else {
         return Err(ConnError::new(
-            ErrorKind::CancelRateLimited,
-            "too many cancel requests from this source",
+            ErrorKind::CancelUnknownKey,
+            "cancel key of no session on the shared listener relayed by this proxy",
+        ));
+    };
+    *picked = Some(Arc::clone(&db));
+    if db.allowlist.check(source).is_none() {
+        db.metrics.cancel_refused.inc();
+        return Err(ConnError::new(
+            ErrorKind::IpNotAllowed,
+            "no IP rule of the session's database admits this address",
         ));
     }
+    forward_admitted(ctx, &db, key).await
+}
+
+/// Forwards `key` for `db` once the source has passed the rate limit.
+async fn forward_admitted(
+    ctx: &Context,
+    db: &DatabaseRuntime,
+    key: CancelKey,
+) -> Result<(), ConnError> {
     let unknown = || {
         db.metrics.cancel_refused.inc();
         ConnError::new(

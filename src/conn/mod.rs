@@ -11,6 +11,7 @@ pub mod error;
 pub mod negotiate;
 pub mod peer;
 pub mod relay;
+pub mod shared;
 pub mod startup;
 pub mod tls;
 pub mod upstream;
@@ -75,12 +76,42 @@ impl Context {
     }
 }
 
+/// What one listener serves: one database on its own address, or every database with
+/// `listen: shared`, picked by the ClientHello's SNI.
+#[derive(Debug, Clone)]
+pub enum Served {
+    Database(Arc<str>),
+    /// `default` serves a client that names no database, or one no database has.
+    Shared {
+        default: Option<Arc<str>>,
+    },
+}
+
+impl From<&str> for Served {
+    fn from(name: &str) -> Self {
+        Served::Database(name.into())
+    }
+}
+
+impl Served {
+    /// The database of a database's own listener; `None` on the shared listener.
+    pub fn database(&self) -> Option<&str> {
+        match self {
+            Served::Database(name) => Some(name),
+            Served::Shared { .. } => None,
+        }
+    }
+}
+
 /// Everything the per-connection summary line says.
 #[derive(Debug, Default)]
 struct ConnLog {
     /// The client as the PROXY header named it, and the balancer it came through.
     client: Option<peer::ClientAddr>,
     rule_id: Option<Arc<str>>,
+    /// The database this connection is for, once known (on the shared listener, from SNI or
+    /// a cancel key): what its log line names and its refusal is charged to.
+    db: Option<Arc<DatabaseRuntime>>,
     identity: ClientIdentity,
     pg_user: Option<String>,
     pg_database: Option<String>,
@@ -89,30 +120,62 @@ struct ConnLog {
     relayed: bool,
 }
 
-/// Serves one accepted socket of `database`'s listener to the end, then logs one line.
+/// Serves one accepted socket of a listener to the end, then logs one line.
 /// `admission` is held until then (boxed: every idle session's task carries it).
 pub async fn serve(
     ctx: Arc<Context>,
-    database: Arc<str>,
+    served: Served,
     stream: TcpStream,
     peer: SocketAddr,
     mut admission: Box<Admission>,
 ) {
     let started = Instant::now();
     let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let db = ctx.snapshot.load().databases.get(&*database).cloned();
     let mut log = ConnLog::default();
-    let result = match &db {
-        Some(db) => run(&ctx, db, stream, peer, conn_id, &mut admission, &mut log).await,
-        None => Err(ConnError::new(
-            ErrorKind::DatabaseDisabled,
-            "database is no longer served",
-        )),
+    let result = match &served {
+        Served::Database(name) => match ctx.snapshot.load().databases.get(&**name).cloned() {
+            Some(db) => {
+                log.db = Some(db);
+                run(
+                    &ctx,
+                    &served,
+                    stream,
+                    peer,
+                    conn_id,
+                    &mut admission,
+                    &mut log,
+                )
+                .await
+            }
+            None => Err(ConnError::new(
+                ErrorKind::DatabaseDisabled,
+                "database is no longer served",
+            )),
+        },
+        Served::Shared { .. } => {
+            run(
+                &ctx,
+                &served,
+                stream,
+                peer,
+                conn_id,
+                &mut admission,
+                &mut log,
+            )
+            .await
+        }
     };
     let error_kind = result.as_ref().err().map(|e| e.kind);
-    if let (Some(db), Some(kind)) = (&db, error_kind) {
-        db.metrics.refuse(kind);
+    match (&log.db, error_kind) {
+        (Some(db), Some(kind)) => db.metrics.refuse(kind),
+        (None, Some(kind)) if served.database().is_none() => ctx.metrics.refuse_shared(kind),
+        _ => {}
     }
+    let database: Option<&str> = log
+        .db
+        .as_ref()
+        .map(|d| &*d.name)
+        .or_else(|| served.database());
     let outcome = match (&result, log.relayed) {
         (Ok(()), _) if log.negotiation == "cancel" => "cancel_forwarded",
         (Ok(()), _) => "closed",
@@ -123,14 +186,15 @@ pub async fn serve(
     let client = log.client.unwrap_or(peer::ClientAddr::direct(peer));
     // Refusals are rate-limited (their count is in the metric); sessions are always logged.
     let reason = error_kind.map_or("", ErrorKind::as_str);
-    if outcome == "refused" && !crate::refusal_log::admit(Some(&database), reason) {
+    if outcome == "refused" && !crate::refusal_log::admit(database, reason) {
         return;
     }
     tracing::info!(
         conn_id,
         client_addr = %client.addr,
         lb_addr = client.via.map(tracing::field::display),
-        database = &*database,
+        database,
+        listener = served.database().is_none().then_some("shared"),
         rule_id = log.rule_id.as_deref(),
         client_cert_id = log.identity.cert_id.as_deref(),
         client_cn = log.identity.common_name.as_deref().map(tracing::field::debug),
@@ -154,7 +218,7 @@ pub async fn serve(
 
 async fn run(
     ctx: &Context,
-    db: &Arc<DatabaseRuntime>,
+    served: &Served,
     stream: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
@@ -163,10 +227,15 @@ async fn run(
 ) -> Result<(), ConnError> {
     // The stages before the relay run once; boxed, their state lives on the heap only while
     // they run, and the task an idle session keeps holds just the relay's state.
-    let prelude = Box::pin(establish(ctx, db, stream, peer, conn_id, admission, log)).await;
+    let prelude = Box::pin(establish(
+        ctx, served, stream, peer, conn_id, admission, log,
+    ))
+    .await;
     // The startup packet and the authentication exchange count like relayed bytes.
-    db.metrics.bytes_to_upstream.inc_by(log.stats.to_upstream);
-    db.metrics.bytes_to_client.inc_by(log.stats.to_client);
+    if let Some(db) = &log.db {
+        db.metrics.bytes_to_upstream.inc_by(log.stats.to_upstream);
+        db.metrics.bytes_to_client.inc_by(log.stats.to_client);
+    }
     let est = match prelude? {
         Prelude::Cancelled => return Ok(()),
         Prelude::Relay(est) => est,
@@ -293,7 +362,7 @@ async fn unless_ended<T>(
 /// Stages admit, negotiate, TLS, re-admit, startup, upstream and authentication.
 async fn establish(
     ctx: &Context,
-    accepted_db: &Arc<DatabaseRuntime>,
+    served: &Served,
     mut stream: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
@@ -317,14 +386,28 @@ async fn establish(
         .count_source(client_addr.addr.ip())
         .map_err(|k| ConnError::new(k, "max_handshakes_per_source reached"))?;
 
-    // Stage: admit. Before a byte of the client's own is read or any crypto is done.
-    let Some(rule) = accepted_db.allowlist.check(client_addr.addr.ip()) else {
-        return Err(ConnError::new(
-            ErrorKind::IpNotAllowed,
-            "no IP rule admits this address",
-        ));
-    };
-    log.rule_id = Some(rule.id.clone());
+    // Stage: admit. Before a byte of the client's own is read or any crypto is done. On the
+    // shared listener, some database there must admit the address; the one the SNI picks
+    // decides again below, before the handshake goes on.
+    let ip = client_addr.addr.ip();
+    match &log.db {
+        Some(db) => {
+            let Some(rule) = db.allowlist.check(ip) else {
+                return Err(ConnError::new(
+                    ErrorKind::IpNotAllowed,
+                    "no IP rule admits this address",
+                ));
+            };
+            log.rule_id = Some(rule.id.clone());
+        }
+        None if !ctx.snapshot.load().shared_admits(ip) => {
+            return Err(ConnError::new(
+                ErrorKind::IpNotAllowed,
+                "no IP rule of a database on the shared listener admits this address",
+            ))
+        }
+        None => {}
+    }
     let _ = stream.set_nodelay(true);
 
     // Stage: negotiate.
@@ -332,18 +415,30 @@ async fn establish(
         .await
         .map_err(|_| timed_out())??;
     log.negotiation = negotiated.mode();
-    let direct = match negotiated {
-        Negotiated::Cancel(key) => {
-            return cancel::forward(ctx, accepted_db, key, client_addr.addr.ip())
+    let direct = match (negotiated, &log.db) {
+        (Negotiated::Cancel(key), Some(db)) => {
+            return cancel::forward(ctx, db, key, ip)
                 .await
                 .map(|()| Prelude::Cancelled)
         }
-        Negotiated::Tls { direct } => direct,
+        (Negotiated::Cancel(key), None) => {
+            return cancel::forward_shared(ctx, key, ip, &mut log.db)
+                .await
+                .map(|()| Prelude::Cancelled)
+        }
+        (Negotiated::Tls { direct }, _) => direct,
     };
 
-    // Stage: TLS with a required client certificate, under the configuration of the accept.
-    let (client, identity) =
-        tokio::time::timeout_at(deadline, tls::accept(stream, accepted_db, direct))
+    // Stage: TLS with a required client certificate, under the configuration of the accept
+    // (on the shared listener, of the database the SNI names).
+    let own = log.db.clone();
+    let (picked, rule_id) = (&mut log.db, &mut log.rule_id);
+    let choose = |sni: Option<&str>| match own {
+        Some(db) => Ok(db),
+        None => shared::pick(ctx, served, sni, ip, picked, rule_id),
+    };
+    let (client, identity, accepted_db) =
+        tokio::time::timeout_at(deadline, tls::accept(stream, choose, direct))
             .await
             .map_err(|_| timed_out())??;
     // Moved by pointer from here on: the relay keeps exactly one copy of the TLS state.
@@ -360,7 +455,7 @@ async fn establish(
     let mut guard = ctx.sessions.register(
         conn_id,
         accepted_db.name.clone(),
-        client_addr.addr.ip(),
+        ip,
         log.identity.serial.clone(),
         log.identity.not_after,
     );
@@ -380,6 +475,7 @@ async fn establish(
         return Err(notify(&mut client, e).await);
     };
     drop(snap);
+    log.db = Some(Arc::clone(&db));
     if let Some(rule) = db.allowlist.check(client_addr.addr.ip()) {
         log.rule_id = Some(rule.id.clone());
     }

@@ -25,15 +25,20 @@ pub struct ClientIdentity {
     pub alpn: Option<&'static str>,
 }
 
+/// Reads the ClientHello, lets `choose` pick the database from its SNI (before any
+/// cryptography: on the shared listener the name decides whose certificate, CA and rules
+/// apply; on a database's own listener `choose` returns that database), then completes the
+/// handshake under the chosen database's configuration.
 pub async fn accept(
     stream: TcpStream,
-    db: &DatabaseRuntime,
+    choose: impl FnOnce(Option<&str>) -> Result<Arc<DatabaseRuntime>, ConnError>,
     direct: bool,
-) -> Result<(TlsStream<TcpStream>, ClientIdentity), ConnError> {
+) -> Result<(TlsStream<TcpStream>, ClientIdentity, Arc<DatabaseRuntime>), ConnError> {
     let started = Instant::now();
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
         .await
         .map_err(|e| ConnError::new(ErrorKind::TlsHandshake, e.to_string()))?;
+    let db = choose(start.client_hello().server_name())?;
     if direct {
         // PostgreSQL 17 requires ALPN on direct TLS so that a TLS connection meant for another
         // protocol cannot be replayed against the database.
@@ -55,8 +60,8 @@ pub async fn accept(
     db.metrics
         .tls_handshake_seconds
         .observe(started.elapsed().as_secs_f64());
-    let identity = identify(&tls, db);
-    Ok((tls, identity))
+    let identity = identify(&tls, &db);
+    Ok((tls, identity, db))
 }
 
 fn identify(tls: &TlsStream<TcpStream>, db: &DatabaseRuntime) -> ClientIdentity {

@@ -3,7 +3,6 @@
 //! key in one transaction guarded by that revision ([`EtcdStore::commit`]). The CLI is
 //! synchronous, so the backend owns a small current-thread runtime and blocks on each call.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use time::OffsetDateTime;
@@ -161,7 +160,7 @@ impl Read {
     }
 
     /// The listen address of every database whose `database.yaml` parses.
-    pub(super) fn listen_addresses(&self) -> Vec<(String, SocketAddr)> {
+    pub(super) fn listen_addresses(&self) -> Vec<(String, super::Listening)> {
         databases_of(&self.listing.records)
             .into_iter()
             .filter_map(|(name, records)| {
@@ -169,7 +168,7 @@ impl Read {
                 let text = std::str::from_utf8(bytes).ok()?;
                 let file = etcd_origin(&self.prefix, &name).join(DATABASE_YAML);
                 let settings = DatabaseSettings::parse(&file, text).ok()?;
-                Some((name, settings.listen))
+                Some((name, super::Listening::of(&settings)))
             })
             .collect()
     }

@@ -14,7 +14,6 @@ pub mod ip_rules;
 pub mod mtls;
 pub mod renewal;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -32,6 +31,23 @@ use crate::state::{
     DatabaseSettings, DatabaseState, StateDir, StateError, StateLock, CERTIFICATES_DIR,
     CERTIFICATE_YAML, CLIENT_CERT, CLIENT_KEY, DATABASES_DIR,
 };
+
+/// Where a database is reached: its listen address, and its server names (what picks it on
+/// the shared listener).
+#[derive(Debug, Clone)]
+pub struct Listening {
+    pub listen: state::Listen,
+    pub server_names: Vec<String>,
+}
+
+impl Listening {
+    pub fn of(s: &DatabaseSettings) -> Self {
+        Listening {
+            listen: s.listen,
+            server_names: s.server_names.clone(),
+        }
+    }
+}
 
 /// Why a change was refused or failed. The messages are what an operator reads, so each one
 /// names the database, record or field concerned.
@@ -123,8 +139,8 @@ impl Control {
         }
     }
 
-    /// The listen address of every database whose settings parse, by name.
-    pub fn listen_addresses(&self) -> Result<Vec<(String, SocketAddr)>> {
+    /// The listen address and server names of every database whose settings parse, by name.
+    pub fn listen_addresses(&self) -> Result<Vec<(String, Listening)>> {
         if let Some(etcd) = &self.etcd {
             return Ok(etcd.read()?.listen_addresses());
         }
@@ -135,7 +151,7 @@ impl Control {
                 continue;
             };
             if let Ok(s) = DatabaseSettings::parse(&file, &text) {
-                out.push((name, s.listen));
+                out.push((name, Listening::of(&s)));
             }
         }
         Ok(out)
@@ -323,7 +339,7 @@ impl Txn<'_> {
     }
 
     /// The listen addresses as of this change (see [`Control::listen_addresses`]).
-    pub fn listen_addresses(&self) -> Result<Vec<(String, SocketAddr)>> {
+    pub fn listen_addresses(&self) -> Result<Vec<(String, Listening)>> {
         match &self.inner {
             TxnInner::Dir { .. } => self.control.listen_addresses(),
             TxnInner::Etcd { read, .. } => Ok(read.listen_addresses()),

@@ -2,7 +2,6 @@
 //! certificate, first client certificate, empty CRL and empty allowlist in; an archived
 //! database out.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde_json::json;
@@ -12,7 +11,7 @@ use time::OffsetDateTime;
 use super::{certificates, now, Control, ControlError, Result};
 use crate::pki::{self, CaSigner, KeyType};
 use crate::state::{
-    self, ip_rules_to_yaml, AuditEntry, CertificateRecord, DatabaseSettings, UpstreamAddr,
+    self, ip_rules_to_yaml, AuditEntry, CertificateRecord, DatabaseSettings, Listen, UpstreamAddr,
     UpstreamTls, PRIVATE_MODE, PUBLIC_MODE,
 };
 
@@ -26,7 +25,8 @@ const MAX_CN: usize = 64;
 #[derive(Debug, Clone)]
 pub struct EnableRequest {
     pub name: String,
-    pub listen: SocketAddr,
+    /// Its own address, or `shared`: the shared listener, where its server names pick it.
+    pub listen: Listen,
     pub upstream: UpstreamAddr,
     pub upstream_tls: UpstreamTls,
     /// The CA (PEM) for `verify-full`, copied into the database folder.
@@ -64,8 +64,11 @@ pub fn ca_common_name(database: &str) -> String {
 }
 
 /// Names in the server certificate: the given ones plus the listen IP when it is specific.
-pub fn server_names(given: &[String], listen: SocketAddr) -> Vec<String> {
+pub fn server_names(given: &[String], listen: Listen) -> Vec<String> {
     let mut names: Vec<String> = given.to_vec();
+    let Listen::Addr(listen) = listen else {
+        return names;
+    };
     if !listen.ip().is_unspecified() {
         let ip = listen.ip().to_string();
         if !names.contains(&ip) {
@@ -80,8 +83,7 @@ pub fn server_names(given: &[String], listen: SocketAddr) -> Vec<String> {
 pub fn check(control: &Control, request: &EnableRequest) -> Result<()> {
     check_request(request)?;
     check_free(
-        &request.name,
-        request.listen,
+        request,
         control.has_database(&request.name)?,
         control.listen_addresses()?,
     )
@@ -90,6 +92,13 @@ pub fn check(control: &Control, request: &EnableRequest) -> Result<()> {
 fn check_request(request: &EnableRequest) -> Result<()> {
     let name = request.name.as_str();
     state::validate_database_name(name).map_err(ControlError::Invalid)?;
+    if request.listen.is_shared() && request.server_names.is_empty() {
+        return Err(ControlError::Invalid(
+            "--listen shared needs --server-name NAME: on the shared listener the name a \
+             client sends (SNI) picks the database"
+                .into(),
+        ));
+    }
     if request.upstream_tls == UpstreamTls::VerifyFull && request.upstream_ca_pem.is_none() {
         return Err(ControlError::Invalid(
             "--upstream-tls verify-full needs --upstream-ca FILE".into(),
@@ -108,24 +117,43 @@ fn check_request(request: &EnableRequest) -> Result<()> {
     Ok(())
 }
 
-/// The name must be new, and two databases on one listen address would make the proxy refuse
-/// the whole state.
+/// The name must be new, and two databases on one listen address (or with one server name on
+/// the shared listener, where it would not pick one database) would make the proxy refuse
+/// the second. Any number of databases share `--listen shared`.
 fn check_free(
-    name: &str,
-    listen: SocketAddr,
+    request: &EnableRequest,
     exists: bool,
-    listens: Vec<(String, SocketAddr)>,
+    listens: Vec<(String, super::Listening)>,
 ) -> Result<()> {
+    let name = request.name.as_str();
     if exists {
         return Err(ControlError::Conflict(format!(
             "mTLS is already enabled for database {name:?}"
         )));
     }
-    for (other, addr) in listens {
-        if other != name && addr == listen {
-            return Err(ControlError::Conflict(format!(
-                "--listen {listen} is already the listen address of database {other:?}"
-            )));
+    for (other, l) in listens {
+        if other == name {
+            continue;
+        }
+        match (request.listen, l.listen) {
+            (Listen::Addr(a), Listen::Addr(b)) if a == b => {
+                return Err(ControlError::Conflict(format!(
+                    "--listen {a} is already the listen address of database {other:?}"
+                )));
+            }
+            (Listen::Shared, Listen::Shared) => {
+                let taken = request
+                    .server_names
+                    .iter()
+                    .find(|n| l.server_names.iter().any(|o| o.eq_ignore_ascii_case(n)));
+                if let Some(n) = taken {
+                    return Err(ControlError::Conflict(format!(
+                        "--server-name {n} is already a server name of database {other:?} on \
+                         the shared listener; SNI must pick one database"
+                    )));
+                }
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -186,12 +214,7 @@ fn enable_once(
     let mut txn = control.begin(None, actor)?;
     // Again against the state this change commits to: another `mtls create` may have taken
     // the name or the address meanwhile.
-    check_free(
-        name,
-        request.listen,
-        txn.has_database(name)?,
-        txn.listen_addresses()?,
-    )?;
+    check_free(request, txn.has_database(name)?, txn.listen_addresses()?)?;
     let settings = DatabaseSettings {
         listen: request.listen,
         upstream: request.upstream.clone(),
@@ -323,15 +346,16 @@ mod tests {
 
     #[test]
     fn server_names_add_a_specific_listen_ip_once() {
-        let l: SocketAddr = "10.0.0.5:6432".parse().unwrap();
+        let l: Listen = "10.0.0.5:6432".parse().unwrap();
         assert_eq!(server_names(&[], l), vec!["10.0.0.5"]);
         assert_eq!(
             server_names(&["db.example".into(), "10.0.0.5".into()], l),
             vec!["db.example", "10.0.0.5"]
         );
-        let any: SocketAddr = "0.0.0.0:6432".parse().unwrap();
+        let any: Listen = "0.0.0.0:6432".parse().unwrap();
         assert!(server_names(&[], any).is_empty());
-        let any6: SocketAddr = "[::]:6432".parse().unwrap();
+        let any6: Listen = "[::]:6432".parse().unwrap();
         assert_eq!(server_names(&["x".into()], any6), vec!["x"]);
+        assert_eq!(server_names(&["x".into()], Listen::Shared), vec!["x"]);
     }
 }

@@ -17,6 +17,49 @@ use crate::config::ConfigErrors;
 /// Longest IP-rule description, as in the hosted feature.
 pub const MAX_DESCRIPTION: usize = 255;
 
+/// Where a database is served: its own address, or the shared listener (`shared_listen` in
+/// `pgmtls.yaml`), where the client's SNI picks it among the others served there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Listen {
+    Addr(SocketAddr),
+    Shared,
+}
+
+impl Listen {
+    /// The database's own address, `None` on the shared listener.
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::Addr(a) => Some(a),
+            Listen::Shared => None,
+        }
+    }
+
+    pub fn is_shared(self) -> bool {
+        self == Listen::Shared
+    }
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "shared" {
+            return Ok(Listen::Shared);
+        }
+        s.parse().map(Listen::Addr).map_err(|_| {
+            format!("invalid address {s:?}: expected IP:PORT (e.g. 0.0.0.0:5433) or \"shared\"")
+        })
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Addr(a) => a.fmt(f),
+            Listen::Shared => f.write_str("shared"),
+        }
+    }
+}
+
 /// How pgmtls talks to the database behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -129,7 +172,7 @@ impl fmt::Display for UpstreamAddr {
 /// `database.yaml`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatabaseSettings {
-    pub listen: SocketAddr,
+    pub listen: Listen,
     pub upstream: UpstreamAddr,
     pub upstream_tls: UpstreamTls,
     /// CA file (relative to the database folder) for `verify-full`.
@@ -137,7 +180,8 @@ pub struct DatabaseSettings {
     /// Name checked against the upstream certificate; defaults to the upstream host.
     pub upstream_server_name: Option<String>,
     pub allow_plaintext_remote_upstream: bool,
-    /// Names in the server certificate, for clients and a later SNI listener.
+    /// Names in the server certificate; on the shared listener also the SNI names that pick
+    /// this database (at least one is required there).
     pub server_names: Vec<String>,
     /// Refuse a session whose user name is not the client certificate's common name.
     pub user_must_match_cn: bool,
@@ -162,7 +206,7 @@ pub const DATABASE_KEYS: &[&str] = &[
 impl DatabaseSettings {
     pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigErrors> {
         let mut f = Fields::parse(file, text)?;
-        let listen = f.required_with("listen", convert::socket_addr);
+        let listen: Option<Listen> = f.required_with("listen", |v| convert::string(v)?.parse());
         let upstream: Option<UpstreamAddr> =
             f.required_with("upstream", |v| convert::string(v)?.parse());
         let upstream_tls = f
@@ -179,6 +223,15 @@ impl DatabaseSettings {
         let user_must_match_cn = f
             .optional_with("user_must_match_cn", convert::bool)
             .unwrap_or(false);
+        if listen == Some(Listen::Shared) && server_names.is_empty() {
+            let line = f.line_of("listen");
+            f.push(
+                "server_names",
+                line,
+                "a database on the shared listener needs at least one server name: clients \
+                 reach it by naming it in their SNI",
+            );
+        }
         let enabled_by = f.optional_with("enabled_by", convert::string);
         let created_at = f.optional_with("created_at", |v| {
             let s = convert::string(v)?;

@@ -1,0 +1,56 @@
+//! The shared listener: many databases on one port, the ClientHello's SNI picking which one.
+//! The pick happens after the ClientHello is read and before any cryptography, so the
+//! handshake runs under the chosen database's own certificate, CA and CRL, and its own IP
+//! rules decide before that.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::error::{ConnError, ErrorKind};
+use super::{Context, Served};
+use crate::snapshot::DatabaseRuntime;
+
+/// The database `sni` names on the shared listener (or the configured default), checked
+/// against that database's IP rules for `ip`. `picked` and `rule_id` learn the database and
+/// the admitting rule as soon as they are known, so that a refusal is charged to the database.
+pub fn pick(
+    ctx: &Context,
+    served: &Served,
+    sni: Option<&str>,
+    ip: IpAddr,
+    picked: &mut Option<Arc<DatabaseRuntime>>,
+    rule_id: &mut Option<Arc<str>>,
+) -> Result<Arc<DatabaseRuntime>, ConnError> {
+    let snap = ctx.snapshot.load();
+    let default = match served {
+        Served::Shared { default: Some(d) } => snap
+            .databases
+            .get(&**d)
+            .filter(|db| db.settings.listen.is_shared()),
+        _ => None,
+    };
+    let db = match sni {
+        None => default.ok_or_else(|| {
+            ConnError::new(
+                ErrorKind::SniMissing,
+                "no server name (SNI) in the ClientHello and no default_database",
+            )
+        })?,
+        Some(name) => snap.by_server_name(name).or(default).ok_or_else(|| {
+            // The name is the client's: bounded by rustls (a DNS name), logged quoted.
+            ConnError::new(
+                ErrorKind::SniUnknown,
+                format!("no database on the shared listener has server name {name:?}"),
+            )
+        })?,
+    };
+    *picked = Some(Arc::clone(db));
+    let Some(rule) = db.allowlist.check(ip) else {
+        return Err(ConnError::new(
+            ErrorKind::IpNotAllowed,
+            "no IP rule of the database the server name picks admits this address",
+        ));
+    };
+    *rule_id = Some(rule.id.clone());
+    Ok(Arc::clone(db))
+}
