@@ -5,25 +5,32 @@
 #
 #   ../shared/bench/run.sh --scenario select,connect --target direct \
 #     --target 'dir=cmd:benches/serve-from-store.sh dir target/release/pgmtls' \
-#     --target 'etcd=cmd:benches/serve-from-store.sh etcd target/release/pgmtls'
+#     --target 'etcd=cmd:benches/serve-from-store.sh etcd target/release/pgmtls' \
+#     --target 'shared=cmd:benches/serve-from-store.sh shared target/release/pgmtls'
 #
 # The database is made with the CLI (`mtls create`, `ip-rules create`), then its CA, server
 # certificate and CRL are replaced by the harness's (the harness's clients hold certificates
 # of its own CA). In `etcd` mode a throwaway etcd is started in $BENCH_WORK, the directory is
-# imported into it with `state import`, and the proxy follows the prefix like a replica.
+# imported into it with `state import`, and the proxy follows the prefix like a replica. In
+# `shared` mode the database is on the shared listener (`--listen shared`, `shared_listen` at
+# the harness's address): every connection's ClientHello is read and its SNI looked up before
+# the handshake. The harness's clients connect to an IP address, so libpq sends no SNI:
+# `default_database` serves them, which takes the same peek and lookup as a named client.
 # Runs in the foreground and stops (with its etcd) on SIGTERM, as the harness expects.
 set -euo pipefail
 
-mode=${1:?usage: serve-from-store.sh dir|etcd PGMTLS_BIN}
-bin=$(realpath "${2:?usage: serve-from-store.sh dir|etcd PGMTLS_BIN}")
+mode=${1:?usage: serve-from-store.sh dir|etcd|shared PGMTLS_BIN}
+bin=$(realpath "${2:?usage: serve-from-store.sh dir|etcd|shared PGMTLS_BIN}")
 : "${BENCH_WORK:?run this from ../shared/bench/run.sh}"
 work=$(mktemp -d "$BENCH_WORK/store.XXXXXX")
 certs=$(dirname "$BENCH_TLS_CA")
 state=$work/state
 db=$state/databases/bench
 
-"$bin" mtls create bench --listen "$BENCH_LISTEN_ADDR" --upstream "$BENCH_UPSTREAM_ADDR" \
-  --confirm bench --state-dir "$state" >/dev/null 2>&1
+listen=$BENCH_LISTEN_ADDR
+[ "$mode" = shared ] && listen=shared
+"$bin" mtls create bench --listen "$listen" --server-name bench.db.test \
+  --upstream "$BENCH_UPSTREAM_ADDR" --confirm bench --state-dir "$state" >/dev/null 2>&1
 "$bin" ip-rules create bench --cidr "$BENCH_ALLOW_CIDR" --state-dir "$state" >/dev/null
 
 # The harness's PKI in place of the one the CLI made. Its first client certificate was issued
@@ -52,6 +59,11 @@ chmod 0644 "$db/crl.pem"
 case $mode in
 dir)
   printf 'state_dir: %s\nadmin_listen: "off"\n' "$state" >"$work/pgmtls.yaml"
+  exec "$bin" serve --config "$work/pgmtls.yaml"
+  ;;
+shared)
+  printf 'state_dir: %s\nadmin_listen: "off"\nshared_listen: %s\ndefault_database: bench\n' \
+    "$state" "$BENCH_LISTEN_ADDR" >"$work/pgmtls.yaml"
   exec "$bin" serve --config "$work/pgmtls.yaml"
   ;;
 etcd)
@@ -84,7 +96,7 @@ etcd)
   exit "$status"
   ;;
 *)
-  echo "mode must be dir or etcd, not $mode" >&2
+  echo "mode must be dir, etcd or shared, not $mode" >&2
   exit 2
   ;;
 esac

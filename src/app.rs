@@ -452,6 +452,16 @@ impl App {
             }
             return Ok(());
         };
+        if let Some(d) = &self.config.default_database {
+            let snap = self.ctx.snapshot.load();
+            if !snap.shared().any(|db| &*db.name == d) {
+                tracing::warn!(
+                    default_database = d.as_str(),
+                    "default_database is not a database with listen: shared; clients without \
+                     a known server name are refused until it is one"
+                );
+            }
+        }
         let served = crate::conn::Served::Shared {
             default: self.config.default_database.as_deref().map(Arc::from),
         };
@@ -752,6 +762,14 @@ impl App {
                     "listen address changed; restart pgmtls to apply it"
                 ),
                 Some(_) => {}
+            }
+        }
+        for db in snapshot.shared() {
+            if lock(&self.listeners).contains_key(&*db.name) {
+                tracing::warn!(
+                    database = &*db.name,
+                    "listen changed to shared; its own port serves it until pgmtls is restarted"
+                );
             }
         }
         report.sessions_closed = self.enforce(&snapshot);
