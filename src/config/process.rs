@@ -713,8 +713,11 @@ mod tests {
                     tcp_keepalives_interval: 5s\ntcp_keepalives_count: 4\ntcp_user_timeout: 45s\n\
                     admin_status_from: [10.0.0.0/24]\nreplica_id: 2\npeer_listen: 10.0.0.2:6433\n\
                     peers: [{id: 1, addr: \"10.0.0.1:6433\"}, {id: 3, addr: \"10.0.0.3:6433\", name: r3.example}]\n\
-                    peer_tls: {cert: peer.crt, key: peer.key, ca: /etc/peer-ca.crt}\n";
+                    peer_tls: {cert: peer.crt, key: peer.key, ca: /etc/peer-ca.crt}\n\
+                    shared_listen: 0.0.0.0:5432\ndefault_database: orders\n";
         let c = Config::parse(Path::new("p.yaml"), text).unwrap();
+        assert_eq!(c.shared_listen, Some("0.0.0.0:5432".parse().unwrap()));
+        assert_eq!(c.default_database.as_deref(), Some("orders"));
         let fleet = c.fleet.clone().unwrap();
         assert_eq!(fleet.replica_id, 2);
         assert_eq!(fleet.peers.len(), 2);

@@ -132,39 +132,16 @@ pub async fn serve(
     let started = Instant::now();
     let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let mut log = ConnLog::default();
-    let result = match &served {
-        Served::Database(name) => match ctx.snapshot.load().databases.get(&**name).cloned() {
-            Some(db) => {
-                log.db = Some(db);
-                run(
-                    &ctx,
-                    &served,
-                    stream,
-                    peer,
-                    conn_id,
-                    &mut admission,
-                    &mut log,
-                )
-                .await
-            }
-            None => Err(ConnError::new(
-                ErrorKind::DatabaseDisabled,
-                "database is no longer served",
-            )),
-        },
-        Served::Shared { .. } => {
-            run(
-                &ctx,
-                &served,
-                stream,
-                peer,
-                conn_id,
-                &mut admission,
-                &mut log,
-            )
-            .await
-        }
-    };
+    let result = run(
+        &ctx,
+        &served,
+        stream,
+        peer,
+        conn_id,
+        &mut admission,
+        &mut log,
+    )
+    .await;
     let error_kind = result.as_ref().err().map(|e| e.kind);
     match (&log.db, error_kind) {
         (Some(db), Some(kind)) => db.metrics.refuse(kind),
@@ -369,6 +346,17 @@ async fn establish(
     admission: &mut Admission,
     log: &mut ConnLog,
 ) -> Result<Prelude, ConnError> {
+    // A database's own listener serves that database; on the shared listener the database is
+    // known only from the ClientHello (or a cancel key).
+    if let Served::Database(name) = served {
+        let Some(db) = ctx.snapshot.load().databases.get(&**name).cloned() else {
+            return Err(ConnError::new(
+                ErrorKind::DatabaseDisabled,
+                "database is no longer served",
+            ));
+        };
+        log.db = Some(db);
+    }
     let deadline = tokio::time::Instant::now() + ctx.timeouts.handshake;
     let timed_out = || ConnError::new(ErrorKind::HandshakeTimeout, "handshake_timeout elapsed");
 
