@@ -567,3 +567,49 @@ fn two_renews_at_once_renew_each_certificate_once() {
     let listed = f.json(&["certificates", "app", "--json"]);
     assert_eq!(listed.as_array().unwrap().len(), 51, "no second successor");
 }
+
+#[test]
+fn shared_listener_databases_are_created_in_etcd_and_a_taken_server_name_is_refused() {
+    if !etcd_available_or_skip() {
+        return;
+    }
+    let f = Fleet::new(0);
+    let create = |name: &str, server_name: &str| {
+        f.run(&[
+            "mtls",
+            "create",
+            name,
+            "--listen",
+            "shared",
+            "--server-name",
+            server_name,
+            "--upstream",
+            "127.0.0.1:5432",
+            "--confirm",
+            name,
+        ])
+    };
+    let orders = create("orders", "orders.db.test");
+    assert!(
+        orders.status.success(),
+        "{}",
+        String::from_utf8_lossy(&orders.stderr)
+    );
+    let yaml = f.get("databases/orders/database.yaml").unwrap();
+    assert!(yaml.contains("listen: shared"), "{yaml}");
+    // Two databases share the listener, not a name on it.
+    let taken = create("billing", "Orders.DB.test");
+    assert!(!taken.status.success());
+    let err = String::from_utf8_lossy(&taken.stderr);
+    assert!(
+        err.contains("is already a server name of database \"orders\" on the shared listener"),
+        "{err}"
+    );
+    assert!(f.keys("databases/billing/").is_empty(), "nothing written");
+    let billing = create("billing", "billing.db.test");
+    assert!(
+        billing.status.success(),
+        "{}",
+        String::from_utf8_lossy(&billing.stderr)
+    );
+}
