@@ -891,6 +891,66 @@ fn a_certificate_downloaded_in_the_console_is_the_clis_four_files_in_one_tar() {
 }
 
 #[test]
+fn psql_connects_through_the_proxy_with_the_files_of_the_console_download() {
+    use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let env = Env::new();
+    env.create_db("app", "127.0.0.1:0", &pg.addr().to_string());
+    env.run(&["ip-rules", "create", "app", "--cidr", "127.0.0.1/32"])
+        .ok();
+    let id = env.run(&["certificates", "app", "--json"]).json()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let console = Console::start(&env);
+    let login = console.login();
+    let r = console.post(
+        "/databases/app/certificates/download",
+        Some(&login.cookie),
+        &[("id", &id), ("prefix", "app_"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Unpacked as `tar -xpf` would: libpq refuses a key readable by group or others.
+    let dir = tempfile::tempdir().unwrap();
+    let mut archive = tar::Archive::new(r.bytes.as_slice());
+    archive.set_preserve_permissions(true);
+    archive.unpack(dir.path()).unwrap();
+    let key = dir.path().join("app_postgresql.key");
+    assert_eq!(cli_support::mode(&key), 0o600);
+
+    let config = env.dir.path().join("pgmtls.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {}\nadmin_listen: \"off\"\nlog_format: json\n",
+            env.state.display()
+        ),
+    )
+    .unwrap();
+    let proxy = common::proxy::ProxyProcess::spawn(&["--config", config.to_str().unwrap()]);
+    let out = common::clients::Psql::new(
+        pg.psql_path(),
+        "127.0.0.1",
+        proxy.addrs["app"].port(),
+        APP_USER,
+        APP_DB,
+    )
+    .verify_ca(
+        &dir.path().join("app_root.crt"),
+        Some((
+            dir.path().join("app_postgresql.crt").as_path(),
+            key.as_path(),
+        )),
+    )
+    .password(APP_PASSWORD)
+    .run("SELECT 'downloaded in the console'");
+    assert_eq!(out.expect_ok(), "downloaded in the console");
+}
+
+#[test]
 fn mtls_enabled_and_disabled_in_the_console_is_the_clis() {
     let env = Env::new();
     let taken = cli_support::free_listen();
