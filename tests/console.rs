@@ -141,6 +141,8 @@ struct Resp {
     status: u16,
     headers: Vec<(String, String)>,
     body: String,
+    /// The body as sent (an archive is not text).
+    bytes: Vec<u8>,
 }
 
 impl Resp {
@@ -229,7 +231,8 @@ fn parse_response(raw: &[u8]) -> Resp {
     Resp {
         status,
         headers,
-        body: String::from_utf8(body).unwrap(),
+        body: String::from_utf8_lossy(&body).into_owned(),
+        bytes: body,
     }
 }
 
@@ -287,8 +290,11 @@ fn assert_security_headers(r: &Resp, what: &str) {
     }
 }
 
-const POSTS: [&str; 6] = [
+const POSTS: [&str; 9] = [
     "/logout",
+    "/mtls",
+    "/databases/app/disable",
+    "/databases/app/certificates/download",
     "/databases/app/ip-rules",
     "/databases/app/ip-rules/delete",
     "/databases/app/certificates",
@@ -317,6 +323,7 @@ fn every_route_refuses_without_a_session() {
                     ("cidr", "10.0.0.0/8"),
                     ("id", "x"),
                     ("confirm", "yes"),
+                    ("name", "app"),
                     ("csrf", "x"),
                 ],
             );
@@ -440,7 +447,20 @@ fn a_post_without_the_sessions_csrf_token_changes_nothing() {
             }
             f
         };
-        let forms: [(&str, Vec<(&str, String)>); 5] = [
+        let forms: [(&str, Vec<(&str, String)>); 7] = [
+            (
+                "/mtls",
+                with(vec![
+                    ("name", "other".into()),
+                    ("listen", "127.0.0.1:0".into()),
+                    ("upstream", "127.0.0.1:5432".into()),
+                    ("confirm", "other".into()),
+                ]),
+            ),
+            (
+                "/databases/app/disable",
+                with(vec![("confirm", "app".into())]),
+            ),
             (
                 "/databases/app/ip-rules",
                 with(vec![("cidr", "10.0.0.0/8".into())]),
@@ -724,6 +744,344 @@ fn certificates_created_and_revoked_in_the_console_are_the_clis() {
     let new_id = last["details"]["id"].as_str().unwrap();
     assert_eq!(status(new_id).as_deref(), Some("ready"));
     assert_eq!(listed_count(&env), certificates_before + 1);
+}
+
+/// The entries of a tar archive: name, recorded mode, contents.
+fn untar(bytes: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+    let mut archive = tar::Archive::new(bytes);
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().display().to_string();
+            let mode = e.header().mode().unwrap();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            (name, mode, data)
+        })
+        .collect()
+}
+
+#[test]
+fn a_certificate_downloaded_in_the_console_is_the_clis_four_files_in_one_tar() {
+    let env = env_with_app();
+    let id = env.run(&["certificates", "create", "app", "--json"]).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let console = Console::start(&env);
+    let login = console.login();
+    let page = console.get("/databases/app", Some(&login.cookie));
+    assert!(
+        page.body.contains("/databases/app/certificates/download"),
+        "{}",
+        page.body
+    );
+    // The page shows the CLI's connect line for the default prefix.
+    assert!(
+        page.text().contains(
+            "sslcert=app_postgresql.crt sslkey=app_postgresql.key sslrootcert=app_root.crt"
+        ),
+        "{}",
+        page.body
+    );
+    assert!(page.text().contains("PGSSLMODE=verify-ca"), "{}", page.body);
+    // Without the CSRF token: refused, no archive, no audit record.
+    let audit_before = env.audit_lines().len();
+    let r = console.post(
+        "/databases/app/certificates/download",
+        Some(&login.cookie),
+        &[("id", &id), ("prefix", "demo_")],
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(!r.body.contains("postgresql.key"));
+    assert_eq!(env.audit_lines().len(), audit_before);
+    // A prefix with a '/' is refused with the CLI's reason.
+    let r = console.post(
+        "/databases/app/certificates/download",
+        Some(&login.cookie),
+        &[("id", &id), ("prefix", "../x"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.text().contains("prefix must not contain '/'"),
+        "{}",
+        r.body
+    );
+    assert_eq!(env.audit_lines().len(), audit_before);
+
+    let r = console.post(
+        "/databases/app/certificates/download",
+        Some(&login.cookie),
+        &[("id", &id), ("prefix", "demo_"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert_eq!(r.header("content-type"), Some("application/x-tar"));
+    let disposition = r.header("content-disposition").unwrap();
+    assert!(disposition.starts_with("attachment;"), "{disposition}");
+    let entries = untar(&r.bytes);
+    let listed: Vec<(&str, u32)> = entries.iter().map(|(n, m, _)| (n.as_str(), *m)).collect();
+    assert_eq!(
+        listed,
+        [
+            ("demo_postgresql.crt", 0o644),
+            ("demo_postgresql.key", 0o600),
+            ("demo_root.crt", 0o644),
+            ("demo_postgresql.pk8", 0o600),
+        ]
+    );
+    // The same bytes the CLI writes.
+    let dir = tempfile::tempdir().unwrap();
+    env.run(&[
+        "certificates",
+        "download",
+        "app",
+        "--id",
+        &id,
+        "--prefix",
+        "demo_",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .ok();
+    for (name, _, data) in &entries {
+        assert_eq!(
+            &std::fs::read(dir.path().join(name)).unwrap(),
+            data,
+            "{name} differs from the CLI's"
+        );
+    }
+    // The .pk8 is DER PKCS#8 of the same key as the PEM.
+    let pem = std::str::from_utf8(&entries[1].2).unwrap();
+    let from_pem = rcgen::KeyPair::from_pem(pem).unwrap();
+    let der = rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(
+        entries[3].2.clone(),
+    ));
+    let from_der = rcgen::KeyPair::try_from(&der).unwrap();
+    assert_eq!(from_pem.public_key_pem(), from_der.public_key_pem());
+    // One audit record with the console's actor (the CLI's download added one more).
+    let lines = env.audit_lines();
+    let console_line = &lines[audit_before];
+    assert_eq!(console_line["action"], "certificate.download");
+    assert_eq!(console_line["database"], "app");
+    assert_eq!(console_line["details"]["id"], id.as_str());
+    assert!(
+        console_line["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("console:"),
+        "{console_line}"
+    );
+    // A revoked certificate is not handed out.
+    let r = console.post(
+        "/databases/app/certificates/revoke",
+        Some(&login.cookie),
+        &[("id", &id), ("confirm", "yes"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let r = console.post(
+        "/databases/app/certificates/download",
+        Some(&login.cookie),
+        &[("id", &id), ("prefix", ""), ("csrf", &login.csrf)],
+    );
+    assert_ne!(r.status, 200, "{}", r.body);
+    assert!(r.text().contains("is revoked"), "{}", r.body);
+}
+
+#[test]
+fn psql_connects_through_the_proxy_with_the_files_of_the_console_download() {
+    use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let env = Env::new();
+    env.create_db("app", "127.0.0.1:0", &pg.addr().to_string());
+    env.run(&["ip-rules", "create", "app", "--cidr", "127.0.0.1/32"])
+        .ok();
+    let id = env.run(&["certificates", "app", "--json"]).json()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let console = Console::start(&env);
+    let login = console.login();
+    let r = console.post(
+        "/databases/app/certificates/download",
+        Some(&login.cookie),
+        &[("id", &id), ("prefix", "app_"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Unpacked as `tar -xpf` would: libpq refuses a key readable by group or others.
+    let dir = tempfile::tempdir().unwrap();
+    let mut archive = tar::Archive::new(r.bytes.as_slice());
+    archive.set_preserve_permissions(true);
+    archive.unpack(dir.path()).unwrap();
+    let key = dir.path().join("app_postgresql.key");
+    assert_eq!(cli_support::mode(&key), 0o600);
+
+    let config = env.dir.path().join("pgmtls.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {}\nadmin_listen: \"off\"\nlog_format: json\n",
+            env.state.display()
+        ),
+    )
+    .unwrap();
+    let proxy = common::proxy::ProxyProcess::spawn(&["--config", config.to_str().unwrap()]);
+    let out = common::clients::Psql::new(
+        pg.psql_path(),
+        "127.0.0.1",
+        proxy.addrs["app"].port(),
+        APP_USER,
+        APP_DB,
+    )
+    .verify_ca(
+        &dir.path().join("app_root.crt"),
+        Some((
+            dir.path().join("app_postgresql.crt").as_path(),
+            key.as_path(),
+        )),
+    )
+    .password(APP_PASSWORD)
+    .run("SELECT 'downloaded in the console'");
+    assert_eq!(out.expect_ok(), "downloaded in the console");
+}
+
+#[test]
+fn mtls_enabled_and_disabled_in_the_console_is_the_clis() {
+    let env = Env::new();
+    let taken = cli_support::free_listen();
+    env.create_db("app", &taken, "127.0.0.1:5432");
+    let console = Console::start(&env);
+    let login = console.login();
+    let page = console.get("/", Some(&login.cookie));
+    assert!(page.body.contains("action=\"/mtls\""), "{}", page.body);
+    assert!(
+        page.text().contains("recorded in the audit log"),
+        "{}",
+        page.body
+    );
+    let free = cli_support::free_listen();
+    let enable = |name: &str, listen: &str, upstream: &str, confirm: &str| {
+        console.post(
+            "/mtls",
+            Some(&login.cookie),
+            &[
+                ("name", name),
+                ("listen", listen),
+                ("upstream", upstream),
+                ("server_name", ""),
+                ("confirm", confirm),
+                ("csrf", &login.csrf),
+            ],
+        )
+    };
+    // Bad input: the CLI's message by the form, the typed values kept, nothing written.
+    let before = env.snapshot();
+    for (name, listen, upstream) in [
+        ("Bad Name", free.as_str(), "127.0.0.1:5432"),
+        ("new", taken.as_str(), "127.0.0.1:5432"),
+        ("new", free.as_str(), "192.0.2.10:5432"),
+    ] {
+        let cli = cli_error(
+            &env,
+            &[
+                "mtls",
+                "create",
+                name,
+                "--listen",
+                listen,
+                "--upstream",
+                upstream,
+                "--confirm",
+                name,
+            ],
+        );
+        let r = enable(name, listen, upstream, name);
+        assert!(
+            r.status == 400 || r.status == 409,
+            "{name} {listen} {upstream}: {}",
+            r.body
+        );
+        assert!(r.body.contains("id=\"enable-error\""), "{}", r.body);
+        assert!(r.text().contains(&cli), "{cli} not in {}", r.body);
+        assert!(
+            r.text().contains(upstream),
+            "typed upstream kept: {}",
+            r.body
+        );
+        assert_eq!(env.snapshot(), before, "{name} {listen} {upstream}");
+    }
+    // Without the name typed again: refused.
+    let r = enable("new", &free, "127.0.0.1:5432", "");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.text().contains("to enable mTLS: nothing was changed"),
+        "{}",
+        r.body
+    );
+    assert_eq!(env.snapshot(), before);
+    // Without CSRF: refused.
+    let r = console.post(
+        "/mtls",
+        Some(&login.cookie),
+        &[
+            ("name", "new"),
+            ("listen", &free),
+            ("upstream", "127.0.0.1:5432"),
+            ("confirm", "new"),
+        ],
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(env.snapshot(), before);
+
+    let r = enable("new", &free, "127.0.0.1:5432", "new");
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.header("location"), Some("/databases/new"));
+    assert!(env.db_dir("new").exists());
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(last["database"], "new");
+    assert!(
+        last["actor"].as_str().unwrap().starts_with("console:"),
+        "{last}"
+    );
+    let shown = env.run(&["mtls", "new", "--json"]).json();
+    assert_eq!(shown["listen"], free.as_str(), "{shown}");
+    let page = console.get("/databases/new", Some(&login.cookie));
+    assert!(page.text().contains("Enabled mTLS on new"), "{}", page.body);
+
+    // Disable: the name typed again, else nothing changes.
+    let r = console.post(
+        "/databases/new/disable",
+        Some(&login.cookie),
+        &[("confirm", "app"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("id=\"disable-error\""), "{}", r.body);
+    assert!(env.db_dir("new").exists());
+    let r = console.post(
+        "/databases/new/disable",
+        Some(&login.cookie),
+        &[("confirm", "new"), ("csrf", &login.csrf)],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert!(!env.db_dir("new").exists());
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(last["database"], "new");
+    assert!(
+        last["actor"].as_str().unwrap().starts_with("console:"),
+        "{last}"
+    );
+    let page = console.get("/", Some(&login.cookie));
+    assert!(
+        page.text().contains("Disabled mTLS on new"),
+        "{}",
+        page.body
+    );
+    assert!(env.db_dir("app").exists());
 }
 
 fn listed_count(env: &Env) -> usize {

@@ -19,11 +19,8 @@ use crate::control::{
     self,
     certificates::{crl_serials, find, NewCertificate, RenewReport, Renewal},
 };
-use crate::pki::{self, KeyType};
-use crate::state::{
-    self, certificate_dir, one_line, write_atomic, CertificateRecord, DatabaseState, PRIVATE_MODE,
-    PUBLIC_MODE,
-};
+use crate::pki::KeyType;
+use crate::state::{self, write_atomic, CertificateRecord, DatabaseState};
 
 pub use crate::control::certificates::{CRL_REFRESH_WINDOW, CRL_VALIDITY, RENEW_WINDOW};
 
@@ -400,12 +397,7 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
 
 /// The four files `download` writes, in order: chain, key, root, PKCS-8 key.
 pub fn download_names(prefix: &str) -> [String; 4] {
-    [
-        format!("{prefix}postgresql.crt"),
-        format!("{prefix}postgresql.key"),
-        format!("{prefix}root.crt"),
-        format!("{prefix}postgresql.pk8"),
-    ]
+    control::download::names(prefix)
 }
 
 fn default_download_dir() -> anyhow::Result<PathBuf> {
@@ -416,19 +408,13 @@ fn default_download_dir() -> anyhow::Result<PathBuf> {
 }
 
 fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
-    if args.prefix.contains('/') || args.prefix.chars().any(char::is_control) {
+    if control::download::validate_prefix(&args.prefix).is_err() {
         bail!("--prefix must not contain '/' or control characters");
     }
     let ctx = Ctx::new(&args.state)?;
     let db = ctx.load(&args.database)?;
-    let record = find(&db, &args.id)?;
-    if record.revoked_at.is_some() || crl_serials(&db).contains(&record.serial) {
-        bail!(
-            "certificate {} is revoked; issue a new one with `pgmtls certificates create {}`",
-            record.id,
-            db.name
-        );
-    }
+    let bundle = control::download::bundle(&ctx.control(), &db, &args.id, &args.prefix)?;
+    let record = &bundle.record;
     let at = now();
     if record.expires_at <= at {
         eprintln!(
@@ -454,37 +440,6 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let (cert_pem, key_pem) = match ctx.etcd() {
-        // The operator's role reads the client key from PREFIX/secrets/.
-        Some(etcd) => {
-            let dir = format!("{}/{}", state::CERTIFICATES_DIR, record.id);
-            (
-                etcd.record(&db.name, &format!("{dir}/{}", state::CLIENT_CERT))?,
-                etcd.secret(&db.name, &format!("{dir}/{}", state::CLIENT_KEY))?,
-            )
-        }
-        None => {
-            let cert_dir = certificate_dir(&db.dir, &record.id);
-            let cert_pem = std::fs::read(cert_dir.join(state::CLIENT_CERT)).with_context(|| {
-                format!(
-                    "cannot read {}",
-                    cert_dir.join(state::CLIENT_CERT).display()
-                )
-            })?;
-            let key_pem = state::read_private_key(&cert_dir.join(state::CLIENT_KEY))
-                .map_err(|e| anyhow!("{}", one_line(&e)))?;
-            (cert_pem, key_pem)
-        }
-    };
-    let pk8 = pki::pem_key_to_pkcs8_der(
-        std::str::from_utf8(&key_pem).context("client.key is not text")?,
-    )?;
-    let mut chain = cert_pem.clone();
-    if !chain.ends_with(b"\n") {
-        chain.push(b'\n');
-    }
-    chain.extend_from_slice(&db.ca_pem);
-
     let created_dir = !dir.exists();
     if created_dir {
         std::fs::DirBuilder::new()
@@ -497,16 +452,9 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
             dir.display()
         );
     }
-    let contents: [(&[u8], u32); 4] = [
-        (&chain, PUBLIC_MODE),
-        (&key_pem, PRIVATE_MODE),
-        // The database CA signs the proxy's server certificate: it is what verify-ca needs.
-        (&db.ca_pem, PUBLIC_MODE),
-        (&pk8, PRIVATE_MODE),
-    ];
     let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
-    for (path, (bytes, mode)) in paths.iter().zip(contents) {
-        write_atomic(path, bytes, mode)
+    for (path, file) in paths.iter().zip(&bundle.files) {
+        write_atomic(path, &file.bytes, file.mode)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let in_default = default_dir.ok().is_some_and(|d| same_dir(&d, &dir));
@@ -523,31 +471,12 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
     // Downloading copies key material out of the state directory: worth a line in the log,
     // but a read-only state directory must not stop a client from getting its files.
     let details = json!({"id": record.id, "dir": dir.display().to_string(), "prefix": args.prefix});
-    let logged = match ctx.etcd() {
-        Some(_) => ctx
-            .control()
-            .note(
-                "certificate.download",
-                Some(&db.name),
-                details,
-                &super::actor(&args.change),
-            )
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-        None => ctx
-            .state
-            .open_audit_log()
-            .and_then(|mut log| {
-                log.append(&state::AuditEntry {
-                    time: at,
-                    actor: super::actor(&args.change),
-                    action: "certificate.download".into(),
-                    database: Some(db.name.clone()),
-                    details,
-                })
-            })
-            .map_err(|e| e.to_string()),
-    };
+    let logged = control::download::note(
+        &ctx.control(),
+        &db.name,
+        details,
+        &super::actor(&args.change),
+    );
     if let Err(e) = logged {
         eprintln!("pgmtls: warning: not recorded in the audit log: {e}");
     }
@@ -595,7 +524,7 @@ fn download(args: DownloadArgs) -> anyhow::Result<ExitCode> {
 /// the host clients use (the first server name, else a specific listen address), the port the
 /// proxy serves (asked of the proxy when the configured port is 0), and the user when the
 /// database binds certificates to their CN. Only what pgmtls cannot know stays a placeholder.
-fn connect_line(
+pub(crate) fn connect_line(
     db: &DatabaseState,
     record: &CertificateRecord,
     proxy: &ProxyView,

@@ -27,7 +27,7 @@ use crate::cli::status::{ProxyView, UNKNOWN};
 use crate::cli::{Ctx, StateArgs};
 use crate::control::{self, ip_rules::Selector, Control, ControlError};
 use auth::{Auth, Login, Session, COOKIE};
-use pages::{DbRow, DbView, FormError, Section};
+use pages::{DbRow, DbView, EnableForm, FormError, Section};
 
 /// `pgmtls console`.
 #[derive(Args, Debug)]
@@ -159,10 +159,16 @@ fn router(app: Shared) -> Router {
         .route("/login", get(login))
         .route("/logout", post(logout))
         .route("/style.css", get(style))
+        .route("/mtls", post(enable_mtls))
         .route("/databases/{name}", get(database))
+        .route("/databases/{name}/disable", post(disable_mtls))
         .route("/databases/{name}/ip-rules", post(add_rule))
         .route("/databases/{name}/ip-rules/delete", post(delete_rule))
         .route("/databases/{name}/certificates", post(create_certificate))
+        .route(
+            "/databases/{name}/certificates/download",
+            post(download_certificate),
+        )
         .route(
             "/databases/{name}/certificates/revoke",
             post(revoke_certificate),
@@ -405,6 +411,17 @@ async fn blocking<T: Send + 'static>(
 }
 
 async fn index(State(app): State<Shared>, Extension(session): Extension<Session>) -> Response {
+    render_index(&app, &session, StatusCode::OK, &EnableForm::default()).await
+}
+
+/// The databases page, with the enable form's message and typed values when it was refused.
+async fn render_index(
+    app: &App,
+    session: &Session,
+    status: StatusCode,
+    enable: &EnableForm,
+) -> Response {
+    let session = session.clone();
     let control = app.control.clone();
     let loaded = blocking(move || {
         let names = control.database_names()?;
@@ -429,7 +446,7 @@ async fn index(State(app): State<Shared>, Extension(session): Extension<Session>
             )
         }
     };
-    let proxy = proxy_view(&app).await;
+    let proxy = proxy_view(app).await;
     let at = control::now();
     let rows: Vec<DbRow> = loaded
         .into_iter()
@@ -460,15 +477,135 @@ async fn index(State(app): State<Shared>, Extension(session): Extension<Session>
         .collect();
     let notice = app.auth.take_flash(&session.id);
     html(
-        StatusCode::OK,
+        status,
         pages::databases(
             &session,
             &rows,
             proxy_note(&proxy).as_deref(),
             app.auth.failures(),
             notice.as_deref(),
+            enable,
         ),
     )
+}
+
+/// `POST /mtls`: `control::mtls::enable` with the CLI's defaults for what the form does not
+/// ask (no upstream TLS, a P-256 key, no CN binding), after the name is typed twice as the
+/// CLI's `--confirm` asks.
+async fn enable_mtls(
+    State(app): State<Shared>,
+    Extension(session): Extension<Session>,
+    Extension(fields): Extension<Fields>,
+) -> Response {
+    let form = EnableForm {
+        message: None,
+        name: fields.get("name").trim().to_owned(),
+        listen: fields.get("listen").trim().to_owned(),
+        upstream: fields.get("upstream").trim().to_owned(),
+        server_name: fields.get("server_name").trim().to_owned(),
+    };
+    let confirm = fields.get("confirm").trim().to_owned();
+    let (control, actor, f) = (app.control.clone(), session.actor(), form.clone());
+    let result = blocking(move || {
+        let listen: SocketAddr = f
+            .listen
+            .parse()
+            .map_err(|e| ControlError::Invalid(format!("listen {:?}: {e}", f.listen)))?;
+        let upstream = f
+            .upstream
+            .parse()
+            .map_err(|e: String| ControlError::Invalid(format!("upstream: {e}")))?;
+        let request = control::mtls::EnableRequest {
+            name: f.name.clone(),
+            listen,
+            upstream,
+            upstream_tls: Default::default(),
+            upstream_ca_pem: None,
+            upstream_server_name: None,
+            allow_plaintext_remote_upstream: false,
+            user_must_match_cn: false,
+            server_names: Some(f.server_name.clone())
+                .filter(|n| !n.is_empty())
+                .into_iter()
+                .collect(),
+            key_type: Default::default(),
+            common_name: None,
+        };
+        // Refuse what can be refused before looking at the confirmation, as the CLI does.
+        control::mtls::check(&control, &request)?;
+        if confirm != f.name {
+            return Err(ControlError::Invalid(format!(
+                "type the database name {:?} in \"confirm\" to enable mTLS: nothing was changed",
+                f.name
+            )));
+        }
+        control::mtls::enable(&control, &request, &actor)
+    })
+    .await;
+    match result {
+        Ok(enabled) => {
+            let name = form.name.clone();
+            changed(
+                &app,
+                &session,
+                &name,
+                format!(
+                    "Enabled mTLS on {name}: listen {}, upstream {}, first certificate {}",
+                    enabled.settings.listen, enabled.settings.upstream, enabled.certificate.id
+                ),
+            )
+        }
+        Err(e) => {
+            eprintln!(
+                "pgmtls console: refused enabling mTLS on {:?} ({}): {e}",
+                form.name,
+                session.actor()
+            );
+            let status = status_of(&e);
+            let form = EnableForm {
+                message: Some(e.to_string()),
+                ..form
+            };
+            render_index(&app, &session, status, &form).await
+        }
+    }
+}
+
+/// `POST /databases/NAME/disable`: `control::mtls::disable` (the directory is archived), after
+/// the name is typed again.
+async fn disable_mtls(
+    State(app): State<Shared>,
+    Extension(session): Extension<Session>,
+    Extension(fields): Extension<Fields>,
+    Path(name): Path<String>,
+) -> Response {
+    let confirm = fields.get("confirm").trim().to_owned();
+    let (control, db, actor) = (app.control.clone(), name.clone(), session.actor());
+    let result = blocking(move || {
+        control.require(&db)?;
+        if confirm != db {
+            return Err(ControlError::Invalid(format!(
+                "type the database name {db:?} in \"confirm\" to disable mTLS: nothing was changed"
+            )));
+        }
+        control::mtls::disable(&control, &db, &actor)
+    })
+    .await;
+    match result {
+        Ok(d) => {
+            let message = format!(
+                "Disabled mTLS on {name}; its directory was archived to {}",
+                d.archived_to.display()
+            );
+            eprintln!("pgmtls console: {message} ({})", session.actor());
+            app.auth.set_flash(&session.id, message);
+            see_other("/")
+        }
+        Err(e) => {
+            let form = no_form(Section::Disable, &e);
+            refused(&app, &session, &name, e, form).await
+        }
+    }
 }
 
 async fn database(
@@ -533,9 +670,14 @@ async fn render_database(
             status: proxy.rule_status(&db.name, &r.id).to_string(),
         })
         .collect();
+    let files = control::download::names(&pages::default_prefix(&db.name));
     let certificates = crate::cli::certificates::views(&db, &proxy, at)
         .into_iter()
         .map(|v| pages::CertRow {
+            connect: (v.revoked_at.is_none() && v.status != "revoked")
+                .then(|| db.certificates.iter().find(|r| r.id == v.id))
+                .flatten()
+                .map(|r| connect_help(&db, r, &proxy, &files)),
             revoked: v.revoked_at.is_some() || v.status == "revoked",
             id: v.id,
             common_name: v.common_name,
@@ -563,6 +705,107 @@ async fn render_database(
             error.as_ref(),
         ),
     )
+}
+
+/// The CLI's psql line for the downloaded files, and the same as libpq environment variables.
+fn connect_help(
+    db: &crate::state::DatabaseState,
+    record: &crate::state::CertificateRecord,
+    proxy: &ProxyView,
+    files: &[String; 4],
+) -> (String, Vec<(&'static str, String)>) {
+    let line = crate::cli::certificates::connect_line(db, record, proxy, files);
+    let mut env = Vec::new();
+    // The line is `key=value` pairs, each value quoted by libpq's rules only when needed.
+    for (key, var) in [
+        ("host", "PGHOST"),
+        ("port", "PGPORT"),
+        ("dbname", "PGDATABASE"),
+        ("user", "PGUSER"),
+        ("sslmode", "PGSSLMODE"),
+    ] {
+        if let Some(v) = line
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        {
+            env.push((var, v.to_owned()));
+        }
+    }
+    env.push(("PGSSLCERT", files[0].clone()));
+    env.push(("PGSSLKEY", files[1].clone()));
+    env.push(("PGSSLROOTCERT", files[2].clone()));
+    (line, env)
+}
+
+/// Builds the tar archive of a download. Tar, because each entry's header carries its Unix
+/// mode (the key's 0600 survives `tar -xpf`), every client system unpacks it without extra
+/// tools, and the `tar` crate writes it with no compression code to pull in: the files are a
+/// few kilobytes.
+fn tar_of(bundle: &control::download::Bundle, mtime: u64) -> std::io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for f in &bundle.files {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(f.bytes.len() as u64);
+        header.set_mode(f.mode);
+        header.set_mtime(mtime);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder.append_data(&mut header, &f.name, f.bytes.as_slice())?;
+    }
+    builder.into_inner()
+}
+
+async fn download_certificate(
+    State(app): State<Shared>,
+    Extension(session): Extension<Session>,
+    Extension(fields): Extension<Fields>,
+    Path(name): Path<String>,
+) -> Response {
+    let id = fields.get("id").to_owned();
+    let prefix = fields.get("prefix").to_owned();
+    let (control, db, actor, i, p) = (
+        app.control.clone(),
+        name.clone(),
+        session.actor(),
+        id.clone(),
+        prefix.clone(),
+    );
+    let result = blocking(move || {
+        let state = control.load(&db)?;
+        let bundle = control::download::bundle(&control, &state, &i, &p)?;
+        let at = control::now();
+        let tar = tar_of(&bundle, at.unix_timestamp().max(0) as u64)
+            .map_err(|e| ControlError::Invalid(format!("cannot build the archive: {e}")))?;
+        let details = serde_json::json!({"id": bundle.record.id, "prefix": p, "via": "console"});
+        let logged = control::download::note(&control, &db, details, &actor);
+        Ok((bundle.record.id, tar, logged))
+    })
+    .await;
+    match result {
+        Ok((id, tar, logged)) => {
+            if let Err(e) = logged {
+                eprintln!("pgmtls console: warning: download not recorded in the audit log: {e}");
+            }
+            eprintln!(
+                "pgmtls console: downloaded certificate {id} (database {name}, {})",
+                session.actor()
+            );
+            let disposition = format!("attachment; filename=\"{name}-{id}.tar\"");
+            let mut resp = (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/x-tar")],
+                tar,
+            )
+                .into_response();
+            if let Ok(v) = HeaderValue::from_str(&disposition) {
+                resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+            }
+            resp
+        }
+        Err(e) => {
+            let form = no_form(Section::Certificates, &e);
+            refused(&app, &session, &name, e, form).await
+        }
+    }
 }
 
 /// The status a refused change answers with.

@@ -40,6 +40,25 @@ pub struct CertRow {
     pub expires: String,
     pub status: String,
     pub revoked: bool,
+    /// For a usable certificate: the psql line and the libpq environment variables for its
+    /// files as the download names them with the default prefix, run where they were unpacked.
+    pub connect: Option<(String, Vec<(&'static str, String)>)>,
+}
+
+/// The prefix the download form suggests: the database's name, so that the files of several
+/// databases can sit in one directory.
+pub fn default_prefix(database: &str) -> String {
+    format!("{database}_")
+}
+
+/// The enable form's typed values, and why it was refused.
+#[derive(Debug, Clone, Default)]
+pub struct EnableForm {
+    pub message: Option<String>,
+    pub name: String,
+    pub listen: String,
+    pub upstream: String,
+    pub server_name: String,
 }
 
 /// Everything the page of one database shows.
@@ -59,6 +78,7 @@ pub struct DbView {
 pub enum Section {
     Rules,
     Certificates,
+    Disable,
 }
 
 /// A refused change, shown next to the form it came from, with what was typed.
@@ -148,6 +168,7 @@ pub fn databases(
     proxy_note: Option<&str>,
     login_failures: u64,
     notice: Option<&str>,
+    enable: &EnableForm,
 ) -> Markup {
     let n = |v: Option<usize>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
     layout(
@@ -188,6 +209,31 @@ pub fn databases(
                             }
                         }
                     }
+                }
+            }
+            section aria-labelledby="enable" {
+                h2 #enable { "Enable mTLS for a database" }
+                p.warning {
+                    "Enabling mTLS opens this database to clients on the network that hold one of \
+                     its client certificates (and pass its IP rules). The change is recorded in \
+                     the audit log under your session."
+                }
+                @if let Some(e) = &enable.message {
+                    p.error role="alert" #enable-error { (e) }
+                }
+                form.stacked method="post" action="/mtls" {
+                    (csrf(session))
+                    label for="enable-name" { "Database name (lowercase letters, digits, '-' or '_')" }
+                    input #enable-name type="text" name="name" required value=(enable.name);
+                    label for="enable-listen" { "Listen address (ADDR:PORT; port 0 takes a free one)" }
+                    input #enable-listen type="text" name="listen" required value=(enable.listen);
+                    label for="enable-upstream" { "Upstream PostgreSQL (HOST:PORT; plaintext only to loopback)" }
+                    input #enable-upstream type="text" name="upstream" required value=(enable.upstream);
+                    label for="enable-server-name" { "Server name clients use (optional)" }
+                    input #enable-server-name type="text" name="server_name" value=(enable.server_name);
+                    label for="enable-confirm" { "Type the database name again to confirm" }
+                    input #enable-confirm type="text" name="confirm" required;
+                    button type="submit" { "Enable mTLS" }
                 }
             }
             p.small { "Refused login attempts since the console started: " (login_failures) }
@@ -283,7 +329,8 @@ pub fn database(
                         thead { tr {
                             th scope="col" { "ID" } th scope="col" { "Common name" }
                             th scope="col" { "Created" } th scope="col" { "Expires" }
-                            th scope="col" { "Status" } th scope="col" { "Revoke" }
+                            th scope="col" { "Status" } th scope="col" { "Download" }
+                            th scope="col" { "Revoke" }
                         } }
                         tbody { @for c in &view.certificates { tr {
                             td { code.id { (c.id) } }
@@ -291,6 +338,18 @@ pub fn database(
                             td { (c.created) }
                             td { (c.expires) }
                             td { (c.status) }
+                            td {
+                                @if !c.revoked {
+                                    form.inline method="post" action={ "/databases/" (name) "/certificates/download" } {
+                                        (csrf(session))
+                                        input type="hidden" name="id" value=(c.id);
+                                        label for={ "prefix-" (c.id) } { "File name prefix" }
+                                        input id={ "prefix-" (c.id) } type="text" name="prefix"
+                                            value=(default_prefix(name)) size="12";
+                                        button type="submit" { "Download .tar" }
+                                    }
+                                }
+                            }
                             td {
                                 @if !c.revoked {
                                     form.inline method="post" action={ "/databases/" (name) "/certificates/revoke" } {
@@ -308,8 +367,19 @@ pub fn database(
                     } }
                 }
                 p.small {
-                    "Download a certificate's files with "
+                    "The download is one tar archive of four files: the certificate chain, its \
+                     key (mode 0600), the database CA and the key as DER PKCS#8 (for JDBC). It \
+                     is recorded in the activity list. The CLI writes the same files with "
                     code { "pgmtls certificates download " (name) " --id ID" } "."
+                }
+                @for c in view.certificates.iter().filter(|c| c.connect.is_some()) {
+                    @if let Some((line, env)) = &c.connect {
+                        h3 { "Connect with certificate " code.id { (c.id) } }
+                        p { "In the directory where the archive was unpacked:" }
+                        pre { code { "psql \"" (line) "\"" } }
+                        p { "or with libpq's environment variables:" }
+                        pre { code { @for (k, v) in env { (k) "=" (v) "\n" } } }
+                    }
                 }
                 h3 { "Create a certificate" }
                 @if let Some(e) = form_error(Section::Certificates) {
@@ -320,6 +390,23 @@ pub fn database(
                     label for="common_name" { "Common name (optional; default: the certificate's id)" }
                     input #common_name type="text" name="common_name";
                     button type="submit" { "Create certificate" }
+                }
+            }
+            section aria-labelledby="disable" {
+                h2 #disable { "Disable mTLS" }
+                p.warning {
+                    "Disabling mTLS stops all access to this database through pgmtls and closes \
+                     its sessions. Its directory, keys included, is archived, not deleted. The \
+                     change is recorded in the audit log under your session."
+                }
+                @if let Some(e) = form_error(Section::Disable) {
+                    p.error role="alert" #disable-error { (e.message) }
+                }
+                form.stacked method="post" action={ "/databases/" (name) "/disable" } {
+                    (csrf(session))
+                    label for="disable-confirm" { "Type " code { (name) } " to confirm" }
+                    input #disable-confirm type="text" name="confirm" required;
+                    button.danger type="submit" { "Disable mTLS" }
                 }
             }
             section aria-labelledby="activity" {

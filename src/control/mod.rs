@@ -9,6 +9,7 @@
 //! compare-and-swap), and the state a change validated is the state it replaces.
 
 pub mod certificates;
+pub mod download;
 mod etcd;
 pub mod ip_rules;
 pub mod mtls;

@@ -3,7 +3,12 @@
 // one first), delete it, revoke a certificate, log out. Screenshots go to the directory given.
 // Usage: node console.mjs LOGIN_URL SCREENSHOT_DIR
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { chromium } from 'playwright-core';
+
+// axe-core's rules, run on every page visited; serious and critical violations fail the test.
+const axeSource = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
 
 const [loginUrl, shots] = process.argv.slice(2);
 assert.ok(loginUrl && shots, 'usage: node console.mjs LOGIN_URL SCREENSHOT_DIR');
@@ -83,6 +88,25 @@ try {
   await cert.getByRole('checkbox').check();
   await cert.getByRole('button', { name: 'Revoke' }).click();
   await page.getByText(/Revoked certificate/).waitFor();
+
+  // Accessibility: the pages visited, in a context of their own that may run axe-core's script
+  // (the console's pages have none and their CSP forbids it), with the same session.
+  const axeContext = await browser.newContext({ bypassCSP: true, viewport: { width: 1280, height: 800 } });
+  await axeContext.addCookies(await context.cookies());
+  const axePage = await axeContext.newPage();
+  for (const path of ['/', '/databases/app', '/login']) {
+    await axePage.goto(`${origin}${path}`);
+    await axePage.evaluate(axeSource);
+    const result = await axePage.evaluate(() => window.axe.run(document, { resultTypes: ['violations'] }));
+    assert.ok(result.passes.length > 0, `axe ran no rules on ${path}`);
+    for (const v of result.violations) {
+      if (v.impact === 'serious' || v.impact === 'critical') {
+        const where = v.nodes.map((n) => n.target.join(' ')).join(', ');
+        problems.push(`axe ${path}: ${v.id} (${v.impact}): ${v.help} at ${where}`);
+      }
+    }
+  }
+  await axeContext.close();
 
   await page.getByRole('button', { name: 'Log out' }).click();
   // Until the login page has loaded: a new navigation would abort it.
