@@ -507,10 +507,11 @@ async fn enable_mtls(
     let confirm = fields.get("confirm").trim().to_owned();
     let (control, actor, f) = (app.control.clone(), session.actor(), form.clone());
     let result = blocking(move || {
-        let listen: SocketAddr = f
+        // The CLI's own parser: an address, or `shared` for the SNI listener.
+        let listen: crate::state::Listen = f
             .listen
             .parse()
-            .map_err(|e| ControlError::Invalid(format!("listen {:?}: {e}", f.listen)))?;
+            .map_err(|e: String| ControlError::Invalid(format!("listen: {e}")))?;
         let upstream = f
             .upstream
             .parse()
