@@ -598,6 +598,8 @@ mod tests {
         let admission = Box::new(crate::limits::Limits::new(1, 1, 1).admit(None).unwrap());
         let fut = super::serve(ctx, "x".into(), s, peer, admission);
         let size = std::mem::size_of_val(&fut);
-        assert!(size <= 1280, "serve() future grew to {size} bytes");
+        // 1280 until the relay learned the server-to-client framing (for the FATAL a cut
+        // session is told): 32 more bytes of framing state, a debug build's layout.
+        assert!(size <= 1312, "serve() future grew to {size} bytes");
     }
 }

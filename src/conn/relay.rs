@@ -200,10 +200,12 @@ where
     };
     let mut told_client = false;
     if let Some(reason) = cut {
-        told_client = tokio::time::timeout(
+        // Boxed: the notice's state (and its timer) live on the heap only while a cut session
+        // is told, so the task every idle session keeps stays small.
+        told_client = Box::pin(tokio::time::timeout(
             CUT_NOTICE_TIMEOUT,
             state.tell_client(reason, counters.to_client),
-        )
+        ))
         .await
         .unwrap_or(false);
     }
