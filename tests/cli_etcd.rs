@@ -506,9 +506,12 @@ fn renew_on_etcd_renews_more_than_one_transaction_holds_each_once_with_its_audit
             .is_some());
     }
     let audit = f.audit();
-    assert_eq!(audit.len(), audit_before + 30, "one audit key per renewal");
+    // One audit key per renewal, and the run's own record (renewal.yaml's `renewal.run`).
+    assert_eq!(audit.len(), audit_before + 31, "one audit key per renewal");
+    assert_eq!(actions(&audit[audit_before..], "renewal.run"), 1);
     let mut logged: Vec<String> = audit[audit_before..]
         .iter()
+        .filter(|e| e["action"] != "renewal.run")
         .map(|e| {
             assert_eq!(e["action"], "certificate.renew", "{e}");
             e["details"]["previous_id"].as_str().unwrap().to_owned()
@@ -521,7 +524,14 @@ fn renew_on_etcd_renews_more_than_one_transaction_holds_each_once_with_its_audit
 
     let again = f.json(&["certificates", "renew", "--json"]);
     assert!(again["renewed"].as_array().unwrap().is_empty(), "{again:#}");
-    assert_eq!(f.audit().len(), audit_before + 30);
+    let audit = f.audit();
+    assert_eq!(actions(&audit[audit_before..], "certificate.renew"), 30);
+    assert_eq!(actions(&audit[audit_before..], "renewal.run"), 2);
+}
+
+/// How many of `records` are of `action`.
+fn actions(records: &[Value], action: &str) -> usize {
+    records.iter().filter(|e| e["action"] == action).count()
 }
 
 #[test]
@@ -559,11 +569,15 @@ fn two_renews_at_once_renew_each_certificate_once() {
     previous.sort();
     previous.dedup();
     assert_eq!(previous.len(), 25, "{previous:?}");
+    let audit = f.audit();
     assert_eq!(
-        f.audit().len(),
-        audit_before + 25,
+        actions(&audit[audit_before..], "certificate.renew"),
+        25,
         "one audit key per renewal"
     );
+    // Each run records itself, and nothing else was written.
+    assert_eq!(actions(&audit[audit_before..], "renewal.run"), 2);
+    assert_eq!(audit.len(), audit_before + 27);
     let listed = f.json(&["certificates", "app", "--json"]);
     assert_eq!(listed.as_array().unwrap().len(), 51, "no second successor");
 }
