@@ -42,6 +42,13 @@ fn assert_told(e: &tokio_postgres::Error, text: &str) {
     assert_eq!(db.message(), text);
 }
 
+/// Waits until the proxy has logged both sessions (tokio-postgres and psql) as cut and told.
+fn both_told(proxy: &ProxyProcess) {
+    proxy.wait_for_nth_log(2, WAIT, |v| {
+        v["message"] == "connection closed" && v["told_client"] == true
+    });
+}
+
 /// An interactive psql from 127.0.0.1, idle after its first query.
 struct IdlePsql {
     child: tokio::process::Child,
@@ -122,6 +129,9 @@ async fn a_revoked_certificates_sessions_are_told_why() {
         0o644,
     );
     assert_told(&ended_with(a_conn).await, REVOKED);
+    // psql hears of the cut only with its next statement: send it once the proxy has cut both
+    // sessions, or it may still reach Postgres.
+    both_told(&proxy);
     let stderr = psql.next_statement().await;
     assert!(stderr.contains(&format!("FATAL:  {REVOKED}")), "{stderr}");
     let line = proxy.wait_for_refusal("revoked_live");
@@ -148,6 +158,9 @@ async fn sessions_whose_rule_is_deleted_are_told_why() {
     let psql = IdlePsql::start(&pg, &pki, &proxy).await;
     state.write_rules("orders", &[]);
     assert_told(&ended_with(a_conn).await, NOT_ALLOWED);
+    // psql hears of the cut only with its next statement: send it once the proxy has cut both
+    // sessions, or it may still reach Postgres.
+    both_told(&proxy);
     let stderr = psql.next_statement().await;
     assert!(
         stderr.contains(&format!("FATAL:  {NOT_ALLOWED}")),
@@ -188,6 +201,9 @@ async fn sessions_left_at_the_end_of_the_shutdown_grace_are_told_why() {
     let psql = IdlePsql::start(&pg, &pki, &proxy).await;
     proxy.signal("TERM");
     assert_told(&ended_with(a_conn).await, SHUTDOWN);
+    // psql hears of the cut only with its next statement: send it once the proxy has cut both
+    // sessions, or it may still reach Postgres.
+    both_told(&proxy);
     let stderr = psql.next_statement().await;
     assert!(stderr.contains(&format!("FATAL:  {SHUTDOWN}")), "{stderr}");
     assert!(proxy.wait_exit(WAIT).success());
