@@ -22,8 +22,11 @@ use crate::wire::frontend::{
 };
 use crate::wire::BackendMessage;
 
+/// A target's body.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its `fuzz/fuzz_targets/NAME.rs` and `fuzz/corpus/NAME/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("negotiation", negotiation),
     ("backend_messages", backend_messages),
     ("proxy_header", proxy_header),
