@@ -42,6 +42,8 @@ pub mod console;
 pub mod control;
 pub mod demo;
 pub mod fleet;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod listener;
 pub mod logging;
