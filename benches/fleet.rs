@@ -89,22 +89,7 @@ async fn propagation(changes: usize) {
         "127.0.0.1:9".parse().unwrap(),
         &[],
     );
-    let out = Command::new(BIN)
-        .args(["state", "import", "--state-dir"])
-        .arg(&state.root)
-        .args([
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--etcd-prefix",
-            PREFIX,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    etcd.import_state(&state.root, PREFIX);
     let operator = state.dir().join("operator.yaml");
     std::fs::write(
         &operator,

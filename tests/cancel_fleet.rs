@@ -165,7 +165,6 @@ fn start_fleet(n: usize) -> Option<Fleet> {
     })
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgmtls");
 
 /// `n` replicas on one etcd prefix with no `peers:` list: each finds the others in the replica
 /// registry. The database admits 127.0.0.1 (HAProxy's PROXY headers) and 127.0.0.2 (a client
@@ -185,22 +184,7 @@ fn start_etcd_fleet(n: usize) -> Option<Fleet> {
         pg.addr(),
         &[("local", "127.0.0.1/32"), ("direct", "127.0.0.2/32")],
     );
-    let out = std::process::Command::new(BIN)
-        .args(["state", "import", "--state-dir"])
-        .arg(&state.root)
-        .args([
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--etcd-prefix",
-            "/pgmtls",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "state import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    etcd.import_state(&state.root, "/pgmtls");
     let peer_pki = PeerPki::new(state.dir(), "fleet");
     let peer_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let mut replicas = Vec::new();

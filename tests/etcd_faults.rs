@@ -97,22 +97,7 @@ fn endpoint_addr(etcd: &EtcdServer) -> SocketAddr {
 fn import(etcd: &EtcdServer, pki: &TestPki, pg: &PgServer, rules: &[(&str, &str)]) -> TestState {
     let state = TestState::new("");
     state.add_database("orders", pki, "127.0.0.1:0", pg.addr(), rules);
-    let out = Command::new(BIN)
-        .args(["state", "import", "--state-dir"])
-        .arg(&state.root)
-        .args([
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--etcd-prefix",
-            "/pgmtls",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "state import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    etcd.import_state(&state.root, "/pgmtls");
     state
 }
 

@@ -104,22 +104,7 @@ async fn replicas_register_serve_revisions_and_leave_on_drain_and_on_death() {
         pg.addr(),
         &[("r2", "127.0.0.2/32")],
     );
-    let out = Command::new(BIN)
-        .args(["state", "import", "--state-dir"])
-        .arg(&state.root)
-        .args([
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--etcd-prefix",
-            "/pgmtls",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "state import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    etcd.import_state(&state.root, "/pgmtls");
 
     // The directory-mode config: no fleet to list.
     let out = Command::new(BIN)

@@ -58,22 +58,7 @@ async fn a_replica_follows_etcd_enforces_live_and_survives_an_outage() {
         pg.addr(),
         &[("r2", "127.0.0.2/32"), ("r3", "127.0.0.3/32")],
     );
-    let out = std::process::Command::new(BIN)
-        .args(["state", "import", "--state-dir"])
-        .arg(&state.root)
-        .args([
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--etcd-prefix",
-            "/pgmtls",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "state import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    etcd.import_state(&state.root, "/pgmtls");
     // The replica's config names etcd only: the directory is not read.
     let config = state.dir().join("replica.yaml");
     std::fs::write(
@@ -226,22 +211,7 @@ async fn a_revocation_made_with_the_cli_on_etcd_closes_the_live_session() {
     );
     state.write_file("orders", "ca.key", pki.ca.key_pem.as_bytes(), 0o600);
     state.add_certificate_record("orders", "c1", &pki.client);
-    let out = std::process::Command::new(BIN)
-        .args(["state", "import", "--state-dir"])
-        .arg(&state.root)
-        .args([
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--etcd-prefix",
-            "/pgmtls",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "state import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    etcd.import_state(&state.root, "/pgmtls");
     std::fs::remove_dir_all(&state.root).unwrap();
     let etcd_section = format!(
         "etcd:\n  endpoints: [{}]\n  prefix: /pgmtls\n",
@@ -368,22 +338,7 @@ async fn a_database_created_renewed_and_destroyed_with_the_cli_on_etcd() {
         pg.addr(),
         &[("r2", "127.0.0.2/32")],
     );
-    let out = std::process::Command::new(BIN)
-        .args(["state", "import", "--state-dir"])
-        .arg(&state.root)
-        .args([
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--etcd-prefix",
-            "/pgmtls",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "state import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    etcd.import_state(&state.root, "/pgmtls");
     std::fs::remove_dir_all(&state.root).unwrap();
     let etcd_section = format!(
         "etcd:\n  endpoints: [{}]\n  prefix: /pgmtls\n",

@@ -235,22 +235,7 @@ async fn status_words_wait_for_every_live_replica_and_changes_reach_all_within_a
     add_certificate(&state, "c1", &pki.client);
     add_certificate(&state, "bob", &bob);
     add_certificate(&state, "carol", &carol);
-    let out = std::process::Command::new(BIN)
-        .args(["state", "import", "--state-dir"])
-        .arg(&state.root)
-        .args([
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--etcd-prefix",
-            PREFIX,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "state import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    etcd.import_state(&state.root, PREFIX);
 
     let replicas: Vec<ProxyProcess> = (1..=3)
         .map(|n| ProxyProcess::with_config(&replica_config(state.dir(), n, &etcd)))

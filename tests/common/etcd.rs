@@ -214,6 +214,27 @@ impl EtcdServer {
     }
 
     /// `etcdctl` against this server.
+    /// `pgmtls state import` of the state directory `root` into `prefix` of this etcd, as an
+    /// operator moves state in; panics with the CLI's stderr when it fails.
+    pub fn import_state(&self, root: &Path, prefix: &str) {
+        let out = Command::new(super::proxy::BIN)
+            .args(["state", "import", "--state-dir"])
+            .arg(root)
+            .args([
+                "--etcd-endpoints",
+                &self.endpoint(),
+                "--etcd-prefix",
+                prefix,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "state import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
         Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
