@@ -165,7 +165,6 @@ fn start_fleet(n: usize) -> Option<Fleet> {
     })
 }
 
-
 /// `n` replicas on one etcd prefix with no `peers:` list: each finds the others in the replica
 /// registry. The database admits 127.0.0.1 (HAProxy's PROXY headers) and 127.0.0.2 (a client
 /// dialling a replica directly).

@@ -602,10 +602,7 @@ async fn disable_mtls(
             app.auth.set_flash(&session.id, message);
             see_other("/")
         }
-        Err(e) => {
-            let form = no_form(Section::Disable, &e);
-            refused(&app, &session, &name, e, form).await
-        }
+        Err(e) => refused_in(&app, &session, &name, Section::Disable, e).await,
     }
 }
 
@@ -802,10 +799,7 @@ async fn download_certificate(
             }
             resp
         }
-        Err(e) => {
-            let form = no_form(Section::Certificates, &e);
-            refused(&app, &session, &name, e, form).await
-        }
+        Err(e) => refused_in(&app, &session, &name, Section::Certificates, e).await,
     }
 }
 
@@ -902,6 +896,18 @@ async fn add_rule(
     }
 }
 
+/// A refused change whose form has no fields to give back: the message in `section`.
+async fn refused_in(
+    app: &App,
+    session: &Session,
+    name: &str,
+    section: Section,
+    e: ControlError,
+) -> Response {
+    let form = no_form(section, &e);
+    refused(app, session, name, e, form).await
+}
+
 fn no_form(section: Section, e: &ControlError) -> FormError {
     FormError {
         section,
@@ -941,10 +947,7 @@ async fn delete_rule(
                 change.rule.id, change.rule.cidr
             ),
         ),
-        Err(e) => {
-            let form = no_form(Section::Rules, &e);
-            refused(&app, &session, &name, e, form).await
-        }
+        Err(e) => refused_in(&app, &session, &name, Section::Rules, e).await,
     }
 }
 
@@ -975,10 +978,7 @@ async fn create_certificate(
                 change.record.id, change.record.id
             ),
         ),
-        Err(e) => {
-            let form = no_form(Section::Certificates, &e);
-            refused(&app, &session, &name, e, form).await
-        }
+        Err(e) => refused_in(&app, &session, &name, Section::Certificates, e).await,
     }
 }
 
@@ -1011,9 +1011,6 @@ async fn revoke_certificate(
                 r.record.id, r.crl_number
             ),
         ),
-        Err(e) => {
-            let form = no_form(Section::Certificates, &e);
-            refused(&app, &session, &name, e, form).await
-        }
+        Err(e) => refused_in(&app, &session, &name, Section::Certificates, e).await,
     }
 }
