@@ -600,6 +600,18 @@ impl PgServer {
         );
     }
 
+    /// `pg_ctl stop -m immediate`: the postmaster SIGQUITs every backend, which exit without
+    /// finishing their statements, as a crash would; the next start runs crash recovery.
+    /// Use to test behaviour when the upstream dies mid-query.
+    pub fn stop_immediate(&mut self) {
+        run_ok(
+            server_cmd(&bin_dir().join("pg_ctl"))
+                .args(["-w", "-m", "immediate", "-D"])
+                .arg(&self.data_dir)
+                .arg("stop"),
+        );
+    }
+
     /// Starts a stopped server again on the same port (panics if taken).
     pub fn start_again(&mut self) {
         let out = self.pg_ctl_start();
