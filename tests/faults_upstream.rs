@@ -185,7 +185,10 @@ async fn postgres_killed_mid_query_ends_its_sessions_and_serves_again_after_a_re
             .unwrap()
             .ok();
     }
-    eprintln!("all four connections closed {:?} after the kill", killed_at.elapsed());
+    eprintln!(
+        "all four connections closed {:?} after the kill",
+        killed_at.elapsed()
+    );
 
     // The proxy freed all four and says who ended them; one line each (the setup session's
     // line was the first).
@@ -241,7 +244,10 @@ async fn postgres_killed_mid_query_ends_its_sessions_and_serves_again_after_a_re
         .await
         .unwrap()
         .get(0);
-    assert_eq!(kept, 1000, "committed rows survive, the uncommitted one is gone");
+    assert_eq!(
+        kept, 1000,
+        "committed rows survive, the uncommitted one is gone"
+    );
     let copied: i64 = after
         .query_one("SELECT count(*) FROM copied", &[])
         .await

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod clients;
 pub mod etcd;
 pub mod haproxy;
+pub mod netns;
 pub mod pg;
 pub mod pki;
 pub mod proxy;
