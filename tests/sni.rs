@@ -30,6 +30,8 @@ struct Files {
     crt: PathBuf,
     key: PathBuf,
     root: PathBuf,
+    /// The key as DER PKCS#8, the form pgjdbc reads.
+    pk8: PathBuf,
 }
 
 struct Gateway {
@@ -87,6 +89,7 @@ fn download(env: &Env, name: &str) -> Files {
         crt: dir.join(format!("{prefix}postgresql.crt")),
         key: dir.join(format!("{prefix}postgresql.key")),
         root: dir.join(format!("{prefix}root.crt")),
+        pk8: dir.join(format!("{prefix}postgresql.pk8")),
     }
 }
 
@@ -395,6 +398,103 @@ async fn a_certificate_of_one_database_is_refused_for_another_databases_name() {
     // The same files for their own name work.
     let ok = g.psql(ORDERS, &g.orders, &both);
     assert_eq!(upstream_port_via_psql(&ok).await, g.pg_orders.port());
+}
+
+/// pgjdbc (Debian's `libpostgresql-jdbc-java`, which `.ci/run` installs with a JRE) is
+/// required; `PGMTLS_TEST_SKIP_JDBC=1` skips its test on a laptop without it.
+const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+fn jdbc_available_or_skip() -> bool {
+    let java = std::process::Command::new("java").arg("-version").output();
+    if Path::new(JDBC_JAR).exists() && java.is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    if std::env::var_os("PGMTLS_TEST_SKIP_JDBC").is_some() {
+        eprintln!("skipping: pgjdbc or java missing and PGMTLS_TEST_SKIP_JDBC is set");
+        return false;
+    }
+    panic!(
+        "{JDBC_JAR} or java not found: apt-get install libpostgresql-jdbc-java \
+         openjdk-17-jre-headless, or set PGMTLS_TEST_SKIP_JDBC=1"
+    );
+}
+
+/// Runs tests/jdbc/Probe.java: one pgjdbc connection to `name` (resolved to 127.0.0.1 by a
+/// hosts file of the test's own, as libpq's hostaddr would) on the shared port, with
+/// verify-full and `files`' certificate; returns pgjdbc's stdout line and whether it got in.
+fn jdbc(g: &Gateway, name: &str, files: &Files, sql: &str) -> (bool, String) {
+    let hosts = g.env.dir.path().join("jdbc-hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 {ORDERS} {BILLING} nobody.db.test\n"),
+    )
+    .unwrap();
+    let url = format!(
+        "jdbc:postgresql://{name}:{port}/{APP_DB}?user={APP_USER}&password={APP_PASSWORD}\
+         &sslmode=verify-full&sslrootcert={root}&sslcert={crt}&sslkey={pk8}\
+         &connectTimeout=10&socketTimeout=20",
+        port = g.shared().port(),
+        root = files.root.display(),
+        crt = files.crt.display(),
+        pk8 = files.pk8.display(),
+    );
+    let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/jdbc/Probe.java");
+    let out = std::process::Command::new("java")
+        .arg(format!("-Djdk.net.hosts.file={}", hosts.display()))
+        .args(["-cp", JDBC_JAR])
+        .arg(&probe)
+        .args([&url, sql])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.starts_with("ERROR") || out.status.success(),
+        "java failed to run the probe: {stdout}\n{stderr}"
+    );
+    (out.status.success(), stdout)
+}
+
+/// pgjdbc sends the host name as SNI (Java's TLS does for a host name, not for an address),
+/// so it reaches the database that name picks, and the other database's CA refuses its
+/// certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_reaches_the_database_its_host_name_picks() {
+    if !jdbc_available_or_skip() {
+        return;
+    }
+    let Some(g) = gateway("") else {
+        return;
+    };
+    let sql = "SELECT inet_server_port()";
+    let (ok, port) = jdbc(&g, ORDERS, &g.orders, sql);
+    assert!(ok, "pgjdbc to {ORDERS}: {port}");
+    assert_eq!(port, g.pg_orders.port().to_string());
+    let (ok, port) = jdbc(&g, BILLING, &g.billing, sql);
+    assert!(ok, "pgjdbc to {BILLING}: {port}");
+    assert_eq!(port, g.pg_billing.port().to_string());
+
+    // With billing's root and orders' certificate, pgjdbc reaches billing's server but
+    // offers no certificate: Java's key manager sends one only if its issuer is among the
+    // CA names billing's CertificateRequest lists. The refusal says so.
+    let crossed = Files {
+        crt: g.orders.crt.clone(),
+        key: g.orders.key.clone(),
+        root: g.billing.root.clone(),
+        pk8: g.orders.pk8.clone(),
+    };
+    let (ok, out) = jdbc(&g, BILLING, &crossed, sql);
+    assert!(
+        !ok,
+        "orders' certificate opened billing through pgjdbc: {out}"
+    );
+    let line = g.proxy.wait_for_refusal("client_cert_missing");
+    assert_eq!(line["database"], "billing");
+
+    // An unknown name is closed with its reason.
+    let (ok, out) = jdbc(&g, "nobody.db.test", &g.orders, sql);
+    assert!(!ok, "an unknown name was served to pgjdbc: {out}");
+    g.proxy.wait_for_refusal("sni_unknown");
 }
 
 fn ssl_request() -> [u8; 8] {
