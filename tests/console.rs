@@ -1098,8 +1098,8 @@ fn a_non_loopback_listen_is_refused() {
     let out = env.run(&["console", "--listen", "0.0.0.0:0"]);
     let e = out.error();
     assert!(e.contains("--listen 0.0.0.0:0"), "{e}");
-    assert!(e.contains("loopback addresses only"), "{e}");
-    assert!(e.contains("no TLS yet"), "{e}");
+    assert!(e.contains("not a loopback address"), "{e}");
+    assert!(e.contains("the console has no TLS"), "{e}");
 }
 
 /// The same flows in a real browser: headless Chromium (Debian's `chromium`) driven by

@@ -37,6 +37,12 @@ fn exposition() -> String {
     m.encode()
 }
 
+/// The console's exposition (`pgmtls console` is a process of its own, with its own
+/// `/metrics`): documented in the same file, not shown on the proxy's dashboard.
+fn console_exposition() -> String {
+    pgmtls::console::metrics::ConsoleMetrics::new().encode()
+}
+
 /// `# TYPE` lines: (family, type).
 fn families(text: &str) -> Vec<(String, String)> {
     text.lines()
@@ -74,7 +80,7 @@ fn metric_refs(text: &str) -> BTreeSet<String> {
 
 #[test]
 fn every_exposed_metric_and_label_is_documented() {
-    let text = exposition();
+    let text = exposition() + &console_exposition();
     let docs = docs();
     let mut missing = Vec::new();
     for (family, kind) in families(&text) {
@@ -98,6 +104,11 @@ fn every_exposed_metric_and_label_is_documented() {
             missing.push(format!("reason {kind}"));
         }
     }
+    for reason in pgmtls::console::metrics::Refusal::ALL {
+        if !docs.contains(&format!("| `{}` |", reason.as_str())) {
+            missing.push(format!("console reason {}", reason.as_str()));
+        }
+    }
     for kind in ReloadKind::ALL {
         if !docs.contains(&format!("`{}`", kind.as_str())) {
             missing.push(format!("reload kind {kind}"));
@@ -111,7 +122,7 @@ fn every_exposed_metric_and_label_is_documented() {
 
 #[test]
 fn every_documented_metric_exists() {
-    let names = sample_names(&exposition());
+    let names = sample_names(&(exposition() + &console_exposition()));
     let stale: Vec<String> = metric_refs(&docs())
         .into_iter()
         .filter(|n| !names.contains(n) && !names.contains(&format!("{n}_count")))

@@ -62,7 +62,36 @@ pub struct Config {
     /// The shared-listener database a client without SNI, or with a name no database has,
     /// is served; `None` closes such connections.
     pub default_database: Option<String>,
+    /// `console_tls`: the web console serves HTTPS with these files (read by `pgmtls
+    /// console` only; the proxy never serves the console).
+    pub console_tls: Option<ConsoleTlsPaths>,
+    /// `console_token_file`: the console's login token, instead of a random one printed.
+    pub console_token_file: Option<PathBuf>,
 }
+
+/// The `console_tls:` mapping, paths resolved against the config file's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleTlsPaths {
+    /// The console's certificate chain (PEM), leaf first.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM), not readable by group or others.
+    pub key_file: PathBuf,
+    /// With it, a client certificate chained to this CA is required at the handshake and is
+    /// the login (docs/CONSOLE.md).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsoleTls {
+    cert_file: String,
+    key_file: String,
+    #[serde(default)]
+    client_ca_file: Option<String>,
+}
+
+/// Every key of the `console_tls:` mapping, for the docs check.
+pub const CONSOLE_TLS_KEYS: &[&str] = &["cert_file", "key_file", "client_ca_file"];
 
 /// The `etcd:` section: where a replica reads its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,6 +386,8 @@ impl Default for Config {
             fleet: None,
             shared_listen: None,
             default_database: None,
+            console_tls: None,
+            console_token_file: None,
         }
     }
 }
@@ -389,6 +420,8 @@ pub const KEYS: &[&str] = &[
     "peer_tls",
     "shared_listen",
     "default_database",
+    "console_tls",
+    "console_token_file",
 ];
 
 impl Config {
@@ -517,6 +550,19 @@ impl Config {
                 crate::state::validate_database_name(&name)?;
                 Ok(name)
             }),
+            console_tls: f.optional_with("console_tls", |v| {
+                let raw: RawConsoleTls = serde_json::from_value(v).map_err(|e| {
+                    format!("must be a mapping with cert_file, key_file and optionally client_ca_file: {e}")
+                })?;
+                Ok(ConsoleTlsPaths {
+                    cert_file: base.join(raw.cert_file),
+                    key_file: base.join(raw.key_file),
+                    client_ca_file: raw.client_ca_file.map(|c| base.join(c)),
+                })
+            }),
+            console_token_file: f
+                .optional_with("console_token_file", convert::string)
+                .map(|s| base.join(s)),
         };
         f.finish().into_result(cfg)
     }

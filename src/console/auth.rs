@@ -49,6 +49,9 @@ pub struct Session {
     /// The value every form of this session carries in its `csrf` field.
     pub csrf: String,
     pub client: IpAddr,
+    /// In mTLS mode, the SHA-256 of the client certificate the session started with: the
+    /// cookie works only on connections presenting that certificate.
+    pub certificate: Option<String>,
     expires: Instant,
     /// A message for the next page this session loads (after a change's redirect).
     flash: Option<String>,
@@ -92,11 +95,12 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// A fresh state with `token` as the one login token.
-    pub fn new(token: String) -> Auth {
+    /// A fresh state with `token` as the one login token (`None` in mTLS mode, where the
+    /// client certificate is the login).
+    pub fn new(token: Option<String>) -> Auth {
         Auth {
             inner: Mutex::new(Inner {
-                token: Some(token),
+                token,
                 sessions: HashMap::new(),
                 failures_total: 0,
                 failures_in_a_row: 0,
@@ -138,17 +142,29 @@ impl Auth {
         }
         inner.token = None;
         inner.failures_in_a_row = 0;
+        Login::Ok(Self::start(&mut inner, client, None))
+    }
+
+    /// mTLS mode: a session for the holder of the client certificate whose SHA-256 is
+    /// `fingerprint` (the handshake verified it), bound to that certificate.
+    pub fn login_with_certificate(&self, client: IpAddr, fingerprint: &str) -> Session {
+        Self::start(&mut self.lock(), client, Some(fingerprint.to_owned()))
+    }
+
+    fn start(inner: &mut Inner, client: IpAddr, certificate: Option<String>) -> Session {
+        let now = Instant::now();
         inner.sessions.retain(|_, s| s.expires > now);
         let session = Session {
             id: random_hex(32),
             label: random_hex(4),
             csrf: random_hex(32),
             client,
+            certificate,
             expires: now + SESSION_LIFETIME,
             flash: None,
         };
         inner.sessions.insert(session.id.clone(), session.clone());
-        Login::Ok(session)
+        session
     }
 
     /// The live session a cookie value names.
@@ -191,6 +207,45 @@ impl Auth {
     }
 }
 
+/// The shortest login token read from a file: 128 bits as hex.
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// Reads the login token from `path` (`label` names the setting in errors): the file must not
+/// be readable by group or others, as for private keys, and hold one token of at least
+/// [`MIN_TOKEN_LEN`] characters that a URL carries unchanged (letters, digits, `-._~`).
+/// Surrounding whitespace (the final newline) is dropped.
+pub fn read_token_file(path: &std::path::Path, label: &str) -> Result<String, String> {
+    let bytes = crate::state::read_private_key(path).map_err(|e| {
+        let detail =
+            e.0.first()
+                .map(|e| e.message.as_str())
+                .unwrap_or("cannot read");
+        format!("{label} {}: {detail}", path.display())
+    })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("{label} {}: the token is not UTF-8 text", path.display()))?;
+    let token = text.trim();
+    if let Some(c) = token
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-._~".contains(*c)))
+    {
+        return Err(format!(
+            "{label} {}: the token holds {c:?}; use letters, digits, '-', '.', '_' or '~' \
+             (for example `openssl rand -hex 32`)",
+            path.display()
+        ));
+    }
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "{label} {}: the token has {} characters, fewer than {MIN_TOKEN_LEN} (for example \
+             `openssl rand -hex 32`)",
+            path.display(),
+            token.len()
+        ));
+    }
+    Ok(token.to_owned())
+}
+
 /// The value of cookie `name` in a `Cookie` header.
 pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
     header.split(';').find_map(|pair| {
@@ -209,7 +264,7 @@ mod tests {
 
     #[test]
     fn the_token_works_once_and_bad_ones_lock_the_login() {
-        let auth = Auth::new("t".repeat(64));
+        let auth = Auth::new(Some("t".repeat(64)));
         assert!(matches!(auth.login(&"t".repeat(64), ip()), Login::Ok(_)));
         assert!(matches!(
             auth.login(&"t".repeat(64), ip()),
@@ -224,7 +279,7 @@ mod tests {
 
     #[test]
     fn a_lockout_refuses_the_right_token_without_using_it() {
-        let auth = Auth::new("t".repeat(64));
+        let auth = Auth::new(Some("t".repeat(64)));
         for _ in 0..MAX_FAILURES {
             auth.login("x", ip());
         }

@@ -5,10 +5,13 @@
 //! sessions and CSRF are [`auth`]'s. See docs/CONSOLE.md.
 
 pub mod auth;
+pub mod metrics;
 pub mod pages;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -27,12 +30,15 @@ use crate::cli::status::{ProxyView, UNKNOWN};
 use crate::cli::{Ctx, StateArgs};
 use crate::control::{self, ip_rules::Selector, Control, ControlError};
 use auth::{Auth, Login, Session, COOKIE};
+use metrics::{ConsoleMetrics, Refusal};
 use pages::{DbRow, DbView, EnableForm, FormError, Section};
+use tls::{Peer, TlsFiles};
 
 /// `pgmtls console`.
 #[derive(Args, Debug)]
 pub struct ConsoleArgs {
-    /// Address to serve the console on; loopback only (the console has no TLS yet).
+    /// Address to serve the console on; an address other than loopback needs TLS
+    /// (console_tls in pgmtls.yaml, or --tls-cert and --tls-key).
     #[arg(
         long,
         env = "PGMTLS_CONSOLE_LISTEN",
@@ -40,6 +46,34 @@ pub struct ConsoleArgs {
         default_value = "127.0.0.1:0"
     )]
     pub listen: SocketAddr,
+    /// Serve HTTPS with this certificate chain (PEM) [default: console_tls.cert_file].
+    #[arg(
+        long,
+        env = "PGMTLS_CONSOLE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM, mode 0600).
+    #[arg(
+        long,
+        env = "PGMTLS_CONSOLE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Require a client certificate from this CA (PEM); the certificate is then the login.
+    #[arg(
+        long,
+        env = "PGMTLS_CONSOLE_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Read the one-time login token from FILE (mode 0600) instead of making one
+    /// [default: console_token_file].
+    #[arg(long, env = "PGMTLS_CONSOLE_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     #[command(flatten)]
     pub state: StateArgs,
 }
@@ -67,9 +101,15 @@ struct App {
     /// [`Ctx::proxy`], the CLI's own call.
     ctx: Arc<Ctx>,
     auth: Auth,
-    /// `Host` values the console answers to (its bound address, and `localhost:PORT` for
-    /// loopback): a page on another name that resolves to loopback (DNS rebinding) is refused.
+    /// `Host` values the console answers to (its bound address, `localhost:PORT` for
+    /// loopback, and under TLS the names of its certificate): a page on another name that
+    /// resolves to the console (DNS rebinding) is refused.
     hosts: Vec<String>,
+    /// Served over TLS: the cookie is `Secure`.
+    tls: bool,
+    /// mTLS mode: the verified client certificate is the login; there is no token.
+    mtls: bool,
+    metrics: Arc<ConsoleMetrics>,
 }
 
 type Shared = Arc<App>;
@@ -84,15 +124,82 @@ impl Fields {
     }
 }
 
-pub fn run(args: ConsoleArgs) -> anyhow::Result<ExitCode> {
-    if !args.listen.ip().is_loopback() {
+/// How the console serves, resolved from the flags and `pgmtls.yaml` before anything binds.
+struct Settings {
+    listen: SocketAddr,
+    tls: Option<TlsFiles>,
+    /// The token read from the file, and the file's path for the start-up line.
+    token: Option<(String, PathBuf)>,
+}
+
+fn settings(args: &ConsoleArgs) -> anyhow::Result<Settings> {
+    let config = match &args.state.config {
+        Some(path) => Some(
+            crate::config::process::Config::load(path)
+                .map_err(|e| anyhow::anyhow!("{}", crate::state::one_line(&e)))?,
+        ),
+        None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles::from_flags(tls::paths(
+            cert.clone(),
+            key.clone(),
+            args.tls_client_ca.clone(),
+        ))),
+        _ => config
+            .as_ref()
+            .and_then(|c| c.console_tls.clone())
+            .map(TlsFiles::from_config),
+    };
+    if !args.listen.ip().is_loopback() && tls.is_none() {
         bail!(
-            "--listen {}: the console serves loopback addresses only: it has no TLS yet, so its \
-             login token and session cookie would cross the network in the clear; listen on \
-             127.0.0.1 or [::1] and reach it through an SSH tunnel",
+            "--listen {}: not a loopback address, and the console has no TLS: its login token \
+             and session cookie would cross the network in the clear. Give console_tls in \
+             pgmtls.yaml (or --tls-cert and --tls-key), or listen on 127.0.0.1 or [::1] and \
+             reach it through an SSH tunnel",
             args.listen
         );
     }
+    let token_file = match &args.token_file {
+        Some(p) => Some((p.clone(), "--token-file")),
+        None => config
+            .as_ref()
+            .and_then(|c| c.console_token_file.clone())
+            .map(|p| (p, "console_token_file")),
+    };
+    let token = match token_file {
+        None => None,
+        Some((path, label)) => {
+            if let Some(t) = tls.as_ref().filter(|t| t.mtls()) {
+                bail!(
+                    "{label} {}: there is no login token when {} is set: the client \
+                     certificate is the login",
+                    path.display(),
+                    t.labels[2]
+                );
+            }
+            let token = auth::read_token_file(&path, label).map_err(|e| anyhow::anyhow!(e))?;
+            Some((token, path))
+        }
+    };
+    Ok(Settings {
+        listen: args.listen,
+        tls,
+        token,
+    })
+}
+
+pub fn run(args: ConsoleArgs) -> anyhow::Result<ExitCode> {
+    let settings = settings(&args)?;
+    // The files are read before anything binds: a bad file is an error at start, not a
+    // console that refuses every connection.
+    let served = match &settings.tls {
+        Some(files) => Some(
+            tls::server_config(files)
+                .map_err(|e| anyhow::anyhow!("{}", crate::state::one_line(&e)))?,
+        ),
+        None => None,
+    };
     // Built before the runtime: an etcd store runs its calls on a runtime of its own.
     let ctx = Arc::new(Ctx::new(&args.state)?);
     if ctx.etcd().is_none() && !ctx.state.root().exists() {
@@ -103,7 +210,7 @@ pub fn run(args: ConsoleArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve(args.listen, ctx.clone()))?;
+    rt.block_on(serve(settings, served, ctx.clone()))?;
     // The runtime goes before `ctx`, which holds the last handle on an etcd store's runtime
     // (dropping that one inside this runtime would panic).
     drop(rt);
@@ -111,31 +218,88 @@ pub fn run(args: ConsoleArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(listen: SocketAddr, ctx: Arc<Ctx>) -> anyhow::Result<()> {
+async fn serve(
+    settings: Settings,
+    served: Option<tls::Served>,
+    ctx: Arc<Ctx>,
+) -> anyhow::Result<()> {
+    let listen = settings.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("--listen {listen}: cannot bind"))?;
     let bound = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    let token = auth::random_hex(32);
+    let mtls = settings.tls.as_ref().is_some_and(TlsFiles::mtls);
+    let (token, token_file) = match settings.token {
+        Some((t, file)) => (Some(t), Some(file)),
+        None if mtls => (None, None),
+        None => (Some(auth::random_hex(32)), None),
+    };
+    let port = bound.port();
+    let mut hosts = vec![bound.to_string()];
+    if bound.ip().is_loopback() {
+        hosts.push(format!("localhost:{port}"));
+    }
+    if let Some(s) = &served {
+        hosts.extend(s.names.iter().map(|n| format!("{n}:{port}")));
+    }
+    let metrics = Arc::new(ConsoleMetrics::new());
     let app = Arc::new(App {
         control: ctx.control(),
         ctx,
         auth: Auth::new(token.clone()),
-        hosts: vec![bound.to_string(), format!("localhost:{}", bound.port())],
+        hosts,
+        tls: served.is_some(),
+        mtls,
+        metrics: metrics.clone(),
     });
+    // The address to print: the bound one, or for a wildcard listen the certificate's name.
+    let shown = match (&served, bound.ip().is_unspecified()) {
+        (Some(s), true) => s
+            .names
+            .first()
+            .map(|n| format!("{n}:{port}"))
+            .unwrap_or_else(|| bound.to_string()),
+        _ => bound.to_string(),
+    };
+    let scheme = if served.is_some() { "https" } else { "http" };
     // The readiness signal for whoever started the console: both lines, flushed.
-    say!("pgmtls console: serving http://{bound}/");
-    say!("Log in (once) with: http://{bound}/login?token={token}");
+    say!("pgmtls console: serving {scheme}://{shown}/");
+    match (&token, &token_file, &settings.tls) {
+        (Some(_), Some(file), _) => say!(
+            "Log in (once) with the token in {}: {scheme}://{shown}/login?token=TOKEN",
+            file.display()
+        ),
+        (Some(t), None, _) => say!("Log in (once) with: {scheme}://{shown}/login?token={t}"),
+        (None, _, Some(files)) => say!(
+            "Log in with a client certificate from {}: {scheme}://{shown}/login",
+            files
+                .paths
+                .client_ca_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new("-"))
+                .display()
+        ),
+        (None, _, None) => {}
+    }
     let router = router(app);
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown())
-    .await
-    .context("console server failed")
+    match served {
+        None => axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<Peer>(),
+        )
+        .with_graceful_shutdown(shutdown())
+        .await
+        .context("console server failed"),
+        Some(s) => axum::serve(
+            tls::incoming(listener, bound, s.config, metrics),
+            router.into_make_service_with_connect_info::<Peer>(),
+        )
+        .with_graceful_shutdown(shutdown())
+        .await
+        .context("console server failed"),
+    }
 }
 
 async fn shutdown() {
@@ -159,6 +323,7 @@ fn router(app: Shared) -> Router {
         .route("/login", get(login))
         .route("/logout", post(logout))
         .route("/style.css", get(style))
+        .route("/metrics", get(metrics_page))
         .route("/mtls", post(enable_mtls))
         .route("/databases/{name}", get(database))
         .route("/databases/{name}/disable", post(disable_mtls))
@@ -204,10 +369,12 @@ fn see_other(to: &str) -> Response {
 /// and the stylesheet), then for a POST the CSRF field. A refusal is logged with its reason.
 async fn guard(
     State(app): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     req: Request,
     next: Next,
 ) -> Response {
+    let cert = peer.cert.clone();
+    let peer = peer.addr;
     let host = req
         .headers()
         .get(header::HOST)
@@ -215,7 +382,8 @@ async fn guard(
         .unwrap_or("");
     if !app.hosts.iter().any(|h| h == host) {
         tracing::warn!(client = %peer, host, reason = "host", "console: request refused: unexpected Host");
-        eprintln!("pgmtls console: refused {peer}: unexpected Host header {host:?}");
+        app.refused(Refusal::Host);
+        eprintln!("pgmtls console: refused {peer}: unexpected Host header {host:?} (reason host)");
         return html(
             StatusCode::MISDIRECTED_REQUEST,
             pages::error(
@@ -226,7 +394,7 @@ async fn guard(
         );
     }
     let path = req.uri().path();
-    if path == "/login" || path == "/style.css" {
+    if path == "/login" || path == "/style.css" || path == "/metrics" {
         return next.run(req).await;
     }
     let session = req
@@ -234,13 +402,20 @@ async fn guard(
         .get(header::COOKIE)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| auth::cookie(h, COOKIE))
-        .and_then(|id| app.auth.session(id));
+        .and_then(|id| app.auth.session(id))
+        // A session started with a client certificate works only with that certificate: a
+        // cookie carried to another operator's connection is no session there.
+        .filter(|s| match &s.certificate {
+            None => true,
+            Some(fp) => cert.as_ref().is_some_and(|c| &c.fingerprint == fp),
+        });
     let Some(session) = session else {
         if req.method() == Method::GET || req.method() == Method::HEAD {
             return see_other("/login");
         }
+        app.refused(Refusal::NoSession);
         eprintln!(
-            "pgmtls console: refused {} {} from {peer}: no session",
+            "pgmtls console: refused {} {} from {peer}: no session (reason no_session)",
             req.method(),
             path
         );
@@ -255,10 +430,17 @@ async fn guard(
         let bytes = match axum::body::to_bytes(body, MAX_FORM_BYTES).await {
             Ok(b) => b,
             Err(_) => {
+                app.refused(Refusal::FormTooLarge);
+                eprintln!(
+                    "pgmtls console: refused POST {} from {peer} (session {}): form larger than \
+                     {MAX_FORM_BYTES} bytes (reason form_too_large)",
+                    parts.uri.path(),
+                    session.label
+                );
                 return html(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     pages::error(Some(&session), "Form too large", "Nothing was changed."),
-                )
+                );
             }
         };
         let fields: HashMap<String, String> =
@@ -267,11 +449,19 @@ async fn guard(
                 .unwrap_or_default();
         let given = fields.get("csrf").map(String::as_str).unwrap_or("");
         if !auth::same(given, &session.csrf) {
+            let reason = if given.is_empty() {
+                Refusal::CsrfMissing
+            } else {
+                Refusal::CsrfWrong
+            };
+            app.refused(reason);
             eprintln!(
-                "pgmtls console: refused POST {} from {peer} (session {}): {} CSRF token",
+                "pgmtls console: refused POST {} from {peer} (session {}): {} CSRF token \
+                 (reason {})",
                 parts.uri.path(),
                 session.label,
-                if given.is_empty() { "missing" } else { "wrong" }
+                if given.is_empty() { "missing" } else { "wrong" },
+                reason.as_str()
             );
             return html(
                 StatusCode::FORBIDDEN,
@@ -290,6 +480,36 @@ async fn guard(
     next.run(req).await
 }
 
+impl App {
+    fn refused(&self, reason: Refusal) {
+        self.metrics.refused(reason);
+    }
+}
+
+/// `GET /metrics`: the console's counters for Prometheus, without a session (a scraper has
+/// none) but to loopback peers only: they tell a stranger nothing they need, yet a console on
+/// the network should not hand them out either.
+async fn metrics_page(State(app): State<Shared>, ConnectInfo(peer): ConnectInfo<Peer>) -> Response {
+    if !peer.addr.ip().to_canonical().is_loopback() {
+        app.refused(Refusal::MetricsNotLoopback);
+        eprintln!(
+            "pgmtls console: refused GET /metrics from {}: not a loopback peer (reason \
+             metrics_not_loopback)",
+            peer.addr
+        );
+        return (
+            StatusCode::FORBIDDEN,
+            "metrics are served to loopback peers only\n",
+        )
+            .into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, crate::admin::OPENMETRICS_CONTENT_TYPE)],
+        app.metrics.encode(),
+    )
+        .into_response()
+}
+
 async fn style() -> Response {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
@@ -305,11 +525,54 @@ async fn not_found(Extension(session): Extension<Session>) -> Response {
     )
 }
 
+/// The session cookie: `Secure` under TLS, so a browser never sends it in the clear.
+fn session_cookie(app: &App, s: &Session) -> String {
+    format!(
+        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        s.id,
+        auth::SESSION_LIFETIME.as_secs(),
+        if app.tls { "; Secure" } else { "" }
+    )
+}
+
+fn started(app: &App, s: &Session) -> Response {
+    app.metrics.session_started();
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/".to_owned()),
+            (header::SET_COOKIE, session_cookie(app, s)),
+        ],
+    )
+        .into_response()
+}
+
 async fn login(
     State(app): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
+    if app.mtls {
+        // The handshake verified the certificate against the operator's CA: that is the
+        // login. A connection without one never got this far.
+        let Some(cert) = &peer.cert else {
+            app.refused(Refusal::ClientCertificate);
+            return html(
+                StatusCode::UNAUTHORIZED,
+                pages::login("This console needs a client certificate."),
+            );
+        };
+        let s = app
+            .auth
+            .login_with_certificate(peer.addr.ip(), &cert.fingerprint);
+        eprintln!(
+            "pgmtls console: session {} started from {} with client certificate CN={} \
+             serial {}",
+            s.label, peer.addr, cert.common_name, cert.serial
+        );
+        return started(&app, &s);
+    }
+    let peer = peer.addr;
     let Some(token) = query.get("token") else {
         return html(
             StatusCode::UNAUTHORIZED,
@@ -319,24 +582,13 @@ async fn login(
     match app.auth.login(token, peer.ip()) {
         Login::Ok(s) => {
             eprintln!("pgmtls console: session {} started from {peer}", s.label);
-            let cookie = format!(
-                "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-                s.id,
-                auth::SESSION_LIFETIME.as_secs()
-            );
-            (
-                StatusCode::SEE_OTHER,
-                [
-                    (header::LOCATION, "/".to_owned()),
-                    (header::SET_COOKIE, cookie),
-                ],
-            )
-                .into_response()
+            started(&app, &s)
         }
         Login::Refused { failures } => {
+            app.refused(Refusal::BadToken);
             eprintln!(
                 "pgmtls console: login refused from {peer}: bad or used token ({failures} \
-                 refused since start)"
+                 refused since start) (reason bad_token)"
             );
             html(
                 StatusCode::UNAUTHORIZED,
@@ -347,9 +599,10 @@ async fn login(
             failures,
             retry_after,
         } => {
+            app.refused(Refusal::LoginLocked);
             eprintln!(
                 "pgmtls console: login refused from {peer}: locked after {} bad tokens \
-                 ({failures} refused since start)",
+                 ({failures} refused since start) (reason login_locked)",
                 auth::MAX_FAILURES
             );
             let secs = retry_after.as_secs().max(1);
@@ -372,7 +625,8 @@ async fn logout(State(app): State<Shared>, Extension(session): Extension<Session
     eprintln!("pgmtls console: session {} logged out", session.label);
     let mut resp = see_other("/login");
     if let Ok(v) = HeaderValue::from_str(&format!(
-        "{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
+        "{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",
+        if app.tls { "; Secure" } else { "" }
     )) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
