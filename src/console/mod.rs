@@ -743,48 +743,73 @@ async fn render_index(
     )
 }
 
-/// `POST /mtls`: `control::mtls::enable` with the CLI's defaults for what the form does not
-/// ask (no upstream TLS, a P-256 key, no CN binding), after the name is typed twice as the
-/// CLI's `--confirm` asks.
+/// `POST /mtls`: `control::mtls::enable` with the fields of `mtls create`, each parsed as the
+/// CLI parses its flag, after the name is typed twice as the CLI's `--confirm` asks.
 async fn enable_mtls(
     State(app): State<Shared>,
     Extension(session): Extension<Session>,
     Extension(fields): Extension<Fields>,
 ) -> Response {
+    let d = EnableForm::default();
+    let or = |name: &str, default: &str| match fields.get(name).trim() {
+        "" => default.to_owned(),
+        v => v.to_owned(),
+    };
     let form = EnableForm {
         message: None,
         name: fields.get("name").trim().to_owned(),
         listen: fields.get("listen").trim().to_owned(),
         upstream: fields.get("upstream").trim().to_owned(),
         server_name: fields.get("server_name").trim().to_owned(),
+        upstream_tls: or("upstream_tls", &d.upstream_tls),
+        upstream_ca: fields.get("upstream_ca").trim().to_owned(),
+        upstream_server_name: fields.get("upstream_server_name").trim().to_owned(),
+        allow_plaintext_remote_upstream: fields.get("allow_plaintext_remote_upstream") == "yes",
+        user_must_match_cn: fields.get("user_must_match_cn") == "yes",
+        key_type: or("key_type", &d.key_type),
+        common_name: fields.get("common_name").trim().to_owned(),
     };
     let confirm = fields.get("confirm").trim().to_owned();
     let (control, actor, f) = (app.control.clone(), session.actor(), form.clone());
     let result = blocking(move || {
-        // The CLI's own parser: an address, or `shared` for the SNI listener.
+        // The CLI's own parsers, named by the CLI's flags: an address, or `shared` for the
+        // SNI listener; the upstream; the TLS mode and the key type.
         let listen: crate::state::Listen = f
             .listen
             .parse()
-            .map_err(|e: String| ControlError::Invalid(format!("listen: {e}")))?;
+            .map_err(|e: String| ControlError::Invalid(format!("--listen: {e}")))?;
         let upstream = f
             .upstream
             .parse()
-            .map_err(|e: String| ControlError::Invalid(format!("upstream: {e}")))?;
+            .map_err(|e: String| ControlError::Invalid(format!("--upstream: {e}")))?;
+        let upstream_tls = f
+            .upstream_tls
+            .parse()
+            .map_err(|e: String| ControlError::Invalid(format!("--upstream-tls: {e}")))?;
+        let key_type = f
+            .key_type
+            .parse()
+            .map_err(|e: crate::pki::PkiError| ControlError::Invalid(format!("--key-type: {e}")))?;
+        let some = |v: &str| Some(v.to_owned()).filter(|v| !v.is_empty());
         let request = control::mtls::EnableRequest {
             name: f.name.clone(),
             listen,
             upstream,
-            upstream_tls: Default::default(),
-            upstream_ca_pem: None,
-            upstream_server_name: None,
-            allow_plaintext_remote_upstream: false,
-            user_must_match_cn: false,
-            server_names: Some(f.server_name.clone())
+            upstream_tls,
+            // Pasted rather than a file: the browser may be on another machine than the
+            // console. The CLI reads the file into the same field.
+            upstream_ca_pem: some(&f.upstream_ca).map(String::into_bytes),
+            upstream_server_name: some(&f.upstream_server_name),
+            allow_plaintext_remote_upstream: f.allow_plaintext_remote_upstream,
+            user_must_match_cn: f.user_must_match_cn,
+            server_names: f
+                .server_name
+                .split([',', ' '])
                 .filter(|n| !n.is_empty())
-                .into_iter()
+                .map(str::to_owned)
                 .collect(),
-            key_type: Default::default(),
-            common_name: None,
+            key_type,
+            common_name: some(&f.common_name),
         };
         // Refuse what can be refused before looking at the confirmation, as the CLI does.
         control::mtls::check(&control, &request)?;
@@ -1060,7 +1085,11 @@ async fn download_certificate(
 /// The status a refused change answers with.
 fn status_of(e: &ControlError) -> StatusCode {
     match e {
-        ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
+        // A name or key type the operator typed that a certificate cannot carry.
+        ControlError::Invalid(_)
+        | ControlError::Pki(
+            crate::pki::PkiError::BadName { .. } | crate::pki::PkiError::UnknownKeyType(_),
+        ) => StatusCode::BAD_REQUEST,
         ControlError::UnknownDatabase { .. } | ControlError::NotFound(_) => StatusCode::NOT_FOUND,
         ControlError::Conflict(_) | ControlError::Changed { .. } => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -51,14 +51,58 @@ pub fn default_prefix(database: &str) -> String {
     format!("{database}_")
 }
 
-/// The enable form's typed values, and why it was refused.
-#[derive(Debug, Clone, Default)]
+/// The enable form's typed values, and why it was refused. The fields are the flags of
+/// `pgmtls mtls create`.
+#[derive(Debug, Clone)]
 pub struct EnableForm {
     pub message: Option<String>,
     pub name: String,
     pub listen: String,
     pub upstream: String,
+    /// `--server-name`, repeated: names separated by commas or spaces.
     pub server_name: String,
+    pub upstream_tls: String,
+    /// `--upstream-ca`: the CA certificate itself (PEM), pasted.
+    pub upstream_ca: String,
+    pub upstream_server_name: String,
+    pub allow_plaintext_remote_upstream: bool,
+    pub user_must_match_cn: bool,
+    pub key_type: String,
+    pub common_name: String,
+}
+
+impl Default for EnableForm {
+    /// The defaults of `mtls create`.
+    fn default() -> Self {
+        EnableForm {
+            message: None,
+            name: String::new(),
+            listen: String::new(),
+            upstream: String::new(),
+            server_name: String::new(),
+            upstream_tls: "disable".into(),
+            upstream_ca: String::new(),
+            upstream_server_name: String::new(),
+            allow_plaintext_remote_upstream: false,
+            user_must_match_cn: false,
+            key_type: crate::pki::KeyType::default().as_str().into(),
+            common_name: String::new(),
+        }
+    }
+}
+
+impl EnableForm {
+    /// Something other than a default was typed in the "more options" part: it opens.
+    fn more(&self) -> bool {
+        let d = EnableForm::default();
+        self.upstream_tls != d.upstream_tls
+            || !self.upstream_ca.is_empty()
+            || !self.upstream_server_name.is_empty()
+            || self.allow_plaintext_remote_upstream
+            || self.user_must_match_cn
+            || self.key_type != d.key_type
+            || !self.common_name.is_empty()
+    }
 }
 
 /// Everything the page of one database shows.
@@ -229,8 +273,43 @@ pub fn databases(
                     input #enable-listen type="text" name="listen" required value=(enable.listen);
                     label for="enable-upstream" { "Upstream PostgreSQL (HOST:PORT; plaintext only to loopback)" }
                     input #enable-upstream type="text" name="upstream" required value=(enable.upstream);
-                    label for="enable-server-name" { "Server name clients use (optional)" }
+                    label for="enable-server-name" { "Server names clients use (optional; DNS names or IPs, separated by commas)" }
                     input #enable-server-name type="text" name="server_name" value=(enable.server_name);
+                    details open[enable.more()] {
+                        summary { "More options (as the flags of " code { "mtls create" } ")" }
+                        div.more {
+                        label for="enable-upstream-tls" { "TLS to the upstream (--upstream-tls)" }
+                        select #enable-upstream-tls name="upstream_tls" {
+                            @for (v, text) in [
+                                ("disable", "disable: plaintext (loopback only)"),
+                                ("require", "require: encrypted, certificate not checked"),
+                                ("verify-full", "verify-full: checked against the CA below"),
+                            ] {
+                                option value=(v) selected[enable.upstream_tls == v] { (text) }
+                            }
+                        }
+                        label for="enable-upstream-ca" { "Upstream CA certificate, PEM (--upstream-ca; for verify-full)" }
+                        textarea #enable-upstream-ca name="upstream_ca" rows="4" { (enable.upstream_ca) }
+                        label for="enable-upstream-server-name" { "Name checked against the upstream certificate (--upstream-server-name; default: the upstream host)" }
+                        input #enable-upstream-server-name type="text" name="upstream_server_name" value=(enable.upstream_server_name);
+                        div.check {
+                            input #enable-allow-plaintext type="checkbox" name="allow_plaintext_remote_upstream" value="yes" checked[enable.allow_plaintext_remote_upstream];
+                            label for="enable-allow-plaintext" { "Allow plaintext to an upstream off loopback (--allow-plaintext-remote-upstream; exposes passwords and data on the network)" }
+                        }
+                        div.check {
+                            input #enable-user-must-match-cn type="checkbox" name="user_must_match_cn" value="yes" checked[enable.user_must_match_cn];
+                            label for="enable-user-must-match-cn" { "Refuse sessions whose user is not the certificate's common name (--user-must-match-cn)" }
+                        }
+                        label for="enable-key-type" { "Key type of the CA, server and first client certificate (--key-type)" }
+                        select #enable-key-type name="key_type" {
+                            @for k in crate::pki::KeyType::ALL {
+                                option value=(k.as_str()) selected[enable.key_type == k.as_str()] { (k.as_str()) }
+                            }
+                        }
+                        label for="enable-common-name" { "Common name of the first client certificate (--common-name; default: its id)" }
+                        input #enable-common-name type="text" name="common_name" value=(enable.common_name);
+                        }
+                    }
                     label for="enable-confirm" { "Type the database name again to confirm" }
                     input #enable-confirm type="text" name="confirm" required;
                     button type="submit" { "Enable mTLS" }

@@ -104,6 +104,22 @@ fn check_request(request: &EnableRequest) -> Result<()> {
             "--upstream-tls verify-full needs --upstream-ca FILE".into(),
         ));
     }
+    // A CA that does not parse would be copied into the state and refused by the proxy at
+    // its next reload: refuse it here, before anything is written.
+    if let Some(pem) = &request.upstream_ca_pem {
+        let path = std::path::Path::new(UPSTREAM_CA_FILE);
+        crate::tls_store::certs(path, pem).map_err(|e| {
+            let detail = e.0.first().map(|e| e.message.clone()).unwrap_or_default();
+            ControlError::Invalid(format!("--upstream-ca: {detail}"))
+        })?;
+    }
+    if let Some(n) = &request.upstream_server_name {
+        if rustls_pki_types::ServerName::try_from(n.as_str()).is_err() {
+            return Err(ControlError::Invalid(format!(
+                "--upstream-server-name: {n:?} is not a valid DNS name or IP address"
+            )));
+        }
+    }
     if request.upstream_tls == UpstreamTls::Disable
         && !request.upstream.is_loopback()
         && !request.allow_plaintext_remote_upstream
