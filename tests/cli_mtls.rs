@@ -235,6 +235,34 @@ fn mtls_create_checks_the_upstream_ca_like_the_proxy_does() {
         "--confirm",
         "app",
     ]);
+    // Refused by the request's check, before any key is made or anything staged.
+    let e = out.error();
+    assert_eq!(e, "pgmtls: error: --upstream-ca: no PEM certificate found");
+    assert!(!env.db_dir("app").exists());
+    // Nothing was staged: not even the state directory was made.
+    assert!(!env.state.join("databases").exists());
+    // A PEM block that is no certificate passes that check and is refused by the proxy's
+    // own load of the staged folder, which is then removed.
+    std::fs::write(
+        &bogus,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let out = env.run(&[
+        "mtls",
+        "create",
+        "app",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "db.internal:5432",
+        "--upstream-tls",
+        "verify-full",
+        "--upstream-ca",
+        bogus.to_str().unwrap(),
+        "--confirm",
+        "app",
+    ]);
     let e = out.error();
     assert!(e.contains("refusing"), "{e}");
     assert!(!env.db_dir("app").exists());

@@ -760,8 +760,15 @@ mod tests {
                     admin_status_from: [10.0.0.0/24]\nreplica_id: 2\npeer_listen: 10.0.0.2:6433\n\
                     peers: [{id: 1, addr: \"10.0.0.1:6433\"}, {id: 3, addr: \"10.0.0.3:6433\", name: r3.example}]\n\
                     peer_tls: {cert: peer.crt, key: peer.key, ca: /etc/peer-ca.crt}\n\
-                    shared_listen: 0.0.0.0:5432\ndefault_database: orders\n";
-        let c = Config::parse(Path::new("p.yaml"), text).unwrap();
+                    shared_listen: 0.0.0.0:5432\ndefault_database: orders\n\
+                    console_tls: {cert_file: c.crt, key_file: /k.key, client_ca_file: ops.crt}\n\
+                    console_token_file: token\n";
+        let c = Config::parse(Path::new("/etc/p.yaml"), text).unwrap();
+        let tls = c.console_tls.clone().unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from("/etc/c.crt"));
+        assert_eq!(tls.key_file, PathBuf::from("/k.key"));
+        assert_eq!(tls.client_ca_file, Some(PathBuf::from("/etc/ops.crt")));
+        assert_eq!(c.console_token_file, Some(PathBuf::from("/etc/token")));
         assert_eq!(c.shared_listen, Some("0.0.0.0:5432".parse().unwrap()));
         assert_eq!(c.default_database.as_deref(), Some("orders"));
         let fleet = c.fleet.clone().unwrap();
