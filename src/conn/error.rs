@@ -42,6 +42,7 @@ pub enum ErrorKind {
     Shutdown,
     ClientIo,
     UpstreamIo,
+    ClientCertNotYetValid,
 }
 
 impl ErrorKind {
@@ -79,6 +80,7 @@ impl ErrorKind {
         ErrorKind::Shutdown,
         ErrorKind::ClientIo,
         ErrorKind::UpstreamIo,
+        ErrorKind::ClientCertNotYetValid,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -116,6 +118,7 @@ impl ErrorKind {
             ErrorKind::Shutdown => "shutdown",
             ErrorKind::ClientIo => "client_io",
             ErrorKind::UpstreamIo => "upstream_io",
+            ErrorKind::ClientCertNotYetValid => "client_cert_not_yet_valid",
         }
     }
 }
@@ -256,6 +259,10 @@ pub fn classify_tls_error(e: &std::io::Error) -> ErrorKind {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                 ErrorKind::ClientCertExpired
             }
+            // Its own reason: a clock or issuance problem, not an old certificate to renew.
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                ErrorKind::ClientCertNotYetValid
+            }
             CertificateError::Revoked => ErrorKind::ClientCertRevoked,
             _ => ErrorKind::ClientCertUntrusted,
         },
@@ -296,6 +303,12 @@ mod tests {
         assert_eq!(
             classify_tls_error(&wrap(Error::InvalidCertificate(CertificateError::Revoked))),
             ErrorKind::ClientCertRevoked
+        );
+        assert_eq!(
+            classify_tls_error(&wrap(Error::InvalidCertificate(
+                CertificateError::NotValidYet
+            ))),
+            ErrorKind::ClientCertNotYetValid
         );
         assert_eq!(
             classify_tls_error(&wrap(Error::InvalidCertificate(

@@ -20,11 +20,12 @@ use crate::config::ConfigErrors;
 /// What can go wrong while changing the state directory.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot write {}: {source}", path.display())]
+    // The reason is in the message and deliberately not a `source`: the CLI prints the
+    // whole chain (`{:#}`), which would say "No space left on device" twice.
+    #[error("cannot write {}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("unknown database {0:?}")]
     UnknownDatabase(String),
@@ -40,7 +41,7 @@ impl StateError {
     pub fn io(path: &Path, source: std::io::Error) -> StateError {
         StateError::Io {
             path: path.to_path_buf(),
-            source,
+            error: source,
         }
     }
 }
@@ -109,8 +110,10 @@ impl Staged {
 
     /// Writes one file (relative path) into the staged folder.
     pub fn write(&self, rel: &str, bytes: &[u8], mode: u32) -> Result<(), StateError> {
-        let path = self.dir.join(rel);
-        write_atomic(&path, bytes, mode).map_err(|e| StateError::io(&path, e))
+        // The error names the file as it would have appeared (`databases/app/ca.crt`), not
+        // the staged dot-folder that is removed when the command fails.
+        write_atomic(&self.dir.join(rel), bytes, mode)
+            .map_err(|e| StateError::io(&self.target.join(rel), e))
     }
 
     /// Renames the folder into place. The caller holds the lock and has checked that the
@@ -203,7 +206,7 @@ impl StateDir {
         if !dir.is_dir() {
             return Err(StateError::Io {
                 path: dir,
-                source: std::io::ErrorKind::NotFound.into(),
+                error: std::io::ErrorKind::NotFound.into(),
             });
         }
         let path = dir.join(CERTIFICATE_YAML);
@@ -291,10 +294,44 @@ impl AuditLog {
         let mut line = serde_json::to_string(entry)
             .map_err(|e| StateError::io(&self.path, std::io::Error::other(e)))?;
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.file.sync_data())
-            .map_err(|e| StateError::io(&self.path, e))
+        let before = self
+            .file
+            .metadata()
+            .map_err(|e| StateError::io(&self.path, e))?
+            .len();
+        let mut done = 0;
+        let written = loop {
+            match self.file.write(&line.as_bytes()[done..]) {
+                Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    done += n;
+                    if done == line.len() {
+                        break self.file.sync_data();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        if let Err(e) = written {
+            // A full disk takes the part of the line that fits in the file's last block and
+            // refuses the rest: cut that part off again, or the next line would be glued to a
+            // torn one and the log would no longer parse. Only if the file ends with exactly
+            // our part: a download notes itself without the writers' lock, and a line another
+            // process appended meanwhile is not ours to cut.
+            let ours = self
+                .file
+                .metadata()
+                .is_ok_and(|m| m.len() == before + done as u64);
+            if done > 0 && ours {
+                let _ = self
+                    .file
+                    .set_len(before)
+                    .and_then(|_| self.file.sync_data());
+            }
+            return Err(StateError::io(&self.path, e));
+        }
+        Ok(())
     }
 }
 
