@@ -175,7 +175,7 @@ async fn a_thousand_cli_changes_under_pgbench_lose_no_transaction() {
         let last = done.load(Ordering::SeqCst);
         if last {
             // The proxy applies the last change while this window runs.
-            let certificates = 1 + changes.div_ceil(3);
+            let certificates = 1 + changes / 3;
             let st = common::admin::wait_status(admin, WAIT, |s| {
                 s["databases"]["app"]["certificates"]
                     .as_array()
