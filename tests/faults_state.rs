@@ -414,11 +414,11 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// `PGMTLS_KILLS` (default 200) runs of the CLI, each killed with SIGKILL after a random
+/// `PGMTLS_KILLS` (default 1000) runs of the CLI, each killed with SIGKILL after a random
 /// delay; `PGMTLS_KILL_SEED` replays a run (the seed is printed either way).
 #[test]
 fn the_cli_killed_at_random_points_leaves_the_old_or_the_new_state() {
-    let kills = env_number("PGMTLS_KILLS", 200);
+    let kills = env_number("PGMTLS_KILLS", 1000);
     let seed = env_number(
         "PGMTLS_KILL_SEED",
         std::time::SystemTime::now()
