@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-${CARGO_TARGET_DIR:-target}/debug/pgmtls}
 c=fuzz/corpus
-mkdir -p "$c"/{negotiation,backend_messages,proxy_header,process_config,database_yaml,ip_rules,certificate_record,crl,certificate,state_records,peer_message,registry_entry}
+mkdir -p "$c"/{negotiation,backend_messages,proxy_header,process_config,database_yaml,ip_rules,trusted_ips,certificate_record,crl,certificate,state_records,peer_message,registry_entry}
 
 seed() { printf "$2" >"$c/$1/seed-$3"; }
 
@@ -74,6 +74,8 @@ export PGMTLS_STATE_DIR=$tmp/state HOME=$tmp USER=seed
   --key-type rsa2048 --user-must-match-cn --common-name app_rw --confirm app >/dev/null
 "$bin" ip-rules create orders --cidr 203.0.113.7/32 --description "My Office IP" >/dev/null
 "$bin" ip-rules create orders --cidr 2001:db8::/48 >/dev/null
+"$bin" trusted-ips create orders --cidr 10.20.0.0/16 --description "VPC peering" >/dev/null
+"$bin" trusted-ips create orders --cidr 2001:db8:1::/64 >/dev/null
 "$bin" certificates create orders --valid-for 90d --common-name reporting >/dev/null
 id=$("$bin" certificates create orders --key-type p384 --json | sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' | head -1)
 "$bin" certificates revoke orders --id "$id" >/dev/null
@@ -81,6 +83,7 @@ for db in orders app; do
   d=$PGMTLS_STATE_DIR/databases/$db
   cp "$d/database.yaml" "$c/database_yaml/seed-$db.yaml"
   [ ! -f "$d/ip-rules.yaml" ] || cp "$d/ip-rules.yaml" "$c/ip_rules/seed-$db.yaml"
+  [ ! -f "$d/trusted-ips.yaml" ] || cp "$d/trusted-ips.yaml" "$c/trusted_ips/seed-$db.yaml"
   cp "$d/crl.pem" "$c/crl/seed-$db.pem"
   openssl crl -in "$d/crl.pem" -outform der -out "$c/crl/seed-$db.der"
   for f in server.crt ca.crt; do

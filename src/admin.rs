@@ -173,6 +173,10 @@ pub struct DatabaseStatus {
     pub listen: String,
     /// Ids of the IP rules in force.
     pub rules: Vec<String>,
+    /// Ids of the trusted IP ranges in force (admitted without a certificate where no IP rule
+    /// covers the address).
+    #[serde(default)]
+    pub trusted_ips: Vec<String>,
     pub certificates: Vec<CertificateStatus>,
     /// Serials listed in the CRL in force.
     pub crl_entries: usize,
@@ -216,6 +220,7 @@ impl DatabaseStatus {
             operational: bound.is_some(),
             listen: bound.map_or_else(|| db.settings.listen.to_string(), |b| b.to_string()),
             rules: db.rules.iter().map(|r| r.id.clone()).collect(),
+            trusted_ips: db.trusted_ips.iter().map(|r| r.id.clone()).collect(),
             certificates,
             crl_entries: db.tls.revoked_serials.len(),
             server_cert_expires_at: db.tls.server_not_after,

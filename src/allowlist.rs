@@ -9,6 +9,65 @@ use ipnet::IpNet;
 /// Hard cap on rules per database, as in the hosted feature pgmtls mirrors.
 pub const MAX_RULES: usize = 60;
 
+/// Hard cap on trusted ranges per database.
+pub const MAX_TRUSTED_IPS: usize = 20;
+
+/// Which list let an address in: the `admitted_by` log field and metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AdmittedBy {
+    /// An IP rule: the client must present a valid certificate.
+    MtlsRule,
+    /// Only a trusted range: TLS is still required, a certificate is optional (one that is
+    /// presented must still be valid), and Postgres' own authentication decides.
+    TrustedIp,
+}
+
+impl AdmittedBy {
+    pub const ALL: &'static [AdmittedBy] = &[AdmittedBy::MtlsRule, AdmittedBy::TrustedIp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdmittedBy::MtlsRule => "mtls_rule",
+            AdmittedBy::TrustedIp => "trusted_ip",
+        }
+    }
+
+    /// Whether a connection admitted this way must present a client certificate.
+    pub fn requires_certificate(self) -> bool {
+        self == AdmittedBy::MtlsRule
+    }
+}
+
+impl std::fmt::Display for AdmittedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The entry that admits an address, and which list it is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted<'a> {
+    pub by: AdmittedBy,
+    pub entry: &'a AllowRule,
+}
+
+/// The one decision on which list admits `ip`: an IP rule wins over a trusted range, so an
+/// address on both lists must present a certificate (the mTLS rules take precedence over any
+/// overlapping trusted range). `None` when neither admits it. The data plane, live
+/// enforcement and diagnostics all ask this, so they cannot disagree.
+pub fn admit<'a>(rules: &'a Allowlist, trusted: &'a Allowlist, ip: IpAddr) -> Option<Admitted<'a>> {
+    if let Some(entry) = rules.check(ip) {
+        return Some(Admitted {
+            by: AdmittedBy::MtlsRule,
+            entry,
+        });
+    }
+    trusted.check(ip).map(|entry| Admitted {
+        by: AdmittedBy::TrustedIp,
+        entry,
+    })
+}
+
 /// One allowlist entry as the data plane sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowRule {
@@ -111,6 +170,28 @@ mod tests {
         assert_eq!(id("::ffff:127.0.0.3"), None);
         assert_eq!(id("2001:db8:1::5").as_deref(), Some("r2"));
         assert_eq!(id("2001:db9::1"), None);
+    }
+
+    #[test]
+    fn an_ip_rule_takes_precedence_over_a_trusted_range() {
+        let rules = list(&["127.0.0.2/32"]);
+        let trusted = list(&["127.0.0.0/29", "10.0.0.0/8"]);
+        let by = |ip: &str| {
+            admit(&rules, &trusted, ip.parse().unwrap()).map(|a| (a.by, a.entry.id.to_string()))
+        };
+        assert_eq!(by("127.0.0.2"), Some((AdmittedBy::MtlsRule, "r0".into())));
+        assert_eq!(by("127.0.0.3"), Some((AdmittedBy::TrustedIp, "r0".into())));
+        assert_eq!(
+            by("::ffff:10.1.1.1"),
+            Some((AdmittedBy::TrustedIp, "r1".into()))
+        );
+        assert_eq!(by("127.0.0.9"), None);
+        assert!(AdmittedBy::MtlsRule.requires_certificate());
+        assert!(!AdmittedBy::TrustedIp.requires_certificate());
+        assert_eq!(
+            admit(&list(&[]), &list(&[]), "127.0.0.2".parse().unwrap()),
+            None
+        );
     }
 
     #[test]

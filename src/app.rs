@@ -128,6 +128,7 @@ impl QuickSpec {
                 },
                 settings,
                 rules,
+                trusted_ips: Vec::new(),
                 server_cert_pem: c,
                 server_key_pem: k,
                 ca_pem: ca,

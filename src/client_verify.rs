@@ -191,6 +191,67 @@ impl ClientCertVerifier for CachingClientVerifier {
     }
 }
 
+/// The same verifier for a client that may present no certificate at all: an address only a
+/// trusted range admits. A certificate that is presented goes through the inner verifier
+/// unchanged (chain, validity, CRL, revoked records), so a bad one is still refused.
+#[derive(Debug)]
+pub struct CertificateOptional {
+    inner: Arc<CachingClientVerifier>,
+}
+
+impl CertificateOptional {
+    pub fn new(inner: Arc<CachingClientVerifier>) -> Self {
+        Self { inner }
+    }
+}
+
+impl ClientCertVerifier for CertificateOptional {
+    fn offer_client_auth(&self) -> bool {
+        // Still asked for, so a client that has one can show it (and be named in the log).
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -33,6 +33,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("process_config", process_config),
     ("database_yaml", database_yaml),
     ("ip_rules", ip_rules),
+    ("trusted_ips", trusted_ips),
     ("certificate_record", certificate_record),
     ("crl", crl),
     ("certificate", certificate),
@@ -130,6 +131,24 @@ pub fn ip_rules(data: &[u8]) {
         assert_eq!(
             again.as_ref().ok(),
             Some(&rules),
+            "{:?}",
+            again.as_ref().err()
+        );
+    }
+}
+
+/// `trusted-ips.yaml`; round trip through `trusted_ips_to_yaml`.
+pub fn trusted_ips(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let file = Path::new("trusted-ips.yaml");
+    if let Ok(ranges) = crate::state::parse_trusted_ips(file, text) {
+        let again =
+            crate::state::parse_trusted_ips(file, &crate::state::trusted_ips_to_yaml(&ranges));
+        assert_eq!(
+            again.as_ref().ok(),
+            Some(&ranges),
             "{:?}",
             again.as_ref().err()
         );

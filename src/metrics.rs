@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::allowlist::AdmittedBy;
 use crate::conn::error::ErrorKind;
 
 impl EncodeLabelValue for ErrorKind {
@@ -33,6 +34,18 @@ pub struct DbLabel {
 pub struct RefusedLabels {
     pub database: String,
     pub reason: ErrorKind,
+}
+
+impl EncodeLabelValue for AdmittedBy {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmittedLabels {
+    pub database: String,
+    pub admitted_by: AdmittedBy,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,6 +149,7 @@ pub struct BuildLabels {
 pub struct DatabaseFigures {
     pub name: String,
     pub ip_rules: usize,
+    pub trusted_ips: usize,
     pub crl_entries: usize,
     pub server_cert_expiry: Option<i64>,
     pub ca_cert_expiry: Option<i64>,
@@ -146,6 +160,8 @@ pub struct DatabaseFigures {
 pub struct Metrics {
     pub registry: Registry,
     pub accepted: Family<DbLabel, Counter>,
+    /// Relayed sessions by the list that admitted them.
+    pub admitted: Family<AdmittedLabels, Counter>,
     pub refused: Family<RefusedLabels, Counter>,
     /// Refusals on the shared listener before the SNI named a database.
     pub shared_refused: Family<ReasonLabel, Counter>,
@@ -164,6 +180,7 @@ pub struct Metrics {
     /// Seconds since etcd was last reachable, 0 while following it.
     pub state_stale_seconds: Gauge,
     pub ip_rules: Family<DbLabel, Gauge>,
+    pub trusted_ips: Family<DbLabel, Gauge>,
     pub crl_entries: Family<DbLabel, Gauge>,
     /// 1 while the last reload rejected the database's change (it serves its previous one).
     pub change_rejected: Family<DbLabel, Gauge>,
@@ -207,6 +224,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("pgmtls");
         let accepted = Family::<DbLabel, Counter>::default();
+        let admitted = Family::<AdmittedLabels, Counter>::default();
         let refused = Family::<RefusedLabels, Counter>::default();
         let shared_refused = Family::<ReasonLabel, Counter>::default();
         for &reason in ErrorKind::ALL {
@@ -224,6 +242,11 @@ impl Metrics {
             "connections_accepted",
             "Connections that passed every check and were relayed to the upstream",
             accepted.clone(),
+        );
+        registry.register(
+            "connections_admitted",
+            "Connections relayed to the upstream, by the list that admitted the address (an IP rule, with a client certificate, or only a trusted range)",
+            admitted.clone(),
         );
         registry.register(
             "connections_refused",
@@ -272,6 +295,7 @@ impl Metrics {
         let state_revision = Gauge::default();
         let state_stale_seconds = Gauge::default();
         let ip_rules = Family::<DbLabel, Gauge>::default();
+        let trusted_ips = Family::<DbLabel, Gauge>::default();
         let crl_entries = Family::<DbLabel, Gauge>::default();
         let change_rejected = Family::<DbLabel, Gauge>::default();
         let client_cert_expiry = Family::<CertLabels, Gauge>::default();
@@ -326,6 +350,11 @@ impl Metrics {
             ip_rules.clone(),
         );
         registry.register(
+            "trusted_ips",
+            "Trusted IP ranges in force per database",
+            trusted_ips.clone(),
+        );
+        registry.register(
             "crl_entries",
             "Revoked certificates listed in the database's CRL",
             crl_entries.clone(),
@@ -372,6 +401,7 @@ impl Metrics {
         Metrics {
             registry,
             accepted,
+            admitted,
             refused,
             shared_refused,
             sessions_active,
@@ -387,6 +417,7 @@ impl Metrics {
             state_revision,
             state_stale_seconds,
             ip_rules,
+            trusted_ips,
             crl_entries,
             change_rejected,
             client_cert_expiry,
@@ -454,6 +485,9 @@ impl Metrics {
             };
             let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
             self.ip_rules.get_or_create(&db).set(count(d.ip_rules));
+            self.trusted_ips
+                .get_or_create(&db)
+                .set(count(d.trusted_ips));
             self.crl_entries
                 .get_or_create(&db)
                 .set(count(d.crl_entries));
@@ -504,6 +538,13 @@ impl Metrics {
         self.upstream_connect_seconds.remove(&db);
         self.session_seconds.remove(&db);
         self.ip_rules.remove(&db);
+        self.trusted_ips.remove(&db);
+        for &admitted_by in AdmittedBy::ALL {
+            self.admitted.remove(&AdmittedLabels {
+                database: database.to_owned(),
+                admitted_by,
+            });
+        }
         self.crl_entries.remove(&db);
         self.change_rejected.remove(&db);
         self.server_cert_expiry.remove(&db);
@@ -575,8 +616,18 @@ impl Metrics {
                 })
                 .clone()
         };
+        let admitted = |admitted_by| {
+            self.admitted
+                .get_or_create(&AdmittedLabels {
+                    database: database.to_owned(),
+                    admitted_by,
+                })
+                .clone()
+        };
         DbMetrics {
             accepted: self.accepted.get_or_create(&db).clone(),
+            admitted_mtls_rule: admitted(AdmittedBy::MtlsRule),
+            admitted_trusted_ip: admitted(AdmittedBy::TrustedIp),
             refused,
             sessions_active: self.sessions_active.get_or_create(&db).clone(),
             bytes_to_upstream: bytes(Direction::to_upstream),
@@ -602,6 +653,8 @@ impl Metrics {
 #[derive(Clone, Debug)]
 pub struct DbMetrics {
     pub accepted: Counter,
+    admitted_mtls_rule: Counter,
+    admitted_trusted_ip: Counter,
     refused: Vec<(ErrorKind, Counter)>,
     pub sessions_active: Gauge,
     pub bytes_to_upstream: Counter<u64, AtomicU64>,
@@ -614,6 +667,14 @@ pub struct DbMetrics {
 }
 
 impl DbMetrics {
+    /// The `pgmtls_connections_admitted_total` series of `by`.
+    pub fn admitted(&self, by: AdmittedBy) -> &Counter {
+        match by {
+            AdmittedBy::MtlsRule => &self.admitted_mtls_rule,
+            AdmittedBy::TrustedIp => &self.admitted_trusted_ip,
+        }
+    }
+
     pub fn refuse(&self, kind: ErrorKind) {
         if let Some((_, c)) = self.refused.iter().find(|(k, _)| *k == kind) {
             c.inc();
@@ -653,6 +714,7 @@ mod config_gauge_tests {
         DatabaseFigures {
             name: name.into(),
             ip_rules: 2,
+            trusted_ips: 0,
             crl_entries: 1,
             server_cert_expiry: Some(2_000_000_000),
             ca_cert_expiry: None,

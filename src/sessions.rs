@@ -9,11 +9,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
+use crate::allowlist::AdmittedBy;
 use crate::conn::error::ErrorKind;
 use crate::snapshot::Snapshot;
 use crate::wire::frontend::CancelKey;
 
 /// Why a live session was closed by enforcement. Logged as `detail`; counted as `revoked_live`.
+/// New reasons go at the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
     DatabaseDisabled,
@@ -21,6 +23,11 @@ pub enum EndReason {
     CertificateRevoked,
     CertificateExpired,
     Shutdown,
+    /// The trusted range that admitted a session (without an IP rule) was deleted.
+    TrustedIpRemoved,
+    /// An IP rule now covers the address of a session that presented no certificate: the
+    /// rule's certificate requirement takes precedence over the trusted range.
+    CertificateRequired,
 }
 
 impl EndReason {
@@ -31,6 +38,8 @@ impl EndReason {
             EndReason::CertificateRevoked => "client certificate revoked",
             EndReason::CertificateExpired => "client certificate expired",
             EndReason::Shutdown => "shutdown grace period over",
+            EndReason::TrustedIpRemoved => "trusted ip range removed",
+            EndReason::CertificateRequired => "ip rule requires a client certificate",
         }
     }
 
@@ -50,6 +59,8 @@ impl EndReason {
             EndReason::CertificateRevoked => ErrorKind::ClientCertRevoked,
             EndReason::CertificateExpired => ErrorKind::ClientCertExpired,
             EndReason::Shutdown => ErrorKind::Shutdown,
+            EndReason::TrustedIpRemoved => ErrorKind::IpNotAllowed,
+            EndReason::CertificateRequired => ErrorKind::ClientCertMissing,
         }
     }
 }
@@ -57,6 +68,9 @@ impl EndReason {
 struct Entry {
     database: Arc<str>,
     ip: IpAddr,
+    /// Which list admitted the session when it was registered.
+    admitted_by: AdmittedBy,
+    /// Empty when the client presented no certificate (admitted by a trusted range).
     serial: String,
     not_after: Option<OffsetDateTime>,
     kill: watch::Sender<Option<EndReason>>,
@@ -65,14 +79,25 @@ struct Entry {
 impl Entry {
     /// Why this session may no longer run under `snap`, if it may not.
     fn verdict(&self, snap: &Snapshot, now: OffsetDateTime) -> Option<EndReason> {
-        match snap.databases.get(&*self.database) {
-            None => Some(EndReason::DatabaseDisabled),
-            Some(db) if db.allowlist.check(self.ip).is_none() => Some(EndReason::RuleRemoved),
-            Some(db) if db.is_revoked(&self.serial) => Some(EndReason::CertificateRevoked),
-            Some(_) if self.not_after.is_some_and(|t| t < now) => {
-                Some(EndReason::CertificateExpired)
+        let Some(db) = snap.databases.get(&*self.database) else {
+            return Some(EndReason::DatabaseDisabled);
+        };
+        match db.admit(self.ip).map(|a| a.by) {
+            None if self.admitted_by == AdmittedBy::TrustedIp => {
+                return Some(EndReason::TrustedIpRemoved)
             }
-            Some(_) => None,
+            None => return Some(EndReason::RuleRemoved),
+            Some(by) if by.requires_certificate() && self.serial.is_empty() => {
+                return Some(EndReason::CertificateRequired)
+            }
+            Some(_) => {}
+        }
+        if db.is_revoked(&self.serial) {
+            Some(EndReason::CertificateRevoked)
+        } else if self.not_after.is_some_and(|t| t < now) {
+            Some(EndReason::CertificateExpired)
+        } else {
+            None
         }
     }
 }
@@ -170,6 +195,7 @@ impl Sessions {
         conn_id: u64,
         database: Arc<str>,
         ip: IpAddr,
+        admitted_by: AdmittedBy,
         serial: String,
         not_after: Option<OffsetDateTime>,
     ) -> SessionGuard {
@@ -179,6 +205,7 @@ impl Sessions {
             Entry {
                 database,
                 ip,
+                admitted_by,
                 serial,
                 not_after,
                 kill,
@@ -277,6 +304,7 @@ mod tests {
             1,
             "orders".into(),
             "10.0.0.1".parse().unwrap(),
+            AdmittedBy::MtlsRule,
             String::new(),
             None,
         );
@@ -295,6 +323,7 @@ mod tests {
             2,
             "orders".into(),
             "10.0.0.1".parse().unwrap(),
+            AdmittedBy::MtlsRule,
             String::new(),
             None,
         );
@@ -312,6 +341,7 @@ mod tests {
             1,
             "orders".into(),
             "10.0.0.1".parse().unwrap(),
+            AdmittedBy::MtlsRule,
             String::new(),
             None,
         );

@@ -10,7 +10,7 @@ use rustls_pki_types::ServerName;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::allowlist::{AllowRule, Allowlist};
+use crate::allowlist::{Admitted, AllowRule, Allowlist};
 use crate::config::ConfigErrors;
 use crate::metrics::{DatabaseFigures, DbMetrics, Metrics};
 use crate::state::{
@@ -42,6 +42,9 @@ pub struct DatabaseRuntime {
     pub settings: DatabaseSettings,
     pub rules: Vec<IpRule>,
     pub allowlist: Allowlist,
+    /// `trusted-ips.yaml`, and the list admitting without a certificate built from it.
+    pub trusted_ips: Vec<IpRule>,
+    pub trusted: Allowlist,
     pub tls: ServerTls,
     pub upstream: UpstreamTarget,
     /// Client certificate records by serial (lowercase hex), to name certificates in logs.
@@ -63,6 +66,7 @@ pub struct DatabaseRuntime {
 pub struct InputDigests {
     pub settings: String,
     pub rules: String,
+    pub trusted_ips: String,
     pub server_cert: String,
     pub server_key: String,
     pub ca: String,
@@ -78,6 +82,7 @@ impl InputDigests {
         InputDigests {
             settings: digest(state.settings.to_yaml().as_bytes()),
             rules: digest(crate::state::ip_rules_to_yaml(&state.rules).as_bytes()),
+            trusted_ips: digest(crate::state::trusted_ips_to_yaml(&state.trusted_ips).as_bytes()),
             server_cert: digest(&state.server_cert_pem),
             server_key: digest(&state.server_key_pem),
             ca: digest(&state.ca_pem),
@@ -92,6 +97,7 @@ impl InputDigests {
         for part in [
             &self.settings,
             &self.rules,
+            &self.trusted_ips,
             &self.server_cert,
             &self.server_key,
             &self.ca,
@@ -158,16 +164,19 @@ impl DatabaseRuntime {
                 return Err(errors);
             }
         };
-        let allowlist = Allowlist::new(
-            state
-                .rules
-                .iter()
-                .map(|r| AllowRule {
-                    id: r.id.as_str().into(),
-                    cidr: r.cidr,
-                })
-                .collect(),
-        );
+        let list = |rules: &[IpRule]| {
+            Allowlist::new(
+                rules
+                    .iter()
+                    .map(|r| AllowRule {
+                        id: r.id.as_str().into(),
+                        cidr: r.cidr,
+                    })
+                    .collect(),
+            )
+        };
+        let allowlist = list(&state.rules);
+        let trusted = list(&state.trusted_ips);
         let mut revoked = tls.revoked_serials.clone();
         revoked.extend(revoked_by_record);
         Ok(DatabaseRuntime {
@@ -175,6 +184,8 @@ impl DatabaseRuntime {
             settings: state.settings.clone(),
             rules: state.rules.clone(),
             allowlist,
+            trusted_ips: state.trusted_ips.clone(),
+            trusted,
             revoked,
             tls,
             upstream,
@@ -205,11 +216,18 @@ impl DatabaseRuntime {
         DatabaseFigures {
             name: self.name.to_string(),
             ip_rules: self.rules.len(),
+            trusted_ips: self.trusted_ips.len(),
             crl_entries: self.tls.revoked_serials.len(),
             server_cert_expiry: self.tls.server_not_after.map(unix),
             ca_cert_expiry: self.tls.ca_not_after.map(unix),
             client_certs,
         }
+    }
+
+    /// Which of this database's lists admits `ip`, if one does: an IP rule before a trusted
+    /// range (see [`crate::allowlist::admit`]).
+    pub fn admit(&self, ip: std::net::IpAddr) -> Option<Admitted<'_>> {
+        crate::allowlist::admit(&self.allowlist, &self.trusted, ip)
     }
 
     /// Whether a client certificate with this serial is revoked: on the CRL, or its record is
@@ -379,11 +397,11 @@ impl Snapshot {
             .filter(|d| d.settings.listen.is_shared())
     }
 
-    /// Whether any database on the shared listener has an IP rule admitting `ip`: the shared
-    /// port's admission on accept, before a byte is read. The database the SNI then picks
-    /// decides again with its own rules.
+    /// Whether any database on the shared listener has an IP rule or a trusted range admitting
+    /// `ip`: the shared port's admission on accept, before a byte is read. The database the
+    /// SNI then picks decides again with its own lists.
     pub fn shared_admits(&self, ip: std::net::IpAddr) -> bool {
-        self.shared().any(|d| d.allowlist.check(ip).is_some())
+        self.shared().any(|d| d.admit(ip).is_some())
     }
 
     /// Builds the next snapshot database by database, for a reload: each database that loads
@@ -615,6 +633,7 @@ mod tests {
                     updated_at: at,
                 })
                 .collect(),
+            trusted_ips: Vec::new(),
             server_cert_pem: p.cert.clone().into_bytes(),
             server_key_pem: p.key.clone().into_bytes(),
             ca_pem: p.ca.clone().into_bytes(),

@@ -16,7 +16,7 @@ use rustls_pki_types::{
 };
 use time::OffsetDateTime;
 
-use crate::client_verify::CachingClientVerifier;
+use crate::client_verify::{CachingClientVerifier, CertificateOptional};
 use crate::config::ConfigErrors;
 use crate::state::MaterialPaths;
 
@@ -52,7 +52,12 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// What a database's TLS material turned into, plus figures for status and metrics.
 #[derive(Debug, Clone)]
 pub struct ServerTls {
+    /// Requires a client certificate: for addresses an IP rule admits.
     pub config: Arc<ServerConfig>,
+    /// Same certificate, CA and CRL, but a client may present no certificate (one it presents
+    /// must still chain, be in date and not be revoked): for addresses only a trusted range
+    /// admits, where Postgres' own authentication decides.
+    pub cert_optional: Arc<ServerConfig>,
     pub server_not_after: Option<OffsetDateTime>,
     pub ca_not_after: Option<OffsetDateTime>,
     /// Serials (lowercase hex) listed in the CRL.
@@ -159,6 +164,35 @@ pub fn build_server_tls(
 
     let server_not_after = chain.first().and_then(|c| not_after(c));
     let ca_not_after = ca.first().and_then(|c| not_after(c));
+    // Both configurations share the one verifier (and so its cache): a certificate presented
+    // from a trusted range is checked exactly like one from an IP rule's range.
+    let optional = Arc::new(CertificateOptional::new(Arc::clone(&verifier)));
+    let cert_optional = server_config(
+        optional,
+        chain.clone(),
+        key.clone_key(),
+        cert_file,
+        key_file,
+    )?;
+    let config = server_config(verifier, chain, key, cert_file, key_file)?;
+    Ok(ServerTls {
+        config,
+        cert_optional,
+        server_not_after,
+        ca_not_after,
+        revoked_serials,
+        crl_number,
+    })
+}
+
+/// One server configuration around `verifier`, with the settings every database uses.
+fn server_config(
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<Arc<ServerConfig>, ConfigErrors> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| ConfigErrors::one(cert_file, "", None, format!("TLS versions: {e}")))?
@@ -178,13 +212,7 @@ pub fn build_server_tls(
     // client could come back through a ticket. libpq never resumes anyway.
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    Ok(ServerTls {
-        config: Arc::new(config),
-        server_not_after,
-        ca_not_after,
-        revoked_serials,
-        crl_number,
-    })
+    Ok(Arc::new(config))
 }
 
 /// Reads a PEM bundle of certificates; an empty bundle is an error.

@@ -22,6 +22,7 @@ fn exposition() -> String {
         &[DatabaseFigures {
             name: "orders".into(),
             ip_rules: 1,
+            trusted_ips: 1,
             crl_entries: 0,
             server_cert_expiry: Some(2_000_000_000),
             ca_cert_expiry: Some(2_100_000_000),

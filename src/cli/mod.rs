@@ -1,5 +1,5 @@
-//! The Heroku-style control commands (`mtls`, `ip-rules`, `certificates`, `databases`): flags
-//! in, changes to the state directory and human or JSON output out.
+//! The Heroku-style control commands (`mtls`, `ip-rules`, `trusted-ips`, `certificates`,
+//! `databases`): flags in, changes to the state directory and human or JSON output out.
 //!
 //! Every change is a call into [`crate::control`], the one mutation path the console shares:
 //! it takes the writers' lock, loads the database through the proxy's parsers, checks the new
@@ -17,6 +17,7 @@ pub mod mtls;
 pub mod output;
 pub mod state;
 pub mod status;
+pub mod trusted_ips;
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -39,6 +40,10 @@ pub enum Command {
     /// Manage the IP allowlist of a database (at most 60 rules).
     #[command(name = "ip-rules")]
     IpRules(Box<ip_rules::IpRulesArgs>),
+    /// Manage the trusted IP ranges of a database: admitted without a client certificate
+    /// where no IP rule covers the address (at most 20).
+    #[command(name = "trusted-ips")]
+    TrustedIps(Box<trusted_ips::TrustedIpsArgs>),
     /// Manage client certificates: list, create, download, revoke, renew.
     Certificates(Box<certificates::CertificatesArgs>),
     /// List the databases with mutual TLS enabled.
@@ -56,6 +61,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Mtls(a) => mtls::run(*a),
         Command::IpRules(a) => ip_rules::run(*a),
+        Command::TrustedIps(a) => trusted_ips::run(*a),
         Command::Certificates(a) => certificates::run(*a),
         Command::Databases(a) => mtls::databases(a),
         Command::State(a) => state::run(a),

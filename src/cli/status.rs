@@ -22,7 +22,7 @@ use crate::fleet::registry::{self, ReplicaEntry};
 use crate::state::records::AUDIT_PREFIX;
 use crate::state::{
     CA_CERT, CERTIFICATES_DIR, CERTIFICATE_YAML, CLIENT_CERT, CRL, DATABASES_DIR, DATABASE_YAML,
-    IP_RULES, SERVER_CERT, SERVER_KEY,
+    IP_RULES, SERVER_CERT, SERVER_KEY, TRUSTED_IPS,
 };
 use crate::store::etcd::{EtcdConfig, EtcdStore};
 use crate::store::Listing;
@@ -71,6 +71,9 @@ pub struct DatabaseStatus {
     /// Ids of the IP rules the proxy applies.
     #[serde(default)]
     pub rules: Vec<String>,
+    /// Ids of the trusted IP ranges the proxy applies.
+    #[serde(default)]
+    pub trusted_ips: Vec<String>,
     #[serde(default)]
     pub certificates: Vec<CertificateStatus>,
     #[serde(default)]
@@ -468,6 +471,25 @@ impl ProxyView {
         }
     }
 
+    /// Whether the proxy applies trusted range `id`: the same words as an IP rule's.
+    pub fn trusted_ip_status(&self, db: &str, id: &str) -> Shown<RuleStatus> {
+        match self {
+            ProxyView::Unreachable { .. } => Shown::one_proxy(RuleStatus::Unknown),
+            ProxyView::Reachable { .. } => Shown::one_proxy(match self.database(db) {
+                Some(d) if d.operational && d.trusted_ips.iter().any(|r| r == id) => {
+                    RuleStatus::Authorized
+                }
+                _ => RuleStatus::Authorizing,
+            }),
+            ProxyView::Fleet(f) => f.shown(
+                f.trusted_ip_needs(db, id),
+                RuleStatus::Authorized,
+                RuleStatus::Authorizing,
+                RuleStatus::Unknown,
+            ),
+        }
+    }
+
     /// How the proxy sees a certificate: `None` when no proxy is reachable, else whether it is
     /// loaded and whether the proxy treats it as revoked. `revoked` says whether the state
     /// revokes it (in etcd mode, which change to wait for: its revocation or its creation).
@@ -710,6 +732,22 @@ impl FleetView {
     pub fn rule_deleted_needs(&self, db: &str, id: &str) -> i64 {
         self.audited("ip_rule.delete", db, id)
             .unwrap_or_else(|| self.record_revision(db, &[IP_RULES]))
+    }
+
+    /// The commit that made the trusted range: its `trusted_ip.create`, else the last change
+    /// of the trusted ranges file. Not before the database itself.
+    pub fn trusted_ip_needs(&self, db: &str, id: &str) -> i64 {
+        let made = self
+            .audited("trusted_ip.create", db, id)
+            .unwrap_or_else(|| self.record_revision(db, &[TRUSTED_IPS]));
+        made.max(self.database_needs(db))
+    }
+
+    /// The commit that deleted the trusted range: its `trusted_ip.delete`, else the trusted
+    /// ranges file's last change.
+    pub fn trusted_ip_deleted_needs(&self, db: &str, id: &str) -> i64 {
+        self.audited("trusted_ip.delete", db, id)
+            .unwrap_or_else(|| self.record_revision(db, &[TRUSTED_IPS]))
     }
 
     /// The commit that made the certificate, or, when `revoked`, the one that revoked it.

@@ -67,11 +67,11 @@ pub async fn forward_shared(
         ));
     };
     *picked = Some(Arc::clone(&db));
-    if db.allowlist.check(source).is_none() {
+    if db.admit(source).is_none() {
         db.metrics.cancel_refused.inc();
         return Err(ConnError::new(
             ErrorKind::IpNotAllowed,
-            "no IP rule of the session's database admits this address",
+            "no IP rule or trusted range of the session's database admits this address",
         ));
     }
     forward_admitted(ctx, &db, key).await

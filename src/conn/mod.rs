@@ -108,7 +108,9 @@ impl Served {
 struct ConnLog {
     /// The client as the PROXY header named it, and the balancer it came through.
     client: Option<peer::ClientAddr>,
+    /// The IP rule or trusted range that admitted the client, and which of the two it is.
     rule_id: Option<Arc<str>>,
+    admitted_by: Option<crate::allowlist::AdmittedBy>,
     /// The database this connection is for, once known (on the shared listener, from SNI or
     /// a cancel key): what its log line names and its refusal is charged to.
     db: Option<Arc<DatabaseRuntime>>,
@@ -173,6 +175,7 @@ pub async fn serve(
         database,
         listener = served.database().is_none().then_some("shared"),
         rule_id = log.rule_id.as_deref(),
+        admitted_by = log.admitted_by.map(crate::allowlist::AdmittedBy::as_str),
         client_cert_id = log.identity.cert_id.as_deref(),
         client_cn = log.identity.common_name.as_deref().map(tracing::field::debug),
         client_serial = (!log.identity.serial.is_empty()).then_some(log.identity.serial.as_str()),
@@ -229,6 +232,9 @@ async fn run(
     // Stage: relay.
     log.relayed = true;
     db.metrics.accepted.inc();
+    if let Some(by) = log.admitted_by {
+        db.metrics.admitted(by).inc();
+    }
     db.metrics.sessions_active.inc();
     let relay_started = Instant::now();
     let (stats, err) = relay::relay(
@@ -380,18 +386,20 @@ async fn establish(
     let ip = client_addr.addr.ip();
     match &log.db {
         Some(db) => {
-            let Some(rule) = db.allowlist.check(ip) else {
+            let Some(admitted) = db.admit(ip) else {
                 return Err(ConnError::new(
                     ErrorKind::IpNotAllowed,
-                    "no IP rule admits this address",
+                    "no IP rule or trusted range admits this address",
                 ));
             };
-            log.rule_id = Some(rule.id.clone());
+            log.rule_id = Some(admitted.entry.id.clone());
+            log.admitted_by = Some(admitted.by);
         }
         None if !ctx.snapshot.load().shared_admits(ip) => {
             return Err(ConnError::new(
                 ErrorKind::IpNotAllowed,
-                "no IP rule of a database on the shared listener admits this address",
+                "no IP rule or trusted range of a database on the shared listener admits this \
+                 address",
             ))
         }
         None => {}
@@ -417,18 +425,20 @@ async fn establish(
         (Negotiated::Tls { direct }, _) => direct,
     };
 
-    // Stage: TLS with a required client certificate, under the configuration of the accept
-    // (on the shared listener, of the database the SNI names).
-    let own = log.db.clone();
+    // Stage: TLS under the configuration of the accept (on the shared listener, of the
+    // database the SNI names): a client certificate is required unless only a trusted range
+    // admits the address.
+    let own = log.db.clone().zip(log.admitted_by);
     let (picked, rule_id) = (&mut log.db, &mut log.rule_id);
     let choose = |sni: Option<&str>| match own {
-        Some(db) => Ok(db),
+        Some(own) => Ok(own),
         None => shared::pick(ctx, served, sni, ip, picked, rule_id),
     };
-    let (client, identity, accepted_db) =
+    let (client, identity, accepted_db, admitted_by) =
         tokio::time::timeout_at(deadline, tls::accept(stream, choose, direct))
             .await
             .map_err(|_| timed_out())??;
+    log.admitted_by = Some(admitted_by);
     // Moved by pointer from here on: the relay keeps exactly one copy of the TLS state.
     let mut client = Box::new(client);
     log.identity = identity;
@@ -444,6 +454,7 @@ async fn establish(
         conn_id,
         accepted_db.name.clone(),
         ip,
+        admitted_by,
         log.identity.serial.clone(),
         log.identity.not_after,
     );
@@ -464,8 +475,10 @@ async fn establish(
     };
     drop(snap);
     log.db = Some(Arc::clone(&db));
-    if let Some(rule) = db.allowlist.check(client_addr.addr.ip()) {
-        log.rule_id = Some(rule.id.clone());
+    // The re-admission held, so some list admits the address; name the one in force now.
+    if let Some(admitted) = db.admit(client_addr.addr.ip()) {
+        log.rule_id = Some(admitted.entry.id.clone());
+        log.admitted_by = Some(admitted.by);
     }
 
     // Stage: StartupMessage inside TLS.

@@ -86,6 +86,12 @@ pub fn cut_notice(reason: EndReason) -> Vec<u8> {
             "terminating connection because the database was disabled on the proxy"
         }
         EndReason::Shutdown => "terminating connection because the proxy is shutting down",
+        EndReason::TrustedIpRemoved => {
+            "terminating connection because the client address is no longer trusted"
+        }
+        EndReason::CertificateRequired => {
+            "terminating connection because the client address now requires a client certificate"
+        }
     };
     crate::wire::backend::error_response("57P01", text, None)
 }

@@ -8,11 +8,13 @@ use std::sync::Arc;
 
 use super::error::{ConnError, ErrorKind};
 use super::{Context, Served};
+use crate::allowlist::AdmittedBy;
 use crate::snapshot::DatabaseRuntime;
 
 /// The database `sni` names on the shared listener (or the configured default), checked
-/// against that database's IP rules for `ip`. `picked` and `rule_id` learn the database and
-/// the admitting rule as soon as they are known, so that a refusal is charged to the database.
+/// against that database's IP rules and trusted ranges for `ip`. `picked` and `rule_id` learn
+/// the database and the admitting entry as soon as they are known, so that a refusal is
+/// charged to the database.
 pub fn pick(
     ctx: &Context,
     served: &Served,
@@ -20,7 +22,7 @@ pub fn pick(
     ip: IpAddr,
     picked: &mut Option<Arc<DatabaseRuntime>>,
     rule_id: &mut Option<Arc<str>>,
-) -> Result<Arc<DatabaseRuntime>, ConnError> {
+) -> Result<(Arc<DatabaseRuntime>, AdmittedBy), ConnError> {
     let snap = ctx.snapshot.load();
     let default = match served {
         Served::Shared { default: Some(d) } => snap
@@ -45,12 +47,13 @@ pub fn pick(
         })?,
     };
     *picked = Some(Arc::clone(db));
-    let Some(rule) = db.allowlist.check(ip) else {
+    let Some(admitted) = db.admit(ip) else {
         return Err(ConnError::new(
             ErrorKind::IpNotAllowed,
-            "no IP rule of the database the server name picks admits this address",
+            "no IP rule or trusted range of the database the server name picks admits this \
+             address",
         ));
     };
-    *rule_id = Some(rule.id.clone());
-    Ok(Arc::clone(db))
+    *rule_id = Some(admitted.entry.id.clone());
+    Ok((Arc::clone(db), admitted.by))
 }

@@ -1,4 +1,5 @@
-//! TLS accept with a required client certificate -> `ClientIdentity`.
+//! TLS accept with a client certificate (required, or optional from a trusted range) ->
+//! `ClientIdentity`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,6 +10,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::error::{classify_tls_error, ConnError, ErrorKind};
+use crate::allowlist::AdmittedBy;
 use crate::snapshot::DatabaseRuntime;
 use crate::tls_store::{serial_hex, ALPN_POSTGRESQL};
 
@@ -28,17 +30,26 @@ pub struct ClientIdentity {
 /// Reads the ClientHello, lets `choose` pick the database from its SNI (before any
 /// cryptography: on the shared listener the name decides whose certificate, CA and rules
 /// apply; on a database's own listener `choose` returns that database), then completes the
-/// handshake under the chosen database's configuration.
+/// handshake under the chosen database's configuration: with a required client certificate
+/// when an IP rule admits the address, with an optional one when only a trusted range does.
 pub async fn accept(
     stream: TcpStream,
-    choose: impl FnOnce(Option<&str>) -> Result<Arc<DatabaseRuntime>, ConnError>,
+    choose: impl FnOnce(Option<&str>) -> Result<(Arc<DatabaseRuntime>, AdmittedBy), ConnError>,
     direct: bool,
-) -> Result<(TlsStream<TcpStream>, ClientIdentity, Arc<DatabaseRuntime>), ConnError> {
+) -> Result<
+    (
+        TlsStream<TcpStream>,
+        ClientIdentity,
+        Arc<DatabaseRuntime>,
+        AdmittedBy,
+    ),
+    ConnError,
+> {
     let started = Instant::now();
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
         .await
         .map_err(|e| ConnError::new(ErrorKind::TlsHandshake, e.to_string()))?;
-    let db = choose(start.client_hello().server_name())?;
+    let (db, admitted_by) = choose(start.client_hello().server_name())?;
     if direct {
         // PostgreSQL 17 requires ALPN on direct TLS so that a TLS connection meant for another
         // protocol cannot be replayed against the database.
@@ -53,15 +64,19 @@ pub async fn accept(
             ));
         }
     }
+    let config = match admitted_by {
+        AdmittedBy::MtlsRule => &db.tls.config,
+        AdmittedBy::TrustedIp => &db.tls.cert_optional,
+    };
     let tls = start
-        .into_stream(Arc::clone(&db.tls.config))
+        .into_stream(Arc::clone(config))
         .await
         .map_err(|e| ConnError::new(classify_tls_error(&e), e.to_string()))?;
     db.metrics
         .tls_handshake_seconds
         .observe(started.elapsed().as_secs_f64());
     let identity = identify(&tls, &db);
-    Ok((tls, identity, db))
+    Ok((tls, identity, db, admitted_by))
 }
 
 fn identify(tls: &TlsStream<TcpStream>, db: &DatabaseRuntime) -> ClientIdentity {

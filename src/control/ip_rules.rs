@@ -6,10 +6,10 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{now, validate, Control, ControlError, Result, Txn};
-use crate::allowlist::{parse_cidr, MAX_RULES};
+use crate::allowlist::{parse_cidr, MAX_RULES, MAX_TRUSTED_IPS};
 use crate::state::{
-    self, ip_rules_to_yaml, one_line, parse_ip_rules, validate_description, AuditEntry,
-    DatabaseState, IpRule, PUBLIC_MODE,
+    self, ip_rules_to_yaml, one_line, parse_ip_rules, parse_trusted_ips, trusted_ips_to_yaml,
+    validate_description, AuditEntry, DatabaseState, IpRule, PUBLIC_MODE,
 };
 
 /// Parses a rule's CIDR like the rules file does, and refuses IPv4-mapped IPv6 blocks: the
@@ -44,6 +44,80 @@ pub struct RuleChange {
     pub audit: AuditEntry,
 }
 
+/// The two address lists of a database: the IP rules (a client certificate is required) and
+/// the trusted ranges (admitted without one where no rule covers the address). One code path
+/// changes both, so they validate, refuse and audit alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum List {
+    IpRules,
+    TrustedIps,
+}
+
+impl List {
+    /// What one entry is called in messages.
+    fn noun(self) -> &'static str {
+        match self {
+            List::IpRules => "IP rule",
+            List::TrustedIps => "trusted IP range",
+        }
+    }
+
+    fn max(self) -> usize {
+        match self {
+            List::IpRules => MAX_RULES,
+            List::TrustedIps => MAX_TRUSTED_IPS,
+        }
+    }
+
+    fn file(self) -> &'static str {
+        match self {
+            List::IpRules => state::IP_RULES,
+            List::TrustedIps => state::TRUSTED_IPS,
+        }
+    }
+
+    /// The audit action of a change: `ip_rule.create`, `trusted_ip.delete`.
+    fn action(self, verb: &str) -> String {
+        match self {
+            List::IpRules => format!("ip_rule.{verb}"),
+            List::TrustedIps => format!("trusted_ip.{verb}"),
+        }
+    }
+
+    fn entries(self, db: &DatabaseState) -> &[IpRule] {
+        match self {
+            List::IpRules => &db.rules,
+            List::TrustedIps => &db.trusted_ips,
+        }
+    }
+
+    fn to_yaml(self, entries: &[IpRule]) -> String {
+        match self {
+            List::IpRules => ip_rules_to_yaml(entries),
+            List::TrustedIps => trusted_ips_to_yaml(entries),
+        }
+    }
+
+    /// Re-reads `yaml` with the proxy's parser into a copy of `db`.
+    fn parse_into(
+        self,
+        db: &DatabaseState,
+        yaml: &str,
+    ) -> std::result::Result<DatabaseState, String> {
+        let file = db.dir.join(self.file());
+        let mut candidate = db.clone();
+        match self {
+            List::IpRules => {
+                candidate.rules = parse_ip_rules(&file, yaml).map_err(|e| one_line(&e))?
+            }
+            List::TrustedIps => {
+                candidate.trusted_ips = parse_trusted_ips(&file, yaml).map_err(|e| one_line(&e))?
+            }
+        }
+        Ok(candidate)
+    }
+}
+
 /// Adds a rule admitting `cidr` to `database`.
 pub fn create(
     control: &Control,
@@ -52,12 +126,25 @@ pub fn create(
     description: &str,
     actor: &str,
 ) -> Result<RuleChange> {
+    create_in(List::IpRules, control, database, cidr, description, actor)
+}
+
+/// Adds an entry for `cidr` to `list` of `database`.
+pub(crate) fn create_in(
+    list: List,
+    control: &Control,
+    database: &str,
+    cidr: &str,
+    description: &str,
+    actor: &str,
+) -> Result<RuleChange> {
     let cidr = parse_rule_cidr(cidr).map_err(ControlError::Invalid)?;
     validate_description(description).map_err(ControlError::Invalid)?;
-    control.retrying(|| create_once(control, database, cidr, description, actor))
+    control.retrying(|| create_once(list, control, database, cidr, description, actor))
 }
 
 fn create_once(
+    list: List,
     control: &Control,
     database: &str,
     cidr: IpNet,
@@ -66,16 +153,18 @@ fn create_once(
 ) -> Result<RuleChange> {
     let mut txn = control.begin(Some(database), actor)?;
     let db = txn.load(database)?;
-    if db.rules.len() >= MAX_RULES {
+    let (noun, max) = (list.noun(), list.max());
+    let entries = list.entries(&db);
+    if entries.len() >= max {
         return Err(ControlError::Conflict(format!(
-            "database {database} already has {} IP rules, the maximum is {MAX_RULES}; delete one \
-             first",
-            db.rules.len()
+            "database {database} already has {} {noun}s, the maximum is {max}; delete one first",
+            entries.len()
         )));
     }
-    if let Some(dup) = db.rules.iter().find(|r| r.cidr == cidr) {
+    if let Some(dup) = entries.iter().find(|r| r.cidr == cidr) {
+        let article = if list == List::IpRules { "an" } else { "a" };
         return Err(ControlError::Conflict(format!(
-            "an IP rule for {cidr} already exists (id {})",
+            "{article} {noun} for {cidr} already exists (id {})",
             dup.id
         )));
     }
@@ -87,11 +176,11 @@ fn create_once(
         created_at: at,
         updated_at: at,
     };
-    let mut rules = db.rules.clone();
+    let mut rules = entries.to_vec();
     rules.push(rule.clone());
-    save(&mut txn, &db, &rules)?;
+    save(list, &mut txn, &db, &rules)?;
     let audit = txn.record(
-        "ip_rule.create",
+        &list.action("create"),
         Some(database),
         json!({"id": rule.id, "cidr": cidr.to_string(), "description": rule.description}),
     )?;
@@ -105,14 +194,26 @@ pub fn delete(
     selector: Selector<'_>,
     actor: &str,
 ) -> Result<RuleChange> {
+    delete_in(List::IpRules, control, database, selector, actor)
+}
+
+/// Removes the entry `selector` names from `list` of `database`.
+pub(crate) fn delete_in(
+    list: List,
+    control: &Control,
+    database: &str,
+    selector: Selector<'_>,
+    actor: &str,
+) -> Result<RuleChange> {
     let cidr = match selector {
         Selector::Cidr(c) => Some(parse_rule_cidr(c).map_err(ControlError::Invalid)?),
         Selector::Id(_) => None,
     };
-    control.retrying(|| delete_once(control, database, selector, cidr, actor))
+    control.retrying(|| delete_once(list, control, database, selector, cidr, actor))
 }
 
 fn delete_once(
+    list: List,
     control: &Control,
     database: &str,
     selector: Selector<'_>,
@@ -121,41 +222,40 @@ fn delete_once(
 ) -> Result<RuleChange> {
     let mut txn = control.begin(Some(database), actor)?;
     let db = txn.load(database)?;
-    let found = db.rules.iter().position(|r| match (selector, cidr) {
+    let noun = list.noun();
+    let entries = list.entries(&db);
+    let found = entries.iter().position(|r| match (selector, cidr) {
         (Selector::Id(id), _) => r.id == id,
         (_, Some(c)) => r.cidr == c,
         (_, None) => false,
     });
     let Some(index) = found else {
         return Err(ControlError::NotFound(match (selector, cidr) {
-            (Selector::Id(id), _) => format!("no IP rule with id {id:?} for database {database}"),
+            (Selector::Id(id), _) => format!("no {noun} with id {id:?} for database {database}"),
             (_, c) => format!(
-                "no IP rule for {} in database {database}",
+                "no {noun} for {} in database {database}",
                 c.map(|c| c.to_string()).unwrap_or_default()
             ),
         }));
     };
-    let mut rules = db.rules.clone();
+    let mut rules = entries.to_vec();
     let rule = rules.remove(index);
-    save(&mut txn, &db, &rules)?;
+    save(list, &mut txn, &db, &rules)?;
     let audit = txn.record(
-        "ip_rule.delete",
+        &list.action("delete"),
         Some(database),
         json!({"id": rule.id, "cidr": rule.cidr.to_string()}),
     )?;
     Ok(RuleChange { rule, audit })
 }
 
-/// Writes a new rule list after re-reading it with the proxy's parser and building the
-/// database with it.
-fn save(txn: &mut Txn<'_>, db: &DatabaseState, rules: &[IpRule]) -> Result<()> {
-    let file = db.dir.join(state::IP_RULES);
-    let yaml = ip_rules_to_yaml(rules);
-    let parsed = parse_ip_rules(&file, &yaml).map_err(|e| ControlError::Invalid(one_line(&e)))?;
-    let mut candidate = db.clone();
-    candidate.rules = parsed;
+/// Writes a new list after re-reading it with the proxy's parser and building the database
+/// with it.
+fn save(list: List, txn: &mut Txn<'_>, db: &DatabaseState, rules: &[IpRule]) -> Result<()> {
+    let yaml = list.to_yaml(rules);
+    let candidate = list.parse_into(db, &yaml).map_err(ControlError::Invalid)?;
     validate(&candidate)?;
-    txn.write_database_file(&db.name, state::IP_RULES, yaml.as_bytes(), PUBLIC_MODE)?;
+    txn.write_database_file(&db.name, list.file(), yaml.as_bytes(), PUBLIC_MODE)?;
     Ok(())
 }
 

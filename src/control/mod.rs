@@ -14,6 +14,7 @@ mod etcd;
 pub mod ip_rules;
 pub mod mtls;
 pub mod renewal;
+pub mod trusted_ips;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -13,6 +13,7 @@
 //!     ca.crt ca.key           the client CA (the proxy reads only ca.crt)
 //!     crl.pem                 revoked client certificates (required: missing is invalid)
 //!     ip-rules.yaml           IpRules
+//!     trusted-ips.yaml        TrustedIps (admitted without a certificate unless a rule covers it)
 //!     certificates/ID/        certificate.yaml, client.crt, client.key
 //!   archive/NAME-TIMESTAMP/   databases whose mTLS was disabled
 //! ```
@@ -44,6 +45,7 @@ pub const CA_CERT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
 pub const CRL: &str = "crl.pem";
 pub const IP_RULES: &str = "ip-rules.yaml";
+pub const TRUSTED_IPS: &str = "trusted-ips.yaml";
 pub const CERTIFICATES_DIR: &str = "certificates";
 pub const CERTIFICATE_YAML: &str = "certificate.yaml";
 pub const CLIENT_CERT: &str = "client.crt";

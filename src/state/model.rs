@@ -10,7 +10,7 @@ use serde_saphyr::Spanned;
 use time::OffsetDateTime;
 
 use super::*;
-use crate::allowlist::{parse_cidr, MAX_RULES};
+use crate::allowlist::{parse_cidr, MAX_RULES, MAX_TRUSTED_IPS};
 use crate::config::yaml::{convert, parse_doc, Fields};
 use crate::config::ConfigErrors;
 
@@ -344,6 +344,15 @@ struct RawRules {
     rules: Vec<Spanned<RawRule>>,
 }
 
+/// `trusted-ips.yaml`: its own top-level key, so a rules file copied into its place by
+/// mistake is refused instead of silently waiving certificates for its ranges.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrusted {
+    #[serde(default)]
+    trusted_ips: Vec<Spanned<RawRule>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
@@ -375,23 +384,56 @@ pub fn parse_ip_rules(file: &Path, text: &str) -> Result<Vec<IpRule>, ConfigErro
     } else {
         parse_doc(file, text)?
     };
+    parse_entries(file, ("rules", "rule"), raw.rules, MAX_RULES)
+}
+
+/// One trusted range of `trusted-ips.yaml`: the same fields as an IP rule. A trusted range
+/// admits an address without a client certificate, unless an IP rule also covers it.
+pub type TrustedIp = IpRule;
+
+/// Parses `trusted-ips.yaml`, reporting every bad range with its line. A missing or empty
+/// file trusts nothing.
+pub fn parse_trusted_ips(file: &Path, text: &str) -> Result<Vec<TrustedIp>, ConfigErrors> {
+    let raw: RawTrusted = if text.trim().is_empty() {
+        RawTrusted {
+            trusted_ips: Vec::new(),
+        }
+    } else {
+        parse_doc(file, text)?
+    };
+    parse_entries(
+        file,
+        ("trusted_ips", "trusted range"),
+        raw.trusted_ips,
+        MAX_TRUSTED_IPS,
+    )
+}
+
+/// The checks an IP rule and a trusted range share; `key` names the list and `noun` one of
+/// its entries in errors.
+fn parse_entries(
+    file: &Path,
+    (key, noun): (&str, &str),
+    raw: Vec<Spanned<RawRule>>,
+    max: usize,
+) -> Result<Vec<IpRule>, ConfigErrors> {
     let mut errors = ConfigErrors::default();
     let mut rules: Vec<IpRule> = Vec::new();
-    if raw.rules.len() > MAX_RULES {
+    if raw.len() > max {
         errors.extend(ConfigErrors::one(
             file,
-            "rules",
+            key,
             None,
-            format!("{} rules; at most {MAX_RULES} are allowed", raw.rules.len()),
+            format!("{} {noun}s; at most {max} are allowed", raw.len()),
         ));
     }
-    for (i, spanned) in raw.rules.into_iter().enumerate() {
+    for (i, spanned) in raw.into_iter().enumerate() {
         let line = Some(spanned.referenced.line());
         let r = spanned.value;
         let mut err = |field: &str, msg: String| {
             errors.0.push(crate::config::ConfigError {
                 file: file.to_path_buf(),
-                key: format!("rules[{i}].{field}"),
+                key: format!("{key}[{i}].{field}"),
                 line,
                 message: msg,
             })
@@ -414,7 +456,7 @@ pub fn parse_ip_rules(file: &Path, text: &str) -> Result<Vec<IpRule>, ConfigErro
         }
         if let Some(c) = cidr {
             if rules.iter().any(|x| x.cidr == c) {
-                err("cidr", format!("duplicate rule for {c}"));
+                err("cidr", format!("duplicate {noun} for {c}"));
             }
         }
         if let (Some(cidr), Some(created_at), Some(updated_at)) = (cidr, created, updated) {
@@ -436,6 +478,14 @@ pub fn ip_rules_to_yaml(rules: &[IpRule]) -> String {
         rules: &'a [IpRule],
     }
     to_yaml(&Out { rules })
+}
+
+pub fn trusted_ips_to_yaml(trusted_ips: &[TrustedIp]) -> String {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        trusted_ips: &'a [TrustedIp],
+    }
+    to_yaml(&Out { trusted_ips })
 }
 
 /// `certificates/ID/certificate.yaml`: the record of one client certificate.
@@ -503,6 +553,9 @@ pub struct DatabaseState {
     pub paths: MaterialPaths,
     pub settings: DatabaseSettings,
     pub rules: Vec<IpRule>,
+    /// `trusted-ips.yaml`: ranges admitted without a client certificate where no rule of
+    /// `rules` covers the address.
+    pub trusted_ips: Vec<TrustedIp>,
     pub server_cert_pem: Vec<u8>,
     pub server_key_pem: Vec<u8>,
     pub ca_pem: Vec<u8>,

@@ -127,8 +127,9 @@ pub fn read_database_dir(dir: &Path) -> ReadRecords {
         SERVER_KEY.to_owned(),
         read_private_key(&dir.join(SERVER_KEY)),
     );
-    for rel in [IP_RULES, CRL] {
-        // Missing is for the parser to judge (no rules admit nobody; no CRL is invalid).
+    for rel in [IP_RULES, TRUSTED_IPS, CRL] {
+        // Missing is for the parser to judge (no rules admit nobody, no trusted ranges trust
+        // nobody; no CRL is invalid).
         match std::fs::read(dir.join(rel)) {
             Ok(b) => {
                 out.records.insert(rel.to_owned(), b);
@@ -225,6 +226,18 @@ impl DatabaseState {
                     .ok(),
             }
         };
+        let trusted_ips = if failed.contains(TRUSTED_IPS) {
+            None
+        } else {
+            match records.get(TRUSTED_IPS) {
+                // Databases made before trusted ranges existed have no such record.
+                None => Some(Vec::new()),
+                Some(b) => text_of(&file(TRUSTED_IPS), b.clone())
+                    .and_then(|t| parse_trusted_ips(&file(TRUSTED_IPS), &t))
+                    .map_err(|e| errors.extend(e))
+                    .ok(),
+            }
+        };
         let crl_pem = records.get(CRL).cloned();
         let mut certificates = Vec::new();
         for (rel, bytes) in &records {
@@ -267,13 +280,16 @@ impl DatabaseState {
             }
         }
         match (settings, rules, server_cert_pem, server_key_pem, ca_pem) {
-            (Some(settings), Some(rules), Some(c), Some(k), Some(ca)) if errors.is_empty() => {
+            (Some(settings), Some(rules), Some(c), Some(k), Some(ca))
+                if errors.is_empty() && trusted_ips.is_some() =>
+            {
                 Ok(DatabaseState {
                     name: name.to_owned(),
                     dir: origin.to_path_buf(),
                     paths: MaterialPaths::in_dir(origin),
                     settings,
                     rules,
+                    trusted_ips: trusted_ips.unwrap_or_default(),
                     server_cert_pem: c,
                     server_key_pem: k,
                     ca_pem: ca,

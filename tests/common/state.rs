@@ -6,9 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use pgmtls::state::{
-    ip_rules_to_yaml, write_atomic, CertificateRecord, DatabaseSettings, IpRule, UpstreamAddr,
-    UpstreamTls, CA_CERT, CERTIFICATES_DIR, CERTIFICATE_YAML, CRL, DATABASE_YAML, IP_RULES,
-    SERVER_CERT, SERVER_KEY,
+    ip_rules_to_yaml, trusted_ips_to_yaml, write_atomic, CertificateRecord, DatabaseSettings,
+    IpRule, UpstreamAddr, UpstreamTls, CA_CERT, CERTIFICATES_DIR, CERTIFICATE_YAML, CRL,
+    DATABASE_YAML, IP_RULES, SERVER_CERT, SERVER_KEY, TRUSTED_IPS,
 };
 use rcgen::{Issuer, KeyPair};
 use tempfile::TempDir;
@@ -72,6 +72,17 @@ impl TestState {
         write_atomic(
             &self.db_dir(db).join(IP_RULES),
             rules_yaml(rules).as_bytes(),
+            0o644,
+        )
+        .unwrap();
+    }
+
+    /// Replaces `trusted-ips.yaml` atomically with `ranges` as `(id, cidr)`.
+    pub fn write_trusted_ips(&self, db: &str, ranges: &[(&str, &str)]) {
+        let ranges: Vec<IpRule> = ranges.iter().map(|(id, cidr)| rule(id, cidr)).collect();
+        write_atomic(
+            &self.db_dir(db).join(TRUSTED_IPS),
+            trusted_ips_to_yaml(&ranges).as_bytes(),
             0o644,
         )
         .unwrap();
