@@ -311,3 +311,89 @@ fn a_bad_trusted_ranges_file_is_named_with_its_field() {
         "{e}"
     );
 }
+
+/// One HTTP/1.0 request (so the answer is not chunked) to the console; the raw answer.
+fn http_get(addr: &str, path: &str, cookie: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if let Some(c) = cookie {
+        req.push_str(&format!("Cookie: {c}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[test]
+fn the_console_database_page_lists_the_trusted_ranges_read_only() {
+    use std::io::BufRead;
+    let env = Env::new();
+    env.create_db("app", "127.0.0.1:0", "127.0.0.1:5432");
+    let id = env
+        .run(&[
+            "trusted-ips",
+            "create",
+            "app",
+            "--cidr",
+            "198.51.100.0/24",
+            "--description",
+            "VPC <peering>",
+            "--json",
+        ])
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut child = env
+        .command(&["console"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    // The login line is the readiness signal: the listener is bound before it is printed.
+    let mut url = None;
+    for _ in 0..5 {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if let Some(u) = line.trim().strip_prefix("Log in (once) with: ") {
+            url = Some(u.to_owned());
+            break;
+        }
+    }
+    let url = url.expect("the console prints its login URL");
+    let rest = url.strip_prefix("http://").unwrap();
+    let (addr, _) = rest.split_once('/').unwrap();
+    let login = http_get(addr, &format!("/{}", rest.split_once('/').unwrap().1), None);
+    let cookie = login
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie:")
+                .then(|| l[11..].trim().split(';').next().unwrap().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no session cookie: {login}"));
+    let page = http_get(addr, "/databases/app", Some(&cookie));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        page.starts_with("HTTP/1.0 200") || page.starts_with("HTTP/1.1 200"),
+        "{page}"
+    );
+    // The section alone: the activity list further down names the range too.
+    let start = page
+        .find("Trusted IP ranges")
+        .expect("a trusted ranges section");
+    let end = start + page[start..].find("Client certificates").unwrap();
+    let section = &page[start..end];
+    assert!(section.contains(&id), "{section}");
+    assert!(section.contains("198.51.100.0/24"), "{section}");
+    assert!(section.contains("VPC &lt;peering&gt;"), "{section}");
+    // Read-only: no form posts to a trusted-ips path.
+    assert!(!page.contains("/trusted-ips\""), "{page}");
+}

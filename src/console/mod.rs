@@ -947,6 +947,17 @@ async fn render_database(
             status: proxy.rule_status(&db.name, &r.id).to_string(),
         })
         .collect();
+    let trusted_ips = db
+        .trusted_ips
+        .iter()
+        .map(|r| pages::RuleRow {
+            id: r.id.clone(),
+            cidr: r.cidr.to_string(),
+            description: r.description.clone(),
+            created: crate::cli::output::human_time(r.created_at),
+            status: proxy.trusted_ip_status(&db.name, &r.id).to_string(),
+        })
+        .collect();
     let files = control::download::names(&pages::default_prefix(&db.name));
     let certificates = crate::cli::certificates::views(&db, &proxy, at)
         .into_iter()
@@ -968,6 +979,7 @@ async fn render_database(
         tls_status: proxy.tls_status(&db.name).to_string(),
         settings,
         rules,
+        trusted_ips,
         certificates,
         audit,
     };

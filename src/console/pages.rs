@@ -112,6 +112,8 @@ pub struct DbView {
     pub tls_status: String,
     pub settings: Vec<(&'static str, String)>,
     pub rules: Vec<RuleRow>,
+    /// The trusted IP ranges, shown read-only (`pgmtls trusted-ips` changes them).
+    pub trusted_ips: Vec<RuleRow>,
     pub certificates: Vec<CertRow>,
     /// The database's audit records, newest first, or why they could not be read.
     pub audit: Result<Vec<AuditEntry>, String>,
@@ -397,6 +399,30 @@ pub fn database(
                     input #description type="text" name="description"
                         value=(form_error(Section::Rules).map(|e| e.description.as_str()).unwrap_or(""));
                     button type="submit" disabled[full] { "Add rule" }
+                }
+            }
+            section aria-labelledby="trusted-ips" {
+                h2 #trusted-ips { "Trusted IP ranges" }
+                p { "Admitted over TLS without a client certificate where no IP rule covers the \
+                     address; Postgres' authentication decides. Changed with "
+                    code { "pgmtls trusted-ips" } "." }
+                @if view.trusted_ips.is_empty() {
+                    p { "No trusted IP ranges." }
+                } @else {
+                    div.scroll { table {
+                        thead { tr {
+                            th scope="col" { "ID" } th scope="col" { "CIDR" }
+                            th scope="col" { "Description" } th scope="col" { "Created" }
+                            th scope="col" { "Status" }
+                        } }
+                        tbody { @for r in &view.trusted_ips { tr {
+                            td { code.id { (r.id) } }
+                            td { code { (r.cidr) } }
+                            td { (r.description) }
+                            td { (r.created) }
+                            td { (r.status) }
+                        } } }
+                    } }
                 }
             }
             section aria-labelledby="certificates" {
