@@ -566,6 +566,36 @@ pub fn describe_changes(old: &Snapshot, new: &Snapshot) -> Vec<String> {
     out
 }
 
+/// `NAME: WHAT a -> b (+added ~changed -removed)` for an IP rule list or trusted ranges.
+fn describe_list(
+    name: &str,
+    what: &str,
+    old: &[crate::state::IpRule],
+    new: &[crate::state::IpRule],
+) -> String {
+    let before: BTreeMap<&str, _> = old.iter().map(|r| (r.id.as_str(), r)).collect();
+    let after: BTreeMap<&str, _> = new.iter().map(|r| (r.id.as_str(), r)).collect();
+    let mut parts = Vec::new();
+    for (id, r) in &after {
+        match before.get(id) {
+            None => parts.push(format!("+{id}")),
+            Some(o) if o != r => parts.push(format!("~{id}")),
+            Some(_) => {}
+        }
+    }
+    for id in before.keys() {
+        if !after.contains_key(id) {
+            parts.push(format!("-{id}"));
+        }
+    }
+    format!(
+        "{name}: {what} {} -> {} ({})",
+        old.len(),
+        new.len(),
+        parts.join(" ")
+    )
+}
+
 fn describe_database(
     name: &str,
     old: &DatabaseRuntime,
@@ -577,26 +607,14 @@ fn describe_database(
         out.push(format!("{name}: settings changed"));
     }
     if a.rules != b.rules {
-        let before: BTreeMap<&str, _> = old.rules.iter().map(|r| (r.id.as_str(), r)).collect();
-        let after: BTreeMap<&str, _> = new.rules.iter().map(|r| (r.id.as_str(), r)).collect();
-        let mut parts = Vec::new();
-        for (id, r) in &after {
-            match before.get(id) {
-                None => parts.push(format!("+{id}")),
-                Some(o) if o != r => parts.push(format!("~{id}")),
-                Some(_) => {}
-            }
-        }
-        for id in before.keys() {
-            if !after.contains_key(id) {
-                parts.push(format!("-{id}"));
-            }
-        }
-        out.push(format!(
-            "{name}: ip rules {} -> {} ({})",
-            old.rules.len(),
-            new.rules.len(),
-            parts.join(" ")
+        out.push(describe_list(name, "ip rules", &old.rules, &new.rules));
+    }
+    if a.trusted_ips != b.trusted_ips {
+        out.push(describe_list(
+            name,
+            "trusted ips",
+            &old.trusted_ips,
+            &new.trusted_ips,
         ));
     }
     if a.server_cert != b.server_cert || a.server_key != b.server_key {

@@ -301,6 +301,7 @@ async fn deleting_a_trusted_range_cuts_the_sessions_it_admitted_and_spares_mtls_
     state.write_trusted_ips("orders", &[]);
     let line = proxy.wait_for_log(WAIT, reloaded(2));
     assert_eq!(line["sessions_closed"], 1, "{line}");
+    assert_eq!(line["changes"], "orders: trusted ips 1 -> 0 (-t)", "{line}");
     tokio::time::timeout(WAIT, trusted_conn)
         .await
         .expect("the trusted session is closed")

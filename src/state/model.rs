@@ -757,6 +757,51 @@ mod tests {
     }
 
     #[test]
+    fn trusted_ips_report_bad_entries_by_field_and_line_and_cap_at_twenty() {
+        let now = "2026-01-01T00:00:00Z";
+        let text = format!(
+            "trusted_ips:\n  - id: a\n    cidr: 10.0.0.0/8\n    created_at: {now}\n    updated_at: {now}\n  \
+             - id: a\n    cidr: 10.0.0.0/8\n    created_at: {now}\n    updated_at: {now}\n  \
+             - id: c\n    cidr: 192.0.2.1/24\n    created_at: {now}\n    updated_at: {now}\n"
+        );
+        let e = parse_trusted_ips(Path::new("t.yaml"), &text).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("t.yaml:6: trusted_ips[1].id: duplicate id a"),
+            "{s}"
+        );
+        assert!(
+            s.contains("trusted_ips[1].cidr: duplicate trusted range for 10.0.0.0/8"),
+            "{s}"
+        );
+        assert!(
+            s.contains("t.yaml:10: trusted_ips[2].cidr: 192.0.2.1/24 has host bits set"),
+            "{s}"
+        );
+        // The rules file's key is not the trusted ranges': refused, not read as ranges.
+        assert!(parse_trusted_ips(Path::new("t.yaml"), "rules: []").is_err());
+        assert_eq!(parse_trusted_ips(Path::new("t.yaml"), "").unwrap(), vec![]);
+        let at = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let mk = |i: usize| IpRule {
+            id: format!("t-{i}"),
+            cidr: format!("10.0.{i}.0/24").parse().unwrap(),
+            description: String::new(),
+            created_at: at,
+            updated_at: at,
+        };
+        let twenty: Vec<_> = (0..MAX_TRUSTED_IPS).map(mk).collect();
+        let back = parse_trusted_ips(Path::new("t.yaml"), &trusted_ips_to_yaml(&twenty)).unwrap();
+        assert_eq!(back, twenty);
+        let more: Vec<_> = (0..=MAX_TRUSTED_IPS).map(mk).collect();
+        let e = parse_trusted_ips(Path::new("t.yaml"), &trusted_ips_to_yaml(&more)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("trusted_ips: 21 trusted ranges; at most 20 are allowed"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn upstream_addr_parses_names_and_v6() {
         let a: UpstreamAddr = "[::1]:5432".parse().unwrap();
         assert!(a.is_loopback());
