@@ -298,8 +298,10 @@ async fn deleting_a_trusted_range_cuts_the_sessions_it_admitted_and_spares_mtls_
     assert_eq!(one(&trusted).await, 1);
     assert_eq!(one(&mtls).await, 1);
 
+    let written = std::time::Instant::now();
     state.write_trusted_ips("orders", &[]);
     let line = proxy.wait_for_log(WAIT, reloaded(2));
+    let reload_seen = written.elapsed();
     assert_eq!(line["sessions_closed"], 1, "{line}");
     assert_eq!(line["changes"], "orders: trusted ips 1 -> 0 (-t)", "{line}");
     tokio::time::timeout(WAIT, trusted_conn)
@@ -307,6 +309,11 @@ async fn deleting_a_trusted_range_cuts_the_sessions_it_admitted_and_spares_mtls_
         .expect("the trusted session is closed")
         .unwrap()
         .ok();
+    eprintln!(
+        "trusted range deleted: reload applied {reload_seen:?} after the write, session closed \
+         {:?} after the write",
+        written.elapsed()
+    );
     let cut = proxy.wait_for_refusal("revoked_live");
     assert!(
         cut["client_addr"]
