@@ -480,3 +480,48 @@ async fn a_replica_on_etcd_enforces_a_trusted_range_made_and_deleted_with_the_cl
     assert!(audit.contains("\"trusted_ip.create\""), "{audit}");
     assert!(audit.contains("\"trusted_ip.delete\""), "{audit}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_shared_listener_the_picked_database_decides_with_the_same_precedence() {
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let pki = TestPki::new();
+    let state = TestState::new("shared_listen: 127.0.0.1:0\ndefault_database: orders\n");
+    state.add_database(
+        "orders",
+        &pki,
+        "shared",
+        pg.addr(),
+        &[("r2", "127.0.0.2/32")],
+    );
+    state.write_trusted_ips("orders", &[("t", "127.0.0.0/29")]);
+    let proxy = ProxyProcess::with_config(&state.config);
+    // Admitted at accept by the trusted range alone, then by the database the pick names.
+    let (c, _conn) = session("127.0.0.3", &proxy, &pki, None, APP_PASSWORD)
+        .await
+        .expect("a trusted address connects through the shared listener without a certificate");
+    assert_eq!(one(&c).await, 1);
+    drop(c);
+    let line = proxy.wait_for_log(WAIT, |v| {
+        closed_from("127.0.0.3")(v) && v["outcome"] == "closed"
+    });
+    assert_eq!(line["listener"], "shared", "{line}");
+    assert_eq!(line["admitted_by"], "trusted_ip", "{line}");
+    assert_eq!(line["rule_id"], "t", "{line}");
+    // On both lists: the IP rule wins there too.
+    assert!(session("127.0.0.2", &proxy, &pki, None, APP_PASSWORD)
+        .await
+        .is_err());
+    let refused = proxy.wait_for_refusal("client_cert_missing");
+    assert_eq!(refused["admitted_by"], "mtls_rule", "{refused}");
+    // On neither: closed at accept, charged to the shared listener.
+    let mut s = connect_from("127.0.0.9".parse().unwrap(), proxy.addr())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf).await;
+    assert!(buf.is_empty());
+    proxy.wait_for_refusal("ip_not_allowed");
+}

@@ -429,10 +429,10 @@ async fn establish(
     // database the SNI names): a client certificate is required unless only a trusted range
     // admits the address.
     let own = log.db.clone().zip(log.admitted_by);
-    let (picked, rule_id) = (&mut log.db, &mut log.rule_id);
+    let (picked, rule_id, by) = (&mut log.db, &mut log.rule_id, &mut log.admitted_by);
     let choose = |sni: Option<&str>| match own {
         Some(own) => Ok(own),
-        None => shared::pick(ctx, served, sni, ip, picked, rule_id),
+        None => shared::pick(ctx, served, sni, ip, picked, (rule_id, by)),
     };
     let (client, identity, accepted_db, admitted_by) =
         tokio::time::timeout_at(deadline, tls::accept(stream, choose, direct))

@@ -12,16 +12,16 @@ use crate::allowlist::AdmittedBy;
 use crate::snapshot::DatabaseRuntime;
 
 /// The database `sni` names on the shared listener (or the configured default), checked
-/// against that database's IP rules and trusted ranges for `ip`. `picked` and `rule_id` learn
-/// the database and the admitting entry as soon as they are known, so that a refusal is
-/// charged to the database.
+/// against that database's IP rules and trusted ranges for `ip`. `picked`, `rule_id` and
+/// `admitted_by` learn the database and the admitting entry as soon as they are known, so
+/// that a refusal is charged to the database and names the list.
 pub fn pick(
     ctx: &Context,
     served: &Served,
     sni: Option<&str>,
     ip: IpAddr,
     picked: &mut Option<Arc<DatabaseRuntime>>,
-    rule_id: &mut Option<Arc<str>>,
+    (rule_id, admitted_by): (&mut Option<Arc<str>>, &mut Option<AdmittedBy>),
 ) -> Result<(Arc<DatabaseRuntime>, AdmittedBy), ConnError> {
     let snap = ctx.snapshot.load();
     let default = match served {
@@ -55,5 +55,6 @@ pub fn pick(
         ));
     };
     *rule_id = Some(admitted.entry.id.clone());
+    *admitted_by = Some(admitted.by);
     Ok((Arc::clone(db), admitted.by))
 }
