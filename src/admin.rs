@@ -1,6 +1,7 @@
 //! Loopback HTTP for operators and the CLI: receives the application as an [`AdminSource`] and
-//! serves `/metrics` (OpenMetrics text), `/healthz`, `/readyz` and `/status` (JSON, the
-//! [`Status`] contract documented in docs/METRICS.md).
+//! serves `/metrics` (OpenMetrics text), `/healthz`, `/readyz`, `/status` (JSON, the
+//! [`Status`] contract documented in docs/METRICS.md) and `/sessions` (JSON, the live
+//! sessions).
 //!
 //! Three or four read-only routes do not need a framework: plain hyper 1, one task per
 //! connection. Nothing here reads files or mutates state.
@@ -10,7 +11,8 @@
 //! and then admitted by [`Slots`] (a cap per source, a cap overall, and a reserve beyond it
 //! that only `/healthz` and `/readyz` may use), and a short header deadline bounds how long an
 //! idle connection holds its slot. `/status` names databases, rule ids and certificate serials,
-//! so it answers only peers in `admin_status_from` (loopback by default).
+//! and `/sessions` clients and users, so they answer only peers in `admin_status_from`
+//! (loopback by default).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -85,10 +87,18 @@ pub trait AdminSource: Send + Sync + 'static {
     /// `Ok` when the process should receive traffic; otherwise why not.
     fn readiness(&self) -> Result<(), &'static str>;
     fn status(&self) -> Status;
+    /// The live sessions, for `/sessions`.
+    fn sessions(&self) -> Vec<crate::sessions::SessionView>;
 }
 
 /// `/status`. Field names are a contract with the CLI and with scripts: add fields, never
 /// rename or remove them.
+/// The `/sessions` document: an object, so fields can be added beside the list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sessions {
+    pub sessions: Vec<crate::sessions::SessionView>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
@@ -524,10 +534,11 @@ fn respond<S: AdminSource + ?Sized>(
             "admin endpoint busy; only /healthz and /readyz are answered\n",
         );
     }
-    if path == "/status" && !peer.status_allowed {
+    // `/sessions` names clients, their certificates and users: the same peers as `/status`.
+    if (path == "/status" || path == "/sessions") && !peer.status_allowed {
         return text(
             StatusCode::FORBIDDEN,
-            "/status is served only to addresses in admin_status_from\n",
+            &format!("{path} is served only to addresses in admin_status_from\n"),
         );
     }
     match path {
@@ -551,9 +562,21 @@ fn respond<S: AdminSource + ?Sized>(
             }
             Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode status\n"),
         },
+        "/sessions" => match serde_json::to_string_pretty(&Sessions {
+            sessions: source.sessions(),
+        }) {
+            Ok(mut body) => {
+                body.push('\n');
+                with_type(StatusCode::OK, body, "application/json")
+            }
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode sessions\n",
+            ),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics, /healthz, /readyz or /status\n",
+            "not found; try /metrics, /healthz, /readyz, /status or /sessions\n",
         ),
     }
 }
@@ -592,6 +615,9 @@ mod tests {
             } else {
                 Err("draining")
             }
+        }
+        fn sessions(&self) -> Vec<crate::sessions::SessionView> {
+            Vec::new()
         }
         fn status(&self) -> Status {
             Status {
@@ -658,7 +684,7 @@ mod tests {
                 StatusCode::OK
             );
         }
-        for path in ["/metrics", "/status"] {
+        for path in ["/metrics", "/status", "/sessions"] {
             assert_eq!(
                 super::respond(&up, &get, path, reserve).status(),
                 StatusCode::SERVICE_UNAVAILABLE
@@ -670,6 +696,10 @@ mod tests {
         };
         assert_eq!(
             super::respond(&up, &get, "/status", remote).status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            super::respond(&up, &get, "/sessions", remote).status(),
             StatusCode::FORBIDDEN
         );
         assert_eq!(

@@ -906,6 +906,10 @@ impl AdminSource for App {
         }
     }
 
+    fn sessions(&self) -> Vec<crate::sessions::SessionView> {
+        self.ctx.sessions.list()
+    }
+
     fn status(&self) -> Status {
         let snap = self.ctx.snapshot.load();
         let st = lock(&self.reload_status).clone();

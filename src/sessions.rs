@@ -2,7 +2,7 @@
 //! CancelRequest is forwarded only for a backend this proxy actually opened.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::allowlist::AdmittedBy;
 use crate::conn::error::ErrorKind;
+use crate::conn::tls::ClientIdentity;
 use crate::snapshot::Snapshot;
 use crate::wire::frontend::CancelKey;
 
@@ -74,6 +75,40 @@ struct Entry {
     serial: String,
     not_after: Option<OffsetDateTime>,
     kill: watch::Sender<Option<EndReason>>,
+    /// What `/sessions` shows; boxed so the map's entries stay small for the enforcement scan.
+    shown: Box<Shown>,
+}
+
+/// Who a session is, for the operator: set at registration and after the StartupMessage.
+struct Shown {
+    client_addr: SocketAddr,
+    cert_id: Option<String>,
+    common_name: Option<String>,
+    since: OffsetDateTime,
+    user: Option<String>,
+    pg_database: Option<String>,
+    active: bool,
+}
+
+/// One live session as `/sessions` lists it (docs/METRICS.md).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionView {
+    pub database: String,
+    pub client_addr: String,
+    #[serde(default)]
+    pub certificate_id: Option<String>,
+    pub certificate_serial: String,
+    #[serde(default)]
+    pub common_name: Option<String>,
+    /// The Postgres user and database of the StartupMessage, once read.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub pg_database: Option<String>,
+    /// `authenticating` until Postgres sent ReadyForQuery, then `active`.
+    pub state: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
 }
 
 impl Entry {
@@ -132,6 +167,21 @@ pub struct SessionGuard {
 }
 
 impl SessionGuard {
+    /// Records the StartupMessage's user and database, for `/sessions`.
+    pub fn set_startup(&self, user: Option<&str>, pg_database: Option<&str>) {
+        if let Some(e) = lock(&self.sessions.live).get_mut(&self.conn_id) {
+            e.shown.user = user.map(str::to_owned);
+            e.shown.pg_database = pg_database.map(str::to_owned);
+        }
+    }
+
+    /// Marks the session authenticated (Postgres sent ReadyForQuery), for `/sessions`.
+    pub fn set_active(&self) {
+        if let Some(e) = lock(&self.sessions.live).get_mut(&self.conn_id) {
+            e.shown.active = true;
+        }
+    }
+
     /// The backend's own cancel key, once the authentication phase has learned it.
     pub fn cancel_key(&self) -> Option<CancelKey> {
         let visible = self.cancel_key.as_ref()?;
@@ -194,21 +244,30 @@ impl Sessions {
         self: &Arc<Self>,
         conn_id: u64,
         database: Arc<str>,
-        ip: IpAddr,
+        client_addr: SocketAddr,
         admitted_by: AdmittedBy,
-        serial: String,
-        not_after: Option<OffsetDateTime>,
+        identity: &ClientIdentity,
     ) -> SessionGuard {
         let (kill, rx) = watch::channel(None);
+        let shown = Box::new(Shown {
+            client_addr,
+            cert_id: identity.cert_id.clone(),
+            common_name: identity.common_name.clone(),
+            since: OffsetDateTime::now_utc(),
+            user: None,
+            pg_database: None,
+            active: false,
+        });
         lock(&self.live).insert(
             conn_id,
             Entry {
                 database,
-                ip,
+                ip: client_addr.ip(),
                 admitted_by,
-                serial,
-                not_after,
+                serial: identity.serial.clone(),
+                not_after: identity.not_after,
                 kill,
+                shown,
             },
         );
         SessionGuard {
@@ -234,6 +293,31 @@ impl Sessions {
         lock(&self.cancel_keys)
             .get(key)
             .map(|e| Arc::clone(&e.database))
+    }
+
+    /// The live sessions, oldest first: `/sessions`.
+    pub fn list(&self) -> Vec<SessionView> {
+        let mut all: Vec<SessionView> = lock(&self.live)
+            .values()
+            .map(|e| SessionView {
+                database: e.database.to_string(),
+                client_addr: e.shown.client_addr.to_string(),
+                certificate_id: e.shown.cert_id.clone(),
+                certificate_serial: e.serial.clone(),
+                common_name: e.shown.common_name.clone(),
+                user: e.shown.user.clone(),
+                pg_database: e.shown.pg_database.clone(),
+                state: if e.shown.active {
+                    "active"
+                } else {
+                    "authenticating"
+                }
+                .to_owned(),
+                since: e.shown.since,
+            })
+            .collect();
+        all.sort_by(|a, b| (a.since, &a.client_addr).cmp(&(b.since, &b.client_addr)));
+        all
     }
 
     pub fn count(&self) -> usize {
@@ -303,10 +387,9 @@ mod tests {
         let mut g = sessions.register(
             1,
             "orders".into(),
-            "10.0.0.1".parse().unwrap(),
+            "10.0.0.1:5000".parse().unwrap(),
             AdmittedBy::MtlsRule,
-            String::new(),
-            None,
+            &ClientIdentity::default(),
         );
         let (real, visible) = (key(7, [1, 2, 3, 4]), key(7, [2, 9, 9, 9]));
         assert!(g.set_cancel_key(real.clone(), Some(visible.clone()), "orders".into()));
@@ -322,10 +405,9 @@ mod tests {
         let mut g2 = sessions.register(
             2,
             "orders".into(),
-            "10.0.0.1".parse().unwrap(),
+            "10.0.0.1:5000".parse().unwrap(),
             AdmittedBy::MtlsRule,
-            String::new(),
-            None,
+            &ClientIdentity::default(),
         );
         assert!(!g2.set_cancel_key(key(7, [5, 5, 5, 5]), Some(visible.clone()), "orders".into()));
         drop(g2);
@@ -340,10 +422,9 @@ mod tests {
         let mut g = sessions.register(
             1,
             "orders".into(),
-            "10.0.0.1".parse().unwrap(),
+            "10.0.0.1:5000".parse().unwrap(),
             AdmittedBy::MtlsRule,
-            String::new(),
-            None,
+            &ClientIdentity::default(),
         );
         let real = key(7, [1, 2, 3, 4]);
         assert!(g.set_cancel_key(real.clone(), None, "orders".into()));

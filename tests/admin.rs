@@ -582,3 +582,83 @@ async fn idle_connections_give_their_slot_back_within_the_header_deadline() {
         assert!(r.is_ok(), "still open after {:?}", t.elapsed());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_names_a_live_session_to_admin_status_from_only() {
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let pki = TestPki::new();
+    let state = TestState::new("");
+    state.add_database(
+        "orders",
+        &pki,
+        "127.0.0.1:0",
+        pg.addr(),
+        &[("r2", "127.0.0.2/32")],
+    );
+    state.add_certificate_record("orders", "app-1", &pki.client);
+    let proxy = ProxyProcess::with_config(&state.config);
+    let admin = proxy.admin();
+    let s = get(admin, "/sessions").await;
+    assert_eq!(s.status, 200, "{}", s.body);
+    assert_eq!(
+        serde_json::from_str::<Value>(&s.body).unwrap(),
+        serde_json::json!({"sessions": []})
+    );
+
+    let (c, conn) = session(&proxy, &pki, Some(&pki.client), APP_USER)
+        .await
+        .unwrap();
+    let v: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(v, 1);
+    let s = get(admin, "/sessions").await;
+    assert_eq!(s.status, 200, "{}", s.body);
+    assert_eq!(s.header("content-type"), Some("application/json"));
+    let doc: Value = serde_json::from_str(&s.body).unwrap();
+    let list = doc["sessions"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{doc}");
+    let one = &list[0];
+    assert_eq!(one["database"], "orders");
+    assert!(
+        one["client_addr"].as_str().unwrap().starts_with("127.0.0.2:"),
+        "{one}"
+    );
+    assert_eq!(one["certificate_id"], "app-1");
+    assert_eq!(
+        one["certificate_serial"],
+        common::state::serial_of(&pki.client)
+    );
+    assert_eq!(one["common_name"], "app-client");
+    assert_eq!(one["user"], APP_USER);
+    assert_eq!(one["pg_database"], APP_DB);
+    assert_eq!(one["state"], "active");
+    let since = time::OffsetDateTime::parse(
+        one["since"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(since <= time::OffsetDateTime::now_utc());
+    // The CLI and the console read it with the library's type.
+    let typed: pgmtls::admin::Sessions = serde_json::from_value(doc).unwrap();
+    assert_eq!(typed.sessions[0].user.as_deref(), Some(APP_USER));
+
+    // It names clients: a peer outside admin_status_from gets nothing of it.
+    let (code, body) = get_from("127.0.0.2", admin, "/sessions").await.unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(!body.contains("app-1") && !body.contains("127.0.0.2:"), "{body}");
+
+    drop(c);
+    conn.await.unwrap().unwrap();
+    // The session leaves the list when it ends.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let doc: Value = serde_json::from_str(&get(admin, "/sessions").await.body).unwrap();
+        if doc["sessions"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{doc}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -453,10 +453,9 @@ async fn establish(
     let mut guard = ctx.sessions.register(
         conn_id,
         accepted_db.name.clone(),
-        ip,
+        client_addr.addr,
         admitted_by,
-        log.identity.serial.clone(),
-        log.identity.not_after,
+        &log.identity,
     );
     let snap = ctx.snapshot.load_full();
     if let Some(r) = ctx
@@ -500,6 +499,7 @@ async fn establish(
     };
     log.pg_user = params.user().map(str::to_owned);
     log.pg_database = params.database().map(str::to_owned);
+    guard.set_startup(params.user(), params.database());
     // Stage: identity. The certificate names the one role it may log in as, when the
     // database asks for that; otherwise Postgres alone decides who the user may be.
     let cn_is_user = matches!(
@@ -552,6 +552,7 @@ async fn establish(
         Ok(o) => o,
         Err(e) => return Err(notify(&mut client, e).await),
     };
+    guard.set_active();
     if let Some(key) = outcome.cancel_key {
         if !guard.set_cancel_key(key, outcome.client_cancel_key, db.name.clone()) {
             tracing::warn!(
