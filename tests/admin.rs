@@ -622,7 +622,10 @@ async fn sessions_names_a_live_session_to_admin_status_from_only() {
     let one = &list[0];
     assert_eq!(one["database"], "orders");
     assert!(
-        one["client_addr"].as_str().unwrap().starts_with("127.0.0.2:"),
+        one["client_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.2:"),
         "{one}"
     );
     assert_eq!(one["certificate_id"], "app-1");
@@ -647,7 +650,10 @@ async fn sessions_names_a_live_session_to_admin_status_from_only() {
     // It names clients: a peer outside admin_status_from gets nothing of it.
     let (code, body) = get_from("127.0.0.2", admin, "/sessions").await.unwrap();
     assert_eq!(code, 403, "{body}");
-    assert!(!body.contains("app-1") && !body.contains("127.0.0.2:"), "{body}");
+    assert!(
+        !body.contains("app-1") && !body.contains("127.0.0.2:"),
+        "{body}"
+    );
 
     drop(c);
     conn.await.unwrap().unwrap();

@@ -1435,3 +1435,157 @@ fn on_etcd_a_rule_added_in_the_console_is_in_etcd_with_its_audit_record() {
     assert_eq!(r.status, 409);
     assert!(r.text().contains(cli), "{cli} not in {}", r.body);
 }
+
+/// The Activity section against a real proxy and Postgres: a psql session held open is listed
+/// with its client, certificate and user; connections from an address no rule admits show up
+/// as `ip_not_allowed` refusals with their count in the chart and its text; with the proxy
+/// gone, both say `unknown` and why, and the counts already sampled stay.
+#[test]
+fn the_activity_section_shows_live_sessions_and_refusals_from_the_proxy() {
+    use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
+    if !pg_available_or_skip() {
+        return;
+    }
+    let pg = PgServer::start();
+    let env = Env::new();
+    env.create_db("app", "127.0.0.1:0", &pg.addr().to_string());
+    env.run(&["ip-rules", "create", "app", "--cidr", "127.0.0.1/32"])
+        .ok();
+    let id = env.run(&["certificates", "app", "--json"]).json()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let files = env.dir.path().join("files");
+    env.run(&[
+        "certificates",
+        "download",
+        "app",
+        "--id",
+        &id,
+        "--dir",
+        files.to_str().unwrap(),
+    ])
+    .ok();
+    let config = env.dir.path().join("pgmtls.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {}\nadmin_listen: 127.0.0.1:0\nlog_format: json\n",
+            env.state.display()
+        ),
+    )
+    .unwrap();
+    let mut proxy = common::proxy::ProxyProcess::spawn(&["--config", config.to_str().unwrap()]);
+    let admin = format!("http://{}", proxy.admin());
+    let console = Console::spawn(env.command(&["console", "--admin-url", &admin]));
+    let login = console.login();
+    let page = console.get("/databases/app", Some(&login.cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("No live sessions on the proxy at"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("No refusals since"), "{}", page.body);
+
+    // A session held open by a query that sleeps.
+    let psql = common::clients::Psql::new(
+        pg.psql_path(),
+        "127.0.0.1",
+        proxy.addrs["app"].port(),
+        APP_USER,
+        APP_DB,
+    )
+    .verify_ca(
+        &files.join("root.crt"),
+        Some((
+            files.join("postgresql.crt").as_path(),
+            files.join("postgresql.key").as_path(),
+        )),
+    );
+    let mut held = std::process::Command::new(pg.psql_path())
+        .args(["-X", "-A", "-t", "-w", "-d"])
+        .arg(psql.conninfo())
+        .args(["-c", "SELECT pg_sleep(120)"])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let page = loop {
+        let page = console.get("/databases/app", Some(&login.cookie));
+        if page.body.contains(">active<") {
+            break page;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", page.body);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let sessions = page.body.split("Live sessions").nth(1).unwrap();
+    let sessions = sessions.split("Refusals in the last hour").next().unwrap();
+    assert!(sessions.contains("<code>127.0.0.1:"), "{sessions}");
+    assert!(
+        sessions.contains(&format!("<code class=\"id\">{id}</code>")),
+        "{sessions}"
+    );
+    assert!(
+        sessions.contains(&format!("<td>{APP_USER}</td>")),
+        "{sessions}"
+    );
+    assert!(
+        sessions.contains(&format!("<td>{APP_DB}</td>")),
+        "{sessions}"
+    );
+
+    // Three connections from an address no rule admits, counted by the proxy first.
+    for _ in 0..3 {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        sock.connect(&proxy.addrs["app"].into()).unwrap();
+        let mut s: TcpStream = sock.into();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let series = "pgmtls_connections_refused_total{database=\"app\",reason=\"ip_not_allowed\"} 3";
+    loop {
+        let m = http(proxy.admin(), "GET", "/metrics", None, None);
+        if m.body.contains(series) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", m.body);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let page = console.get("/databases/app", Some(&login.cookie));
+    let refusals = page.body.split("Refusals in the last hour").nth(1).unwrap();
+    assert!(
+        refusals.contains(
+            "aria-label=\"ip_not_allowed, per 5 minutes, oldest first: 0, 0, 0, 0, 0, 0, 0, 0, \
+             0, 0, 0, 3\""
+        ),
+        "{refusals}"
+    );
+    assert!(refusals.contains("<td class=\"num\">3</td>"), "{refusals}");
+    assert!(refusals.contains("<svg class=\"bars\""), "{refusals}");
+
+    // The proxy goes: unknown, and why; what was sampled stays.
+    let _ = held.kill();
+    let _ = held.wait();
+    proxy.signal("KILL");
+    let _ = proxy.wait_exit(std::time::Duration::from_secs(20));
+    let page = console.get("/databases/app", Some(&login.cookie));
+    let sessions = page.body.split("Live sessions").nth(1).unwrap();
+    assert!(
+        sessions.contains("unknown: cannot connect to"),
+        "{sessions}"
+    );
+    assert!(
+        sessions.contains("unknown: the last sample of the proxy&#39;s metrics failed")
+            || sessions.contains("unknown: the last sample of the proxy's metrics failed"),
+        "{sessions}"
+    );
+    assert!(sessions.contains("<td class=\"num\">3</td>"), "{sessions}");
+}

@@ -189,6 +189,12 @@ impl Ctx {
         }
     }
 
+    /// The running proxy's admin endpoint, as `--admin-url` or the config's `admin_listen`
+    /// name it (in etcd mode, the replica this config describes).
+    pub fn admin_url(&self) -> Option<&AdminUrl> {
+        self.admin.as_ref()
+    }
+
     /// Loads one database through the proxy's own loader.
     pub fn load(&self, name: &str) -> anyhow::Result<DatabaseState> {
         Ok(self.control().load(name)?)

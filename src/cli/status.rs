@@ -195,14 +195,26 @@ pub enum StatusError {
 
 /// Fetches and parses `/status`, all within `timeout`.
 pub async fn fetch(url: &AdminUrl, timeout: Duration) -> Result<ProxyStatus, StatusError> {
+    let body = get(url, &url.status_path(), "application/json", timeout).await?;
+    serde_json::from_slice(&body).map_err(|e| StatusError::Json(url.to_string(), e))
+}
+
+/// `GET PREFIX+path` on the admin endpoint, the body of a 2xx answer, all within `timeout`:
+/// `/status` for the CLI, `/sessions` and `/metrics` for the console.
+pub async fn get(
+    url: &AdminUrl,
+    path: &str,
+    accept: &'static str,
+    timeout: Duration,
+) -> Result<Bytes, StatusError> {
     let shown = url.to_string();
-    match tokio::time::timeout(timeout, fetch_inner(url)).await {
+    match tokio::time::timeout(timeout, get_inner(url, path, accept)).await {
         Ok(r) => r,
         Err(_) => Err(StatusError::Timeout(shown, timeout)),
     }
 }
 
-async fn fetch_inner(url: &AdminUrl) -> Result<ProxyStatus, StatusError> {
+async fn get_inner(url: &AdminUrl, path: &str, accept: &'static str) -> Result<Bytes, StatusError> {
     let shown = url.to_string();
     let http = |e: &dyn fmt::Display| StatusError::Http(shown.clone(), e.to_string());
     let stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
@@ -214,15 +226,15 @@ async fn fetch_inner(url: &AdminUrl) -> Result<ProxyStatus, StatusError> {
             .map_err(|e| http(&e))?;
     // The connection task ends when the response has been read and the sender is dropped.
     let driver = tokio::spawn(conn);
-    let req = hyper::Request::get(url.status_path())
+    let req = hyper::Request::get(format!("{}{path}", url.prefix))
         .header(hyper::header::HOST, url.authority())
-        .header(hyper::header::ACCEPT, "application/json")
+        .header(hyper::header::ACCEPT, accept)
         .body(Empty::<Bytes>::new())
         .map_err(|e| http(&e))?;
     let resp = sender.send_request(req).await.map_err(|e| http(&e))?;
     if !resp.status().is_success() {
         driver.abort();
-        return Err(StatusError::Status(shown, resp.status()));
+        return Err(StatusError::Status(format!("{shown}{path}"), resp.status()));
     }
     let body = Limited::new(resp.into_body(), MAX_STATUS_BYTES)
         .collect()
@@ -230,7 +242,7 @@ async fn fetch_inner(url: &AdminUrl) -> Result<ProxyStatus, StatusError> {
         .map_err(|e| http(&e))?
         .to_bytes();
     driver.abort();
-    serde_json::from_slice(&body).map_err(|e| StatusError::Json(shown, e))
+    Ok(body)
 }
 
 /// What the CLI knows about the running proxy.

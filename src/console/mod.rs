@@ -4,6 +4,7 @@
 //! audit record's actor. This module parses form fields and renders HTML ([`pages`]); login,
 //! sessions and CSRF are [`auth`]'s. See docs/CONSOLE.md.
 
+pub mod activity;
 pub mod auth;
 pub mod metrics;
 pub mod pages;
@@ -110,6 +111,8 @@ struct App {
     /// mTLS mode: the verified client certificate is the login; there is no token.
     mtls: bool,
     metrics: Arc<ConsoleMetrics>,
+    /// Samples of the proxy's refusal counters, for the Activity chart.
+    history: Arc<activity::History>,
 }
 
 type Shared = Arc<App>;
@@ -253,7 +256,9 @@ async fn serve(
         tls: served.is_some(),
         mtls,
         metrics: metrics.clone(),
+        history: Arc::default(),
     });
+    activity::spawn_sampler(app.history.clone(), app.ctx.admin_url().cloned());
     // The address to print: the bound one, or for a wildcard listen the certificate's name.
     let shown = match (&served, bound.ip().is_unspecified()) {
         (Some(s), true) => s
@@ -920,7 +925,19 @@ async fn render_database(
         Ok(l) => l,
         Err(e) => return control_error_page(session, &e),
     };
-    let proxy = proxy_view(app).await;
+    let url = app.ctx.admin_url();
+    let (proxy, sessions, ()) = tokio::join!(
+        proxy_view(app),
+        activity::sessions(url, &db.name),
+        app.history.sample(url),
+    );
+    let live = pages::Live {
+        proxy: url.map(|u| u.to_string()),
+        sessions,
+        refusals: app
+            .history
+            .refusals(&db.name, time::OffsetDateTime::now_utc()),
+    };
     let at = control::now();
     let s = &db.settings;
     let mut settings = vec![
@@ -982,6 +999,7 @@ async fn render_database(
         trusted_ips,
         certificates,
         audit,
+        live,
     };
     let notice = app.auth.take_flash(&session.id);
     html(

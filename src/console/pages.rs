@@ -3,8 +3,10 @@
 
 use maud::{html, Markup, DOCTYPE};
 
+use super::activity::{Refusals, BUCKETS, WINDOW};
 use super::auth::Session;
 use crate::allowlist::MAX_RULES;
+use crate::sessions::SessionView;
 use crate::state::{AuditEntry, MAX_DESCRIPTION};
 
 /// One row of the databases page.
@@ -117,6 +119,18 @@ pub struct DbView {
     pub certificates: Vec<CertRow>,
     /// The database's audit records, newest first, or why they could not be read.
     pub audit: Result<Vec<AuditEntry>, String>,
+    /// What the proxy's admin endpoint says is happening now.
+    pub live: Live,
+}
+
+/// The Activity section's parts read from the running proxy.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// The admin endpoint asked, as shown (`None`: none configured).
+    pub proxy: Option<String>,
+    /// The database's live sessions, or why they cannot be read.
+    pub sessions: Result<Vec<SessionView>, String>,
+    pub refusals: Refusals,
 }
 
 /// Which form an inline error belongs to.
@@ -516,6 +530,8 @@ pub fn database(
             }
             section aria-labelledby="activity" {
                 h2 #activity { "Activity" }
+                (live(&view.live))
+                h3 #changes { "Changes" }
                 @match &view.audit {
                     Err(e) => p.error { "The audit log cannot be read: " (e) },
                     Ok(entries) if entries.is_empty() => p { "No changes recorded." },
@@ -535,6 +551,109 @@ pub fn database(
             }
         },
     )
+}
+
+/// Live sessions and the refusals chart. Says `unknown` and why when the proxy does not answer.
+fn live(live: &Live) -> Markup {
+    let from = live.proxy.as_deref().unwrap_or("no admin endpoint");
+    let minutes = WINDOW.as_secs() / 60 / BUCKETS as u64;
+    let r = &live.refusals;
+    // One scale for every reason, so bars compare across rows.
+    let max = r
+        .by_reason
+        .iter()
+        .flat_map(|(_, b, _)| b.iter().copied())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    html! {
+        h3 #sessions { "Live sessions" }
+        @match &live.sessions {
+            Err(e) => p.note { "unknown: " (e) },
+            Ok(list) if list.is_empty() => p { "No live sessions on the proxy at " code { (from) } "." },
+            Ok(list) => {
+                p.small { (list.len()) " on the proxy at " code { (from) } ", oldest first." }
+                div.scroll { table {
+                    thead { tr {
+                        th scope="col" { "Client" } th scope="col" { "Certificate" }
+                        th scope="col" { "User" } th scope="col" { "Postgres database" }
+                        th scope="col" { "State" } th scope="col" { "Since" }
+                    } }
+                    tbody { @for s in list { tr {
+                        td { code { (s.client_addr) } }
+                        td {
+                            code.id { (s.certificate_id.as_deref().unwrap_or("(no record)")) }
+                            @if let Some(cn) = &s.common_name { " CN " (cn) }
+                            br;
+                            span.small { "serial " code.details { (s.certificate_serial) } }
+                        }
+                        td { (s.user.as_deref().unwrap_or("-")) }
+                        td { (s.pg_database.as_deref().unwrap_or("-")) }
+                        td { (s.state) }
+                        td { (crate::cli::output::human_time(s.since)) }
+                    } } }
+                } }
+            }
+        }
+        h3 #refusals { "Refusals in the last hour" }
+        @if let Some(e) = &r.error {
+            p.note { "unknown: the last sample of the proxy's metrics failed: " (e) }
+        }
+        @if let Some(since) = r.since.filter(|_| r.by_reason.is_empty()) {
+            p { "No refusals since " (crate::cli::output::human_time(since)) "." }
+        } @else if r.since.is_none() {
+            p.note { "unknown: no sample of the proxy's metrics yet." }
+        }
+        @if !r.by_reason.is_empty() {
+            p.small {
+                "Connections the proxy at " code { (from) } " refused or cut, by reason"
+                @if let Some(since) = r.since { ", since " (crate::cli::output::human_time(since)) }
+                ". Each bar is " (minutes) " minutes, the oldest on the left; the tallest is "
+                (max) "."
+            }
+            div.scroll { table.refusals {
+                thead { tr {
+                    th scope="col" { "Reason" }
+                    th scope="col" { "Per " (minutes) " minutes" }
+                    th scope="col" .num { "Total" }
+                } }
+                tbody { @for (reason, buckets, total) in &r.by_reason { tr {
+                    td { code { (reason) } }
+                    td { (bars(reason, buckets, max, minutes)) }
+                    td.num { (total) }
+                } } }
+            } }
+        }
+    }
+}
+
+/// A small bar chart as inline SVG (the CSP allows it: no script, no style attribute; the
+/// stylesheet colours it). Its label spells out the counts for those who cannot see it.
+fn bars(reason: &str, buckets: &[u64; BUCKETS], max: u64, minutes: u64) -> Markup {
+    const BAR: u64 = 12;
+    const GAP: u64 = 3;
+    const HEIGHT: u64 = 32;
+    let width = BUCKETS as u64 * (BAR + GAP) - GAP;
+    let label = format!(
+        "{reason}, per {minutes} minutes, oldest first: {}",
+        buckets
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    html! {
+        svg.bars role="img" aria-label=(label) width=(width) height=(HEIGHT)
+            viewBox={ "0 0 " (width) " " (HEIGHT) } xmlns="http://www.w3.org/2000/svg" {
+            @for (i, &n) in buckets.iter().enumerate() {
+                @let h = if n == 0 { 1 } else { (n * (HEIGHT - 2) / max).max(3) };
+                rect class=(if n == 0 { "zero" } else { "bar" })
+                    x=(i as u64 * (BAR + GAP)) y=(HEIGHT - h) width=(BAR) height=(h) {
+                    title { (n) }
+                }
+            }
+        }
+    }
 }
 
 /// The stylesheet, served as `/style.css` (CSP allows styles from the console itself only).
