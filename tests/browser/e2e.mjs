@@ -126,6 +126,9 @@ try {
   await reloadUntil(/^active$/, 'the held session in Live sessions');
   await page.getByText(/tallest is/).waitFor();
   await shoot('database');
+  // The first screen of it, from the top, as docs/console.png shows it.
+  await page.goto(`${origin}/databases/${db}`);
+  await page.screenshot({ path: `${shots}/database-view-1280.png` });
 
   // Revoke: the confirmation box, then the button; psql is refused once the proxy has the CRL.
   await certRow.getByRole('checkbox').check();
