@@ -107,6 +107,9 @@ pub struct SessionView {
     pub pg_database: Option<String>,
     /// `authenticating` until Postgres sent ReadyForQuery, then `active`.
     pub state: String,
+    /// Which list admitted the session: `mtls_rule` or `trusted_ip`.
+    #[serde(default)]
+    pub admitted_by: String,
     #[serde(with = "time::serde::rfc3339")]
     pub since: OffsetDateTime,
 }
@@ -313,6 +316,7 @@ impl Sessions {
                     "authenticating"
                 }
                 .to_owned(),
+                admitted_by: e.admitted_by.as_str().to_owned(),
                 since: e.shown.since,
             })
             .collect();
