@@ -119,6 +119,49 @@ pub struct Status {
     /// where the source keeps none (etcd replicas, quick mode) and in older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewal: Option<RenewalStatus>,
+    /// Source prefixes closed at accept for failing handshakes; absent in older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_throttle: Option<ThrottleStatus>,
+}
+
+/// The failed-handshake throttle (`handshake_throttle_*`), as of this request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThrottleStatus {
+    /// Prefixes blocked now.
+    pub throttled: usize,
+    /// Prefixes with recent failures, blocked or not (at most `handshake_throttle_prefixes`).
+    pub tracked: usize,
+    /// The blocked prefixes, longest remaining block first (at most 100).
+    pub prefixes: Vec<ThrottledPrefixStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThrottledPrefixStatus {
+    /// An IPv4 /24 or an IPv6 /64.
+    pub prefix: String,
+    /// Milliseconds until new connections from it are accepted again.
+    pub remaining_ms: u64,
+    /// Its failure score now (failed handshakes, decayed).
+    pub failures: u64,
+}
+
+impl ThrottleStatus {
+    pub fn of(throttle: &crate::throttle::HandshakeThrottle) -> Self {
+        let (blocked, tracked) = throttle.blocked_now(std::time::Instant::now());
+        ThrottleStatus {
+            throttled: blocked.len(),
+            tracked,
+            prefixes: blocked
+                .iter()
+                .take(100)
+                .map(|p| ThrottledPrefixStatus {
+                    prefix: p.prefix.to_string(),
+                    remaining_ms: p.remaining.as_millis() as u64,
+                    failures: p.failures.round() as u64,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// When certificate renewal last ran and last succeeded, as of the last reload. Every field
@@ -636,6 +679,7 @@ mod tests {
                 },
                 databases: BTreeMap::new(),
                 source: None,
+                handshake_throttle: None,
                 renewal: None,
             }
         }

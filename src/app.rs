@@ -77,6 +77,8 @@ impl QuickSpec {
             allow_plaintext_remote_upstream: self.allow_plaintext_remote_upstream,
             server_names: Vec::new(),
             user_must_match_cn: self.user_must_match_cn,
+            max_connections: None,
+            max_connections_per_ip: None,
             enabled_by: None,
             created_at: None,
         };
@@ -332,10 +334,11 @@ impl App {
         ctx.sessions.set_enforcing(config.enforce_on_live_sessions);
         let (stop, _) = watch::channel(false);
         let (draining, _) = watch::channel(false);
-        let limits = Limits::new(
+        let limits = Limits::with_throttle(
             config.max_handshakes,
             config.max_handshakes_per_source,
             config.max_connections,
+            config.handshake_throttle,
         );
         let app = Arc::new(App {
             ctx,
@@ -950,6 +953,7 @@ impl AdminSource for App {
                 })
                 .collect(),
             renewal: self.renewal_status(),
+            handshake_throttle: Some(crate::admin::ThrottleStatus::of(self.limits.throttle())),
             source: Some(match &self.source {
                 Source::StateDir(_) => SourceStatus {
                     kind: "state_dir".into(),

@@ -56,5 +56,6 @@ pub mod sessions;
 pub mod snapshot;
 pub mod state;
 pub mod store;
+pub mod throttle;
 pub mod tls_store;
 pub mod wire;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::conn::error::{ConnError, ErrorKind};
+use crate::throttle::{HandshakeThrottle, ThrottleConfig};
 
 /// Budgets shared by every listener of the process.
 pub struct Limits {
@@ -23,6 +24,25 @@ pub struct Limits {
     /// Handshakes in progress per source; an entry exists only while its count is above 0,
     /// so the map never holds more than `max_handshakes` entries.
     sources: Mutex<HashMap<IpAddr, u32>>,
+    /// Sessions open per database, and per source within each (the per-database
+    /// `max_connections` and `max_connections_per_ip`). Keyed by name, not by the snapshot's
+    /// runtime, so the counts survive reloads; entries exist only while above 0, so the map is
+    /// bounded by the session slots.
+    databases: Mutex<HashMap<Arc<str>, DatabaseSessions>>,
+    throttle: HandshakeThrottle,
+}
+
+#[derive(Default)]
+struct DatabaseSessions {
+    total: u32,
+    by_source: HashMap<IpAddr, u32>,
+}
+
+/// A database's own session limits, as its `database.yaml` sets them (`None`: unlimited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DatabaseLimits {
+    pub max_connections: Option<u32>,
+    pub max_connections_per_ip: Option<u32>,
 }
 
 /// What a connection holds: a handshake permit (and a per-source slot once its source is
@@ -39,6 +59,8 @@ enum Held {
     },
     Session {
         _slot: OwnedSemaphorePermit,
+        /// The database and source this session is counted under, once taken.
+        database: Option<(Arc<str>, IpAddr)>,
     },
 }
 
@@ -64,6 +86,20 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
 
 impl Limits {
     pub fn new(max_handshakes: usize, per_source: usize, max_sessions: usize) -> Arc<Limits> {
+        Self::with_throttle(
+            max_handshakes,
+            per_source,
+            max_sessions,
+            ThrottleConfig::default(),
+        )
+    }
+
+    pub fn with_throttle(
+        max_handshakes: usize,
+        per_source: usize,
+        max_sessions: usize,
+        throttle: ThrottleConfig,
+    ) -> Arc<Limits> {
         let clamp = |n: usize| {
             u32::try_from(n.min(Semaphore::MAX_PERMITS))
                 .unwrap_or(u32::MAX)
@@ -77,6 +113,72 @@ impl Limits {
             max_sessions,
             per_source: clamp(per_source),
             sources: Mutex::new(HashMap::new()),
+            databases: Mutex::new(HashMap::new()),
+            throttle: HandshakeThrottle::new(throttle),
+        })
+    }
+
+    /// Source prefixes closed at accept after failing handshakes.
+    pub fn throttle(&self) -> &HandshakeThrottle {
+        &self.throttle
+    }
+
+    /// Counts one more session of `database` from `key` unless that would pass one of
+    /// `limits`; the error names the limit that binds.
+    fn take_database(
+        &self,
+        database: &Arc<str>,
+        key: IpAddr,
+        limits: DatabaseLimits,
+    ) -> Result<(), ErrorKind> {
+        let mut m = lock(&self.databases);
+        let d = m.entry(Arc::clone(database)).or_default();
+        let from_source = d.by_source.get(&key).copied().unwrap_or(0);
+        let refused = if limits.max_connections.is_some_and(|max| d.total >= max) {
+            Some(ErrorKind::TooManyForDatabase)
+        } else if limits
+            .max_connections_per_ip
+            .is_some_and(|max| from_source >= max)
+        {
+            Some(ErrorKind::TooManyFromIp)
+        } else {
+            None
+        };
+        if let Some(kind) = refused {
+            if d.total == 0 {
+                m.remove(database);
+            }
+            return Err(kind);
+        }
+        d.total += 1;
+        *d.by_source.entry(key).or_insert(0) += 1;
+        Ok(())
+    }
+
+    fn release_database(&self, database: &Arc<str>, key: IpAddr) {
+        let mut m = lock(&self.databases);
+        let Some(d) = m.get_mut(database) else {
+            return;
+        };
+        d.total = d.total.saturating_sub(1);
+        if let Some(n) = d.by_source.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                d.by_source.remove(&key);
+            }
+        }
+        if d.total == 0 {
+            m.remove(database);
+        }
+    }
+
+    /// Sessions of `database` open now, and those of them from `ip`'s source.
+    pub fn sessions_of(&self, database: &str, ip: IpAddr) -> (u32, u32) {
+        lock(&self.databases).get(database).map_or((0, 0), |d| {
+            (
+                d.total,
+                d.by_source.get(&source_key(ip)).copied().unwrap_or(0),
+            )
         })
     }
 
@@ -154,6 +256,10 @@ impl Limits {
 }
 
 impl Admission {
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
     /// Counts this handshake against `ip`'s source; `too_many_from_source` when the source
     /// is at its cap. Idempotent once counted.
     pub fn count_source(&mut self, ip: IpAddr) -> Result<(), ErrorKind> {
@@ -187,7 +293,13 @@ impl Admission {
             })?;
         // Taking the session slot before letting the handshake permit go keeps the
         // connection visible to `drain` at every instant.
-        let old = std::mem::replace(&mut self.state, Held::Session { _slot: slot });
+        let old = std::mem::replace(
+            &mut self.state,
+            Held::Session {
+                _slot: slot,
+                database: None,
+            },
+        );
         if let Held::Handshake {
             source: Some(key), ..
         } = old
@@ -198,13 +310,51 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// After [`Admission::promote`], once the database is known under the snapshot in force:
+    /// counts the session against that database's `max_connections` and its source's
+    /// `max_connections_per_ip`, read from `limits` now, so a reload that lowers them applies
+    /// to every session that gets this far after it (those already counted keep running).
+    pub fn take_database_slot(
+        &mut self,
+        database: &Arc<str>,
+        ip: IpAddr,
+        limits: DatabaseLimits,
+    ) -> Result<(), ConnError> {
+        let Held::Session { database: held, .. } = &mut self.state else {
+            return Ok(());
+        };
+        if held.is_some() {
+            return Ok(());
+        }
+        let key = source_key(ip);
+        self.limits
+            .take_database(database, key, limits)
+            .map_err(|kind| {
+                let detail = match kind {
+                    ErrorKind::TooManyFromIp => {
+                        "this database's max_connections_per_ip sessions from this source are open"
+                    }
+                    _ => "this database's max_connections sessions are open",
+                };
+                ConnError::new(kind, detail)
+            })?;
+        *held = Some((Arc::clone(database), key));
+        Ok(())
+    }
+}
+
 impl Drop for Admission {
     fn drop(&mut self) {
-        if let Held::Handshake {
-            source: Some(key), ..
-        } = &self.state
-        {
-            self.limits.release_source(*key);
+        match &self.state {
+            Held::Handshake {
+                source: Some(key), ..
+            } => self.limits.release_source(*key),
+            Held::Session {
+                database: Some((db, key)),
+                ..
+            } => self.limits.release_database(db, *key),
+            _ => {}
         }
     }
 }
@@ -288,6 +438,59 @@ mod tests {
             source_key(ip("2001:db8:1:3::1"))
         );
         assert_eq!(source_key(ip("::ffff:10.0.0.1")), ip("10.0.0.1"));
+    }
+
+    fn session(l: &Arc<Limits>, src: &str) -> Admission {
+        let mut a = l.admit(Some(ip(src))).unwrap();
+        a.promote().unwrap();
+        a
+    }
+
+    #[test]
+    fn a_databases_limits_count_its_sessions_and_free_them_when_they_end() {
+        let l = Limits::new(100, 100, 100);
+        let db: Arc<str> = "app".into();
+        let other: Arc<str> = "other".into();
+        let lim = DatabaseLimits {
+            max_connections: Some(3),
+            max_connections_per_ip: Some(2),
+        };
+        let mut a = session(&l, "10.0.0.1");
+        a.take_database_slot(&db, ip("10.0.0.1"), lim).unwrap();
+        let mut b = session(&l, "10.0.0.1");
+        b.take_database_slot(&db, ip("10.0.0.1"), lim).unwrap();
+        let mut c = session(&l, "10.0.0.1");
+        let e = c.take_database_slot(&db, ip("10.0.0.1"), lim).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::TooManyFromIp);
+        // Another source still has room, up to the database's total.
+        let mut d = session(&l, "10.0.0.2");
+        d.take_database_slot(&db, ip("10.0.0.2"), lim).unwrap();
+        let mut e2 = session(&l, "10.0.0.3");
+        let e = e2.take_database_slot(&db, ip("10.0.0.3"), lim).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::TooManyForDatabase);
+        // Another database is not affected.
+        e2.take_database_slot(&other, ip("10.0.0.3"), lim).unwrap();
+        assert_eq!(l.sessions_of("app", ip("10.0.0.1")), (3, 2));
+        drop(a);
+        assert_eq!(l.sessions_of("app", ip("10.0.0.1")), (2, 1));
+        c.take_database_slot(&db, ip("10.0.0.1"), lim).unwrap();
+        // A lower limit applies to the next session; those counted stay.
+        let lowered = DatabaseLimits {
+            max_connections: Some(1),
+            max_connections_per_ip: None,
+        };
+        let mut f = session(&l, "10.0.0.9");
+        let e = f
+            .take_database_slot(&db, ip("10.0.0.9"), lowered)
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::TooManyForDatabase);
+        drop((b, c, d, e2));
+        f.take_database_slot(&db, ip("10.0.0.9"), lowered).unwrap();
+        drop(f);
+        assert!(
+            lock(&l.databases).is_empty(),
+            "entries outlive their sessions"
+        );
     }
 
     #[tokio::test]

@@ -145,6 +145,18 @@ pub async fn run(
         // A trusted balancer's client is counted once its PROXY header names it; until then
         // the balancer's connection is bounded by the handshake pool alone.
         let source = (!peer::is_trusted(&ctx.proxy_protocol_from, peer)).then(|| peer.ip());
+        // A prefix that keeps failing handshakes is closed before any byte is read or any
+        // crypto is done (a balancer's client is checked once its header names it).
+        if source.is_some_and(|ip| limits.throttle().is_blocked(ip, std::time::Instant::now())) {
+            refuse_at_accept(
+                &ctx,
+                served.database(),
+                stream,
+                peer,
+                ErrorKind::HandshakeThrottled,
+            );
+            continue;
+        }
         let admission = match limits.admit(source) {
             Ok(a) => Box::new(a),
             Err(kind) => {

@@ -500,6 +500,18 @@ pub fn restart_needed(running: &Config, file: &Config) -> Vec<&'static str> {
         running.max_handshakes_per_source != file.max_handshakes_per_source,
         "max_handshakes_per_source",
     );
+    let (rt, ft) = (running.handshake_throttle, file.handshake_throttle);
+    check(rt.burst != ft.burst, "handshake_throttle_burst");
+    check(rt.backoff != ft.backoff, "handshake_throttle_backoff");
+    check(
+        rt.max_backoff != ft.max_backoff,
+        "handshake_throttle_max_backoff",
+    );
+    check(rt.decay != ft.decay, "handshake_throttle_decay");
+    check(
+        rt.max_prefixes != ft.max_prefixes,
+        "handshake_throttle_prefixes",
+    );
     let (rk, fk) = (running.timeouts.keepalive, file.timeouts.keepalive);
     check(rk.idle != fk.idle, "tcp_keepalives_idle");
     check(rk.interval != fk.interval, "tcp_keepalives_interval");

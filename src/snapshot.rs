@@ -621,6 +621,8 @@ mod tests {
                 allow_plaintext_remote_upstream: false,
                 server_names: Vec::new(),
                 user_must_match_cn: false,
+                max_connections: None,
+                max_connections_per_ip: None,
                 enabled_by: None,
                 created_at: None,
             },

@@ -36,6 +36,9 @@ pub enum MtlsCommand {
     /// Disable mutual TLS: the proxy stops serving the database and closes its sessions on its
     /// next reload; the CA, keys and records are archived, not deleted.
     Destroy(DestroyArgs),
+    /// Change a database's session limits (`max_connections`, `max_connections_per_ip` in its
+    /// database.yaml); a running proxy applies them to new sessions on its next reload.
+    Update(UpdateArgs),
     /// Show TLS status and certificates (same as `pgmtls mtls DB`).
     Status(ShowArgs),
 }
@@ -121,6 +124,46 @@ pub struct DestroyArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct UpdateArgs {
+    /// Database name.
+    #[arg(value_name = "DATABASE")]
+    pub database: String,
+    /// Sessions the database may have open at once on each proxy, or `none` for no limit
+    /// but the process's max_connections.
+    #[arg(long, value_name = "N|none", value_parser = limit_value)]
+    pub max_connections: Option<SessionLimit>,
+    /// Sessions one client address (an IPv6 /64) may have open at once to the database, or
+    /// `none` for no such limit.
+    #[arg(long, value_name = "N|none", value_parser = limit_value)]
+    pub max_connections_per_ip: Option<SessionLimit>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// A session limit as given: a number, or `None` for `none` (no limit). A type of its own:
+/// clap reads `Option<Option<_>>` as a flag whose value may be left out.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimit(pub Option<u32>);
+
+/// A session limit: a positive integer, or `none` to remove it.
+fn limit_value(s: &str) -> Result<SessionLimit, String> {
+    if s == "none" {
+        return Ok(SessionLimit(None));
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(SessionLimit(Some(n))),
+        _ => Err(format!(
+            "{s:?} is not a session limit: give a positive integer, or `none` to remove it"
+        )),
+    }
+}
+
+#[derive(Args, Debug)]
 pub struct DatabasesArgs {
     /// Print JSON.
     #[arg(long)]
@@ -133,6 +176,7 @@ pub fn run(args: MtlsArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         Some(MtlsCommand::Create(a)) => create(*a),
         Some(MtlsCommand::Destroy(a)) => destroy(a),
+        Some(MtlsCommand::Update(a)) => update(a),
         Some(MtlsCommand::Status(a)) => show(a),
         None => show(args.show),
     }
@@ -262,6 +306,40 @@ fn destroy(args: DestroyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
+    let name = args.database.as_str();
+    let ctx = Ctx::new(&args.state)?;
+    ctx.require(name)?;
+    let change = control::mtls::LimitsChange {
+        max_connections: args.max_connections.map(|l| l.0),
+        max_connections_per_ip: args.max_connections_per_ip.map(|l| l.0),
+    };
+    let updated = control::mtls::update_limits(&ctx.control(), name, change, &actor(&args.change))?;
+    done(&format!("Updating {name}"));
+    let s = &updated.settings;
+    let shown = |v: Option<u32>| v.map_or_else(|| "none".to_owned(), |n| n.to_string());
+    if args.json {
+        say_raw!(
+            "{}",
+            output::json(&json!({
+                "database": name,
+                "max_connections": s.max_connections,
+                "max_connections_per_ip": s.max_connections_per_ip,
+            }))
+        );
+    } else {
+        say_raw!(
+            "{}",
+            Block::new()
+                .row("database", name)
+                .row("max_connections", shown(s.max_connections))
+                .row("max_connections_per_ip", shown(s.max_connections_per_ip))
+                .render()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `mtls DB` as JSON.
 #[derive(Debug, Serialize)]
 struct StatusView {
@@ -280,6 +358,9 @@ struct StatusView {
     server_names: Vec<String>,
     /// Sessions must use the certificate's common name as their user name.
     user_must_match_cn: bool,
+    /// The database's session limits (`null`: none of its own).
+    max_connections: Option<u32>,
+    max_connections_per_ip: Option<u32>,
     #[serde(with = "time::serde::rfc3339::option")]
     server_certificate_expires_at: Option<time::OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -314,6 +395,8 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
             .map(|i| i.sans.clone())
             .unwrap_or_default(),
         user_must_match_cn: db.settings.user_must_match_cn,
+        max_connections: db.settings.max_connections,
+        max_connections_per_ip: db.settings.max_connections_per_ip,
         server_certificate_expires_at: server_info.as_ref().map(|i| i.not_after),
         ca_expires_at: cert_info(&db.ca_pem).map(|i| i.not_after),
         ip_rules: db.rules.len(),
@@ -347,6 +430,12 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         )
         .row("ca_expires_at", opt_time(view.ca_expires_at))
         .row("ip_rules", view.ip_rules.to_string());
+    if let Some(n) = view.max_connections {
+        block = block.row("max_connections", n.to_string());
+    }
+    if let Some(n) = view.max_connections_per_ip {
+        block = block.row("max_connections_per_ip", n.to_string());
+    }
     if let Some(e) = &view.proxy_reload_error {
         block = block.row("proxy_reload_error", output::clean(e));
     }

@@ -46,6 +46,8 @@ pub struct Config {
     pub max_handshakes: usize,
     /// Connections that have not finished TLS from one client address (an IPv6 /64).
     pub max_handshakes_per_source: usize,
+    /// Closing source prefixes that keep failing handshakes at accept (`handshake_throttle_*`).
+    pub handshake_throttle: crate::throttle::ThrottleConfig,
     pub reload_poll_interval: Duration,
     pub enforce_on_live_sessions: bool,
     pub log_format: LogFormat,
@@ -377,6 +379,7 @@ impl Default for Config {
             // at most ~70 MiB held by peers that have shown no certificate.
             max_handshakes: 1_000,
             max_handshakes_per_source: 16,
+            handshake_throttle: crate::throttle::ThrottleConfig::default(),
             reload_poll_interval: Duration::from_secs(30),
             enforce_on_live_sessions: true,
             log_format: LogFormat::Text,
@@ -404,6 +407,11 @@ pub const KEYS: &[&str] = &[
     "max_connections",
     "max_handshakes",
     "max_handshakes_per_source",
+    "handshake_throttle_burst",
+    "handshake_throttle_backoff",
+    "handshake_throttle_max_backoff",
+    "handshake_throttle_decay",
+    "handshake_throttle_prefixes",
     "tcp_keepalives_idle",
     "tcp_keepalives_interval",
     "tcp_keepalives_count",
@@ -527,6 +535,34 @@ impl Config {
             max_handshakes_per_source: f
                 .optional_with("max_handshakes_per_source", convert::positive_usize)
                 .unwrap_or(d.max_handshakes_per_source),
+            handshake_throttle: {
+                let dt = d.handshake_throttle;
+                crate::throttle::ThrottleConfig {
+                    burst: f
+                        .optional_with("handshake_throttle_burst", |v| {
+                            // YAML 1.1 reads a bare `off` as false.
+                            if v.as_str() == Some("off") || v.as_bool() == Some(false) {
+                                return Ok(None);
+                            }
+                            convert::positive_u32(v)
+                                .map(Some)
+                                .map_err(|_| "must be a positive integer or off".to_string())
+                        })
+                        .unwrap_or(dt.burst),
+                    backoff: f
+                        .optional_with("handshake_throttle_backoff", convert::duration)
+                        .unwrap_or(dt.backoff),
+                    max_backoff: f
+                        .optional_with("handshake_throttle_max_backoff", convert::duration)
+                        .unwrap_or(dt.max_backoff),
+                    decay: f
+                        .optional_with("handshake_throttle_decay", convert::duration)
+                        .unwrap_or(dt.decay),
+                    max_prefixes: f
+                        .optional_with("handshake_throttle_prefixes", convert::positive_usize)
+                        .unwrap_or(dt.max_prefixes),
+                }
+            },
             reload_poll_interval: f
                 .optional_with("reload_poll_interval", convert::duration)
                 .unwrap_or(d.reload_poll_interval),
@@ -734,6 +770,57 @@ mod tests {
                 .contains("p.yaml:1: etcd: endpoints: \"a:1\" is not"),
             "{bad}"
         );
+    }
+
+    #[test]
+    fn handshake_throttle_keys_parse_and_refuse_bad_values() {
+        let c = Config::parse(Path::new("p.yaml"), "state_dir: s\n").unwrap();
+        assert_eq!(
+            c.handshake_throttle,
+            crate::throttle::ThrottleConfig::default()
+        );
+        let c = Config::parse(
+            Path::new("p.yaml"),
+            "state_dir: s\nhandshake_throttle_burst: 5\nhandshake_throttle_backoff: 2s\n\
+             handshake_throttle_max_backoff: 1m\nhandshake_throttle_decay: 10s\n\
+             handshake_throttle_prefixes: 100\n",
+        )
+        .unwrap();
+        let t = c.handshake_throttle;
+        assert_eq!(t.burst, Some(5));
+        assert_eq!(
+            (t.backoff, t.max_backoff, t.decay, t.max_prefixes),
+            (
+                Duration::from_secs(2),
+                Duration::from_secs(60),
+                Duration::from_secs(10),
+                100
+            )
+        );
+        for off in ["off", "\"off\""] {
+            let text = format!("state_dir: s\nhandshake_throttle_burst: {off}\n");
+            let c = Config::parse(Path::new("p.yaml"), &text).unwrap();
+            assert_eq!(c.handshake_throttle.burst, None, "{off}");
+        }
+        for (bad, want) in [
+            (
+                "handshake_throttle_burst: 0",
+                "p.yaml:2: handshake_throttle_burst: must be a positive integer or off",
+            ),
+            (
+                "handshake_throttle_backoff: soon",
+                "p.yaml:2: handshake_throttle_backoff: invalid duration",
+            ),
+            (
+                "handshake_throttle_prefixes: -1",
+                "p.yaml:2: handshake_throttle_prefixes: must be a positive integer",
+            ),
+        ] {
+            let e = Config::parse(Path::new("p.yaml"), &format!("state_dir: s\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -292,6 +292,13 @@ pub mod convert {
             _ => Err("must be a positive integer".into()),
         }
     }
+
+    pub fn positive_u32(v: Value) -> Result<u32, String> {
+        match v.as_u64() {
+            Some(n) if n > 0 => u32::try_from(n).map_err(|_| "is too large".to_string()),
+            _ => Err("must be a positive integer".into()),
+        }
+    }
 }
 
 /// serde-saphyr has no ordered value tree; this keeps a mapping's entries in file order with

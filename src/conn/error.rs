@@ -43,6 +43,9 @@ pub enum ErrorKind {
     ClientIo,
     UpstreamIo,
     ClientCertNotYetValid,
+    TooManyForDatabase,
+    TooManyFromIp,
+    HandshakeThrottled,
 }
 
 impl ErrorKind {
@@ -81,6 +84,9 @@ impl ErrorKind {
         ErrorKind::ClientIo,
         ErrorKind::UpstreamIo,
         ErrorKind::ClientCertNotYetValid,
+        ErrorKind::TooManyForDatabase,
+        ErrorKind::TooManyFromIp,
+        ErrorKind::HandshakeThrottled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -119,6 +125,9 @@ impl ErrorKind {
             ErrorKind::ClientIo => "client_io",
             ErrorKind::UpstreamIo => "upstream_io",
             ErrorKind::ClientCertNotYetValid => "client_cert_not_yet_valid",
+            ErrorKind::TooManyForDatabase => "too_many_for_database",
+            ErrorKind::TooManyFromIp => "too_many_from_ip",
+            ErrorKind::HandshakeThrottled => "handshake_throttled",
         }
     }
 }
@@ -193,6 +202,18 @@ pub const NOTICE_TOO_MANY_CONNECTIONS: ClientNotice = ClientNotice {
     hint: None,
 };
 
+pub const NOTICE_TOO_MANY_FOR_DATABASE: ClientNotice = ClientNotice {
+    sqlstate: "53300",
+    message: "pgmtls: too many sessions are open to this database",
+    hint: Some("close a session, or raise the database's max_connections"),
+};
+
+pub const NOTICE_TOO_MANY_FROM_IP: ClientNotice = ClientNotice {
+    sqlstate: "53300",
+    message: "pgmtls: too many sessions are open to this database from this address",
+    hint: Some("close a session, or raise the database's max_connections_per_ip"),
+};
+
 pub const NOTICE_SHUTDOWN: ClientNotice = ClientNotice {
     sqlstate: "57P01",
     message: "pgmtls: the proxy is shutting down",
@@ -239,6 +260,8 @@ impl ConnError {
             ErrorKind::Shutdown => Some(NOTICE_SHUTDOWN),
             // Only after TLS: before it, over-limit sockets are closed without a byte.
             ErrorKind::TooManyConnections => Some(NOTICE_TOO_MANY_CONNECTIONS),
+            ErrorKind::TooManyForDatabase => Some(NOTICE_TOO_MANY_FOR_DATABASE),
+            ErrorKind::TooManyFromIp => Some(NOTICE_TOO_MANY_FROM_IP),
             _ => None,
         }
     }

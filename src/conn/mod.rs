@@ -145,6 +145,17 @@ pub async fn serve(
     )
     .await;
     let error_kind = result.as_ref().err().map(|e| e.kind);
+    let client = log.client.unwrap_or(peer::ClientAddr::direct(peer));
+    // A trusted balancer's own connections (a PROXY LOCAL health check) are never throttled,
+    // so their failures are not counted either.
+    if error_kind.is_some_and(crate::throttle::is_handshake_failure)
+        && !peer::is_trusted(&ctx.proxy_protocol_from, client.addr)
+    {
+        note_handshake_failure(&admission, client.addr.ip());
+    }
+    // The connection's slots go back before its line is logged, so whoever reads that line
+    // may count on them being free.
+    drop(admission);
     match (&log.db, error_kind) {
         (Some(db), Some(kind)) => db.metrics.refuse(kind),
         (None, Some(kind)) if served.database().is_none() => ctx.metrics.refuse_shared(kind),
@@ -162,7 +173,6 @@ pub async fn serve(
         (Err(_), false) => "refused",
     };
     let detail = result.as_ref().err().map(|e| e.detail.as_str());
-    let client = log.client.unwrap_or(peer::ClientAddr::direct(peer));
     // Refusals are rate-limited (their count is in the metric); sessions are always logged.
     let reason = error_kind.map_or("", ErrorKind::as_str);
     if outcome == "refused" && !crate::refusal_log::admit(database, reason) {
@@ -194,6 +204,20 @@ pub async fn serve(
         duration_ms = started.elapsed().as_millis() as u64,
         "connection closed"
     );
+}
+
+/// Counts a failed handshake against its source's prefix; says so once when that starts a
+/// block (the refusals during it are counted and rate-limited like every refusal).
+fn note_handshake_failure(admission: &Admission, ip: std::net::IpAddr) {
+    let throttle = admission.limits().throttle();
+    if let Some(b) = throttle.record_failure(ip, std::time::Instant::now()) {
+        tracing::warn!(
+            prefix = %b.prefix,
+            failures = b.failures.round() as u64,
+            backoff_ms = b.backoff.as_millis() as u64,
+            "handshake failures: source prefix throttled"
+        );
+    }
 }
 
 async fn run(
@@ -375,6 +399,18 @@ async fn establish(
         peer::ClientAddr::direct(peer)
     };
     log.client = Some(client_addr);
+    // A balancer's client from a throttled prefix: closed before any crypto, as at accept.
+    if client_addr.via.is_some()
+        && admission
+            .limits()
+            .throttle()
+            .is_blocked(client_addr.addr.ip(), std::time::Instant::now())
+    {
+        return Err(ConnError::new(
+            ErrorKind::HandshakeThrottled,
+            "this source prefix failed too many handshakes",
+        ));
+    }
     // A balancer's client counts against its own source's handshake cap from here on.
     admission
         .count_source(client_addr.addr.ip())
@@ -478,6 +514,14 @@ async fn establish(
     if let Some(admitted) = db.admit(client_addr.addr.ip()) {
         log.rule_id = Some(admitted.entry.id.clone());
         log.admitted_by = Some(admitted.by);
+    }
+    // Stage: the database's own session limits, under the settings now in force.
+    let db_limits = crate::limits::DatabaseLimits {
+        max_connections: db.settings.max_connections,
+        max_connections_per_ip: db.settings.max_connections_per_ip,
+    };
+    if let Err(e) = admission.take_database_slot(&db.name, ip, db_limits) {
+        return Err(notify(&mut client, e).await);
     }
 
     // Stage: StartupMessage inside TLS.

@@ -243,6 +243,8 @@ fn enable_once(
         allow_plaintext_remote_upstream: request.allow_plaintext_remote_upstream,
         server_names: request.server_names.clone(),
         user_must_match_cn: request.user_must_match_cn,
+        max_connections: None,
+        max_connections_per_ip: None,
         enabled_by: Some(txn.actor().to_owned()),
         created_at: Some(m.at),
     };
@@ -344,6 +346,73 @@ pub fn disable(control: &Control, name: &str, actor: &str) -> Result<Disabled> {
             json!({ "archived_to": archived_to.display().to_string() }),
         )?;
         Ok(Disabled { archived_to, audit })
+    })
+}
+
+/// A change to a database's session limits: `None` leaves a limit as it is,
+/// `Some(None)` removes it, `Some(Some(n))` sets it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitsChange {
+    pub max_connections: Option<Option<u32>>,
+    pub max_connections_per_ip: Option<Option<u32>>,
+}
+
+/// A database whose settings were changed: the settings now written, and the audit record.
+#[derive(Debug, Clone)]
+pub struct Updated {
+    pub settings: DatabaseSettings,
+    pub audit: AuditEntry,
+}
+
+/// Sets or removes `name`'s `max_connections` and `max_connections_per_ip` in its
+/// `database.yaml`. A running proxy (every replica, in etcd) applies them on its next reload
+/// to new sessions; sessions already open are not cut.
+pub fn update_limits(
+    control: &Control,
+    name: &str,
+    change: LimitsChange,
+    actor: &str,
+) -> Result<Updated> {
+    if change == LimitsChange::default() {
+        return Err(ControlError::Invalid(
+            "nothing to change: give --max-connections or --max-connections-per-ip".into(),
+        ));
+    }
+    if [change.max_connections, change.max_connections_per_ip].contains(&Some(Some(0))) {
+        return Err(ControlError::Invalid(
+            "a session limit must be a positive integer, or `none` to remove it".into(),
+        ));
+    }
+    control.retrying(|| {
+        let mut txn = control.begin(Some(name), actor)?;
+        let db = txn.load(name)?;
+        let mut settings = db.settings.clone();
+        if let Some(v) = change.max_connections {
+            settings.max_connections = v;
+        }
+        if let Some(v) = change.max_connections_per_ip {
+            settings.max_connections_per_ip = v;
+        }
+        let yaml = settings.to_yaml();
+        // Re-read with the proxy's parser and built, as the proxy will, before it lands.
+        let file = db.dir.join(state::DATABASE_YAML);
+        let parsed = DatabaseSettings::parse(&file, &yaml)
+            .map_err(|e| ControlError::Invalid(state::one_line(&e)))?;
+        let mut candidate = db.clone();
+        candidate.settings = parsed;
+        super::validate(&candidate)?;
+        txn.write_database_file(name, state::DATABASE_YAML, yaml.as_bytes(), PUBLIC_MODE)?;
+        let audit = txn.record(
+            "mtls.update",
+            Some(name),
+            json!({
+                "max_connections": settings.max_connections,
+                "max_connections_per_ip": settings.max_connections_per_ip,
+                "previous_max_connections": db.settings.max_connections,
+                "previous_max_connections_per_ip": db.settings.max_connections_per_ip,
+            }),
+        )?;
+        Ok(Updated { settings, audit })
     })
 }
 

@@ -184,3 +184,60 @@ fn concurrent_creates_never_pass_the_rule_limit() {
         .count();
     assert_eq!(creates, 2, "one audit record per change that landed");
 }
+
+#[test]
+fn session_limits_are_set_and_removed_with_one_audit_record_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = enabled(dir.path());
+    let set = mtls::LimitsChange {
+        max_connections: Some(Some(20)),
+        max_connections_per_ip: Some(Some(4)),
+    };
+    let u = mtls::update_limits(&control, "app", set, "bob").unwrap();
+    assert_eq!(u.settings.max_connections, Some(20));
+    assert_eq!(u.audit.details["max_connections_per_ip"], 4);
+    let db = control.load("app").unwrap();
+    assert_eq!(
+        (
+            db.settings.max_connections,
+            db.settings.max_connections_per_ip
+        ),
+        (Some(20), Some(4))
+    );
+    // Removing one leaves the other as it was.
+    let clear = mtls::LimitsChange {
+        max_connections: Some(None),
+        max_connections_per_ip: None,
+    };
+    let u = mtls::update_limits(&control, "app", clear, "bob").unwrap();
+    assert_eq!(u.audit.details["previous_max_connections"], 20);
+    let db = control.load("app").unwrap();
+    assert_eq!(
+        (
+            db.settings.max_connections,
+            db.settings.max_connections_per_ip
+        ),
+        (None, Some(4))
+    );
+    let actions = audit_actions(&control);
+    assert_eq!(
+        actions.iter().filter(|(_, a)| a == "mtls.update").count(),
+        2,
+        "{actions:?}"
+    );
+    // Refused changes write nothing.
+    let before = tree(dir.path());
+    for bad in [
+        mtls::LimitsChange::default(),
+        mtls::LimitsChange {
+            max_connections: Some(Some(0)),
+            max_connections_per_ip: None,
+        },
+    ] {
+        let e = mtls::update_limits(&control, "app", bad, "bob").unwrap_err();
+        assert!(matches!(e, ControlError::Invalid(_)), "{e}");
+    }
+    let e = mtls::update_limits(&control, "nope", set, "bob").unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+    assert_eq!(before, tree(dir.path()));
+}

@@ -185,6 +185,12 @@ pub struct DatabaseSettings {
     pub server_names: Vec<String>,
     /// Refuse a session whose user name is not the client certificate's common name.
     pub user_must_match_cn: bool,
+    /// Sessions this database may have open at once on this proxy (`None`: only the process
+    /// limit). Applies to new sessions on reload; sessions already open are never cut for it.
+    pub max_connections: Option<u32>,
+    /// Sessions one client source (an IPv4 address or an IPv6 /64) may have open at once to
+    /// this database.
+    pub max_connections_per_ip: Option<u32>,
     pub enabled_by: Option<String>,
     pub created_at: Option<OffsetDateTime>,
 }
@@ -199,6 +205,8 @@ pub const DATABASE_KEYS: &[&str] = &[
     "allow_plaintext_remote_upstream",
     "server_names",
     "user_must_match_cn",
+    "max_connections",
+    "max_connections_per_ip",
     "enabled_by",
     "created_at",
 ];
@@ -223,6 +231,9 @@ impl DatabaseSettings {
         let user_must_match_cn = f
             .optional_with("user_must_match_cn", convert::bool)
             .unwrap_or(false);
+        let max_connections = f.optional_with("max_connections", convert::positive_u32);
+        let max_connections_per_ip =
+            f.optional_with("max_connections_per_ip", convert::positive_u32);
         if listen == Some(Listen::Shared) && server_names.is_empty() {
             let line = f.line_of("listen");
             f.push(
@@ -276,6 +287,8 @@ impl DatabaseSettings {
                 allow_plaintext_remote_upstream: allow_remote,
                 server_names,
                 user_must_match_cn,
+                max_connections,
+                max_connections_per_ip,
                 enabled_by,
                 created_at,
             }),
@@ -300,6 +313,10 @@ impl DatabaseSettings {
             #[serde(skip_serializing_if = "std::ops::Not::not")]
             user_must_match_cn: bool,
             #[serde(skip_serializing_if = "Option::is_none")]
+            max_connections: Option<u32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            max_connections_per_ip: Option<u32>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             enabled_by: &'a Option<String>,
             #[serde(skip_serializing_if = "Option::is_none")]
             created_at: Option<String>,
@@ -316,6 +333,8 @@ impl DatabaseSettings {
             allow_plaintext_remote_upstream: self.allow_plaintext_remote_upstream,
             server_names: &self.server_names,
             user_must_match_cn: self.user_must_match_cn,
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             enabled_by: &self.enabled_by,
             created_at: self.created_at.map(rfc3339),
         };
@@ -661,6 +680,43 @@ mod tests {
     use super::*;
 
     const DB: &str = "listen: 127.0.0.1:6432\nupstream: 127.0.0.1:5432\n";
+
+    #[test]
+    fn session_limits_parse_round_trip_and_refuse_bad_values() {
+        let s = DatabaseSettings::parse(Path::new("d.yaml"), DB).unwrap();
+        assert_eq!((s.max_connections, s.max_connections_per_ip), (None, None));
+        let text = format!("{DB}max_connections: 20\nmax_connections_per_ip: 5\n");
+        let s = DatabaseSettings::parse(Path::new("d.yaml"), &text).unwrap();
+        assert_eq!(
+            (s.max_connections, s.max_connections_per_ip),
+            (Some(20), Some(5))
+        );
+        let again = DatabaseSettings::parse(Path::new("d.yaml"), &s.to_yaml()).unwrap();
+        assert_eq!(s, again);
+        for (bad, want) in [
+            (
+                "max_connections: 0",
+                "d.yaml:3: max_connections: must be a positive integer",
+            ),
+            (
+                "max_connections: many",
+                "d.yaml:3: max_connections: must be a positive integer",
+            ),
+            (
+                "max_connections_per_ip: -2",
+                "d.yaml:3: max_connections_per_ip: must be a positive integer",
+            ),
+            (
+                "max_connections_per_ip: 9999999999",
+                "d.yaml:3: max_connections_per_ip: is too large",
+            ),
+        ] {
+            let e = DatabaseSettings::parse(Path::new("d.yaml"), &format!("{DB}{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn settings_round_trip() {

@@ -143,6 +143,8 @@ pub fn write_database(
         allow_plaintext_remote_upstream: false,
         server_names: vec!["localhost".into()],
         user_must_match_cn: false,
+        max_connections: None,
+        max_connections_per_ip: None,
         enabled_by: Some("tests".into()),
         created_at: None,
     };
