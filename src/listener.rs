@@ -127,18 +127,25 @@ pub async fn run(
     limits: Arc<Limits>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         let (stream, peer) = match accepted {
-            Ok(a) => a,
+            Ok(a) => {
+                backoff.succeeded();
+                a
+            }
             Err(e) => {
-                // EMFILE/ENFILE/ENOBUFS: the socket stays in the backlog; back off briefly
-                // instead of spinning on the same error.
-                tracing::warn!(database = served.database(), error = %e, "accept failed; backing off");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // EMFILE/ENFILE/ENOBUFS/ENOMEM: the connection stays in the backlog and the
+                // next accept fails at once, so without a pause the loop would spin a core.
+                let pause = backoff.failed(served.database(), &e);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
                 continue;
             }
         };
@@ -166,6 +173,115 @@ pub async fn run(
         };
         let ctx = Arc::clone(&ctx);
         tokio::spawn(conn::serve(ctx, served.clone(), stream, peer, admission));
+    }
+}
+
+/// The first pause after a failed accept, and the longest: it doubles while accepts keep
+/// failing, so a process out of file descriptors wakes at most once a second per accept
+/// loop, and is serving again at most that long after descriptors free up.
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// While accepts fail, one line per this interval for the whole process (with the count).
+pub const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// One accept loop's pause after errors.
+struct AcceptBackoff {
+    pause: Duration,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff {
+            pause: ACCEPT_PAUSE_MIN,
+        }
+    }
+}
+
+impl AcceptBackoff {
+    /// Counts a failed accept, logs when a line is due, and returns how long to pause.
+    fn failed(&mut self, database: Option<&str>, e: &std::io::Error) -> Duration {
+        let pause = self.pause;
+        self.pause = (self.pause * 2).min(ACCEPT_PAUSE_MAX);
+        ACCEPT_ERRORS.failed(database, e, std::time::Instant::now());
+        pause
+    }
+
+    fn succeeded(&mut self) {
+        self.pause = ACCEPT_PAUSE_MIN;
+        ACCEPT_ERRORS.succeeded();
+    }
+}
+
+/// Accept errors of every loop of the process, so the log says once per interval that
+/// accepting fails (a flood of identical lines would only add to an overloaded host's
+/// trouble), and once that it works again.
+struct AcceptErrors {
+    failing: std::sync::atomic::AtomicBool,
+    log: std::sync::Mutex<AcceptLog>,
+}
+
+#[derive(Default)]
+struct AcceptLog {
+    last_line: Option<std::time::Instant>,
+    /// Errors since the last line.
+    since_line: u64,
+    /// Errors since accepting last worked.
+    total: u64,
+}
+
+static ACCEPT_ERRORS: AcceptErrors = AcceptErrors {
+    failing: std::sync::atomic::AtomicBool::new(false),
+    log: std::sync::Mutex::new(AcceptLog {
+        last_line: None,
+        since_line: 0,
+        total: 0,
+    }),
+};
+
+impl AcceptErrors {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AcceptLog> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failed(&self, database: Option<&str>, e: &std::io::Error, now: std::time::Instant) {
+        use std::sync::atomic::Ordering;
+        self.failing.store(true, Ordering::Relaxed);
+        let mut log = self.lock();
+        log.since_line += 1;
+        log.total += 1;
+        let due = log
+            .last_line
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_LOG_INTERVAL);
+        if !due {
+            return;
+        }
+        let errors = std::mem::take(&mut log.since_line);
+        log.last_line = Some(now);
+        drop(log);
+        tracing::warn!(
+            database,
+            error = %e,
+            errors,
+            interval_s = ACCEPT_LOG_INTERVAL.as_secs(),
+            "accept failing; backing off (connections wait in the listen backlog)"
+        );
+    }
+
+    /// Cheap on the hot path: one relaxed load unless accepts were failing.
+    fn succeeded(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.failing.load(Ordering::Relaxed) {
+            return;
+        }
+        self.failing.store(false, Ordering::Relaxed);
+        let mut log = self.lock();
+        if log.total == 0 {
+            return;
+        }
+        let errors = std::mem::take(&mut log.total);
+        *log = AcceptLog::default();
+        drop(log);
+        tracing::info!(errors, "accepting again");
     }
 }
 
@@ -279,6 +395,16 @@ mod tests {
             sock.tcp_user_timeout().unwrap(),
             Some(Duration::from_millis(23_000))
         );
+    }
+
+    #[test]
+    fn accept_pauses_double_up_to_a_second_and_reset_on_success() {
+        let mut b = AcceptBackoff::default();
+        let e = std::io::Error::from_raw_os_error(24);
+        let pauses: Vec<u128> = (0..9).map(|_| b.failed(None, &e).as_millis()).collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        b.succeeded();
+        assert_eq!(b.failed(None, &e), ACCEPT_PAUSE_MIN);
     }
 
     #[tokio::test]

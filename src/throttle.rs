@@ -220,7 +220,10 @@ impl HandshakeThrottle {
         e.last_attempt = now;
         // A failure that lands while blocked (a handshake that began before the block) does
         // not lengthen it: only attempts after a block has run out do.
-        if e.blocked(now) || (e.strikes == 0 && e.score < f64::from(burst)) {
+        // Rounded: `burst` failures in quick succession reach it although the first ones
+        // have decayed a little.
+        let reached = e.score + 0.5 >= f64::from(burst);
+        if e.blocked(now) || (e.strikes == 0 && !reached) {
             return None;
         }
         e.strikes = e.strikes.saturating_add(1);
@@ -397,6 +400,17 @@ mod tests {
         // third again (8 s), not the fourth (16 s).
         now += Duration::from_secs(8) + Duration::from_secs(10);
         assert_eq!(t.record_failure(p, now).unwrap().backoff.as_secs(), 8);
+    }
+
+    #[test]
+    fn a_quick_burst_reaches_the_threshold_although_it_decays_a_little() {
+        let t = HandshakeThrottle::new(config());
+        let mut now = Instant::now();
+        for _ in 0..4 {
+            assert_eq!(t.record_failure(ip("10.0.0.7"), now), None);
+            now += Duration::from_millis(50);
+        }
+        assert!(t.record_failure(ip("10.0.0.7"), now).is_some());
     }
 
     #[test]
