@@ -254,7 +254,7 @@ impl HandshakeThrottle {
                 }
             })
             .collect();
-        out.sort_by(|a, b| b.remaining.cmp(&a.remaining));
+        out.sort_by_key(|p| std::cmp::Reverse(p.remaining));
         (out, table.len())
     }
 }

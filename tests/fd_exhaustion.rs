@@ -21,7 +21,9 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// User plus system CPU time of `pid`, in clock ticks (`utime` and `stime` of
@@ -83,7 +85,10 @@ async fn out_of_file_descriptors_the_proxy_backs_off_and_recovers() {
     }
     let first = proxy.wait_for_log(Duration::from_secs(30), accept_failing);
     assert!(
-        first["error"].as_str().unwrap().contains("Too many open files"),
+        first["error"]
+            .as_str()
+            .unwrap()
+            .contains("Too many open files"),
         "{first}"
     );
 
@@ -102,11 +107,17 @@ async fn out_of_file_descriptors_the_proxy_backs_off_and_recovers() {
     );
     assert!(cpu < 0.10, "the proxy used {:.0}% of a core", cpu * 100.0);
     // One line per 5 s interval: at most two in a 6 s window.
-    assert!(lines <= 2, "{lines} lines in {elapsed:?}:\n{}", proxy.log_text());
+    assert!(
+        lines <= 2,
+        "{lines} lines in {elapsed:?}:\n{}",
+        proxy.log_text()
+    );
 
     // The held sockets close: descriptors come back, and a new client is served.
     drop(held);
-    proxy.wait_for_log(Duration::from_secs(30), |v| v["message"] == "accepting again");
+    proxy.wait_for_log(Duration::from_secs(30), |v| {
+        v["message"] == "accepting again"
+    });
     let (c, _conn) = session_from("127.0.0.2", &pki, &pki.client, &proxy)
         .await
         .unwrap_or_else(|e| panic!("not served after recovery: {}", error_chain(&e)));
