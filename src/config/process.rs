@@ -849,7 +849,9 @@ mod tests {
                     peer_tls: {cert: peer.crt, key: peer.key, ca: /etc/peer-ca.crt}\n\
                     shared_listen: 0.0.0.0:5432\ndefault_database: orders\n\
                     console_tls: {cert_file: c.crt, key_file: /k.key, client_ca_file: ops.crt}\n\
-                    console_token_file: token\n";
+                    console_token_file: token\nhandshake_throttle_burst: 9\n\
+                    handshake_throttle_backoff: 3s\nhandshake_throttle_max_backoff: 2m\n\
+                    handshake_throttle_decay: 20s\nhandshake_throttle_prefixes: 64\n";
         let c = Config::parse(Path::new("/etc/p.yaml"), text).unwrap();
         let tls = c.console_tls.clone().unwrap();
         assert_eq!(tls.cert_file, PathBuf::from("/etc/c.crt"));
@@ -877,6 +879,16 @@ mod tests {
         );
         assert!(!c.enforce_on_live_sessions);
         assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (7, 3));
+        let t = c.handshake_throttle;
+        assert_eq!((t.burst, t.max_prefixes), (Some(9), 64));
+        assert_eq!(
+            (t.backoff, t.max_backoff, t.decay),
+            (
+                Duration::from_secs(3),
+                Duration::from_secs(120),
+                Duration::from_secs(20)
+            )
+        );
         let k = c.timeouts.keepalive;
         assert_eq!(k.idle, Some(Duration::from_secs(30)));
         assert_eq!(k.interval, Duration::from_secs(5));
