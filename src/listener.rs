@@ -160,6 +160,7 @@ pub async fn run(
                 served.database(),
                 stream,
                 peer,
+                false,
                 ErrorKind::HandshakeThrottled,
             );
             continue;
@@ -167,7 +168,14 @@ pub async fn run(
         let admission = match limits.admit(source) {
             Ok(a) => Box::new(a),
             Err(kind) => {
-                refuse_at_accept(&ctx, served.database(), stream, peer, kind);
+                refuse_at_accept(
+                    &ctx,
+                    served.database(),
+                    stream,
+                    peer,
+                    source.is_none(),
+                    kind,
+                );
                 continue;
             }
         };
@@ -285,16 +293,19 @@ impl AcceptErrors {
     }
 }
 
-/// Closes a socket over budget before any byte is read or any crypto is done.
-/// On the shared listener (`database` is `None`) no database is known yet.
+/// Refuses a socket over budget before any crypto is done, with the same generic answer as
+/// every refusal before TLS (`conn::refuse`). `from_balancer`: the peer is a trusted load
+/// balancer, whose PROXY header comes first. On the shared listener (`database` is `None`) no
+/// database is known yet.
 fn refuse_at_accept(
     ctx: &Context,
     database: Option<&str>,
     stream: TcpStream,
     peer: SocketAddr,
+    from_balancer: bool,
     kind: ErrorKind,
 ) {
-    drop(stream);
+    conn::refuse::before_tls(stream, peer, from_balancer);
     match database {
         Some(name) => {
             if let Some(db) = ctx.snapshot.load().databases.get(name) {

@@ -20,17 +20,25 @@ use common::pki::TestPki;
 use common::proxy::{path, ProxyProcess, BIN};
 use common::state::TestState;
 use serde_json::Value;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::config::SslMode;
 
 /// The refusal log's budget (src/refusal_log.rs): lines per database and reason per window.
 const LINES_PER_WINDOW: u64 = 10;
 const WINDOW: Duration = Duration::from_secs(10);
 
+/// A client refused before TLS, as libpq is: its SSLRequest, the answer, and its own close.
 async fn refused_probe(from: IpAddr, addr: SocketAddr) {
     let mut s = connect_from(from, addr).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let _ = s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await;
+    let mut head = [0u8; 5];
+    let answer = async {
+        s.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        s.read_exact(&mut body).await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), answer).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

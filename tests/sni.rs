@@ -17,6 +17,7 @@ use common::admin::scrape;
 use common::clients::{connect_from, pg_config, pg_connect_tls_over, tls_client_config, Psql};
 use common::pg::{pg_available_or_skip, PgServer, APP_DB, APP_PASSWORD, APP_USER};
 use common::proxy::ProxyProcess;
+use common::wire::assert_generic_refusal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
@@ -509,8 +510,8 @@ async fn admission_comes_before_crypto_on_the_shared_port() {
     let Some(g) = gateway("") else {
         return;
     };
-    // 127.0.0.3: no database on the shared listener admits it. Closed before the SSLRequest
-    // is answered: not even the 'S' comes back.
+    // 127.0.0.3: no database on the shared listener admits it. Refused before the SSLRequest
+    // is answered: not the 'S', only the generic refusal.
     let mut s = connect_from("127.0.0.3".parse().unwrap(), g.shared())
         .await
         .unwrap();
@@ -519,7 +520,7 @@ async fn admission_comes_before_crypto_on_the_shared_port() {
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
         .await
         .expect("a refused peer is closed");
-    assert_eq!(out, Vec::<u8>::new());
+    assert_generic_refusal(&out);
     let line = g.proxy.wait_for_log(Duration::from_secs(10), |v| {
         v["error_kind"] == "ip_not_allowed"
             && v["client_addr"]

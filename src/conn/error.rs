@@ -155,6 +155,14 @@ pub const NOTICE_TLS_REQUIRED: ClientNotice = ClientNotice {
     ),
 };
 
+/// The one answer every refusal before TLS gets (src/conn/refuse.rs), whatever its reason:
+/// SQLSTATE 08004, "server rejected the connection", and no word on why.
+pub const NOTICE_REFUSED: ClientNotice = ClientNotice {
+    sqlstate: "08004",
+    message: "pgmtls: connection refused",
+    hint: None,
+};
+
 pub const NOTICE_IDENTITY_DENIED: ClientNotice = ClientNotice {
     sqlstate: "28000",
     message: "pgmtls: this client certificate may not log in as that user",
@@ -242,7 +250,8 @@ impl ConnError {
         }
     }
 
-    /// What the client is told, if anything. Before TLS only `tls_required` says something;
+    /// What a TLS client is told, if anything. Before TLS only `tls_required` says something
+    /// specific; every other refusal there gets [`NOTICE_REFUSED`] (src/conn/refuse.rs).
     /// TLS-level refusals are alerts sent by rustls itself.
     pub fn client_notice(&self) -> Option<ClientNotice> {
         match self.kind {
@@ -258,7 +267,7 @@ impl ConnError {
             // Reached only before the relay: a session cut mid-stream is sent nothing.
             ErrorKind::RevokedLive => Some(NOTICE_REVOKED),
             ErrorKind::Shutdown => Some(NOTICE_SHUTDOWN),
-            // Only after TLS: before it, over-limit sockets are closed without a byte.
+            // Only after TLS: before it, over-limit sockets get the generic refusal.
             ErrorKind::TooManyConnections => Some(NOTICE_TOO_MANY_CONNECTIONS),
             ErrorKind::TooManyForDatabase => Some(NOTICE_TOO_MANY_FOR_DATABASE),
             ErrorKind::TooManyFromIp => Some(NOTICE_TOO_MANY_FROM_IP),
@@ -275,10 +284,19 @@ impl From<WireError> for ConnError {
 
 /// Classifies a failed TLS accept. tokio-rustls wraps the `rustls::Error` in an `io::Error`.
 pub fn classify_tls_error(e: &std::io::Error) -> ErrorKind {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(e) => classify_rustls_error(e),
+        None => ErrorKind::ClientIo,
+    }
+}
+
+/// The reason a rustls error gives: what the handshake logs, and what `pgmtls doctor` says of
+/// the client verifier's verdict on a certificate.
+pub fn classify_rustls_error(e: &rustls::Error) -> ErrorKind {
     use rustls::{CertificateError, Error};
-    match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
-        Some(Error::NoCertificatesPresented) => ErrorKind::ClientCertMissing,
-        Some(Error::InvalidCertificate(c)) => match c {
+    match e {
+        Error::NoCertificatesPresented => ErrorKind::ClientCertMissing,
+        Error::InvalidCertificate(c) => match c {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                 ErrorKind::ClientCertExpired
             }
@@ -289,8 +307,7 @@ pub fn classify_tls_error(e: &std::io::Error) -> ErrorKind {
             CertificateError::Revoked => ErrorKind::ClientCertRevoked,
             _ => ErrorKind::ClientCertUntrusted,
         },
-        Some(_) => ErrorKind::TlsHandshake,
-        None => ErrorKind::ClientIo,
+        _ => ErrorKind::TlsHandshake,
     }
 }
 

@@ -10,6 +10,7 @@ pub mod cancel;
 pub mod error;
 pub mod negotiate;
 pub mod peer;
+pub mod refuse;
 pub mod relay;
 pub mod shared;
 pub mod startup;
@@ -376,70 +377,31 @@ async fn establish(
     admission: &mut Admission,
     log: &mut ConnLog,
 ) -> Result<Prelude, ConnError> {
-    // A database's own listener serves that database; on the shared listener the database is
-    // known only from the ClientHello (or a cancel key).
-    if let Served::Database(name) = served {
-        let Some(db) = ctx.snapshot.load().databases.get(&**name).cloned() else {
-            return Err(ConnError::new(
-                ErrorKind::DatabaseDisabled,
-                "database is no longer served",
-            ));
-        };
-        log.db = Some(db);
-    }
     let deadline = tokio::time::Instant::now() + ctx.timeouts.handshake;
     let timed_out = || ConnError::new(ErrorKind::HandshakeTimeout, "handshake_timeout elapsed");
-
-    // Stage: peer. Only a trusted load balancer's PROXY header can name another client.
-    let client_addr = if peer::is_trusted(&ctx.proxy_protocol_from, peer) {
-        tokio::time::timeout_at(deadline, peer::read_header(&mut stream, peer))
-            .await
-            .map_err(|_| timed_out())??
-    } else {
-        peer::ClientAddr::direct(peer)
+    // Only a trusted load balancer's PROXY header can name another client.
+    let mut header_pending = peer::is_trusted(&ctx.proxy_protocol_from, peer);
+    let admitted = admit(
+        ctx,
+        served,
+        &mut stream,
+        peer,
+        &mut header_pending,
+        admission,
+        log,
+    );
+    let client_addr = match tokio::time::timeout_at(deadline, admitted).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            // A peer that stalled or vanished is not waited for again.
+            if e.kind != ErrorKind::ClientIo {
+                refuse::before_tls(stream, peer, header_pending);
+            }
+            return Err(e);
+        }
+        Err(_) => return Err(timed_out()),
     };
-    log.client = Some(client_addr);
-    // A balancer's client from a throttled prefix: closed before any crypto, as at accept.
-    if client_addr.via.is_some()
-        && admission
-            .limits()
-            .throttle()
-            .is_blocked(client_addr.addr.ip(), std::time::Instant::now())
-    {
-        return Err(ConnError::new(
-            ErrorKind::HandshakeThrottled,
-            "this source prefix failed too many handshakes",
-        ));
-    }
-    // A balancer's client counts against its own source's handshake cap from here on.
-    admission
-        .count_source(client_addr.addr.ip())
-        .map_err(|k| ConnError::new(k, "max_handshakes_per_source reached"))?;
-
-    // Stage: admit. Before a byte of the client's own is read or any crypto is done. On the
-    // shared listener, some database there must admit the address; the one the SNI picks
-    // decides again below, before the handshake goes on.
     let ip = client_addr.addr.ip();
-    match &log.db {
-        Some(db) => {
-            let Some(admitted) = db.admit(ip) else {
-                return Err(ConnError::new(
-                    ErrorKind::IpNotAllowed,
-                    "no IP rule or trusted range admits this address",
-                ));
-            };
-            log.rule_id = Some(admitted.entry.id.clone());
-            log.admitted_by = Some(admitted.by);
-        }
-        None if !ctx.snapshot.load().shared_admits(ip) => {
-            return Err(ConnError::new(
-                ErrorKind::IpNotAllowed,
-                "no IP rule or trusted range of a database on the shared listener admits this \
-                 address",
-            ))
-        }
-        None => {}
-    }
     let _ = stream.set_nodelay(true);
 
     // Stage: negotiate.
@@ -546,15 +508,11 @@ async fn establish(
     guard.set_startup(params.user(), params.database());
     // Stage: identity. The certificate names the one role it may log in as, when the
     // database asks for that; otherwise Postgres alone decides who the user may be.
-    let cn_is_user = matches!(
-        (params.user(), log.identity.common_name.as_deref()),
-        (Some(user), Some(cn)) if user == cn
-    );
-    if db.settings.user_must_match_cn && !cn_is_user {
-        let e = ConnError::new(
-            ErrorKind::IdentityDenied,
-            "user name is not the certificate's common name",
-        );
+    if let Err(e) = identity_admits(
+        &db.settings,
+        params.user(),
+        log.identity.common_name.as_deref(),
+    ) {
         return Err(notify(&mut client, e).await);
     }
 
@@ -614,6 +572,98 @@ async fn establish(
         upstream_leftover: outcome.upstream_leftover,
         guard,
     })))
+}
+
+/// Stages peer and admit: who the client is and whether anything admits it. Before a byte of
+/// the client's own is read or any crypto is done; a refusal here is answered by
+/// [`refuse::before_tls`]. On the shared listener, some database there must admit the address;
+/// the one the SNI picks decides again later, before the handshake goes on.
+async fn admit(
+    ctx: &Context,
+    served: &Served,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    header_pending: &mut bool,
+    admission: &mut Admission,
+    log: &mut ConnLog,
+) -> Result<peer::ClientAddr, ConnError> {
+    // A database's own listener serves that database; on the shared listener the database is
+    // known only from the ClientHello (or a cancel key).
+    if let Served::Database(name) = served {
+        let Some(db) = ctx.snapshot.load().databases.get(&**name).cloned() else {
+            return Err(ConnError::new(
+                ErrorKind::DatabaseDisabled,
+                "database is no longer served",
+            ));
+        };
+        log.db = Some(db);
+    }
+
+    // Stage: peer.
+    let client_addr = if *header_pending {
+        *header_pending = false;
+        peer::read_header(stream, peer).await?
+    } else {
+        peer::ClientAddr::direct(peer)
+    };
+    log.client = Some(client_addr);
+    // A balancer's client from a throttled prefix: refused before any crypto, as at accept.
+    if client_addr.via.is_some()
+        && admission
+            .limits()
+            .throttle()
+            .is_blocked(client_addr.addr.ip(), std::time::Instant::now())
+    {
+        return Err(ConnError::new(
+            ErrorKind::HandshakeThrottled,
+            "this source prefix failed too many handshakes",
+        ));
+    }
+    // A balancer's client counts against its own source's handshake cap from here on.
+    admission
+        .count_source(client_addr.addr.ip())
+        .map_err(|k| ConnError::new(k, "max_handshakes_per_source reached"))?;
+
+    // Stage: admit.
+    let ip = client_addr.addr.ip();
+    match &log.db {
+        Some(db) => {
+            let Some(admitted) = db.admit(ip) else {
+                return Err(ConnError::new(
+                    ErrorKind::IpNotAllowed,
+                    "no IP rule or trusted range admits this address",
+                ));
+            };
+            log.rule_id = Some(admitted.entry.id.clone());
+            log.admitted_by = Some(admitted.by);
+        }
+        None if !ctx.snapshot.load().shared_admits(ip) => {
+            return Err(ConnError::new(
+                ErrorKind::IpNotAllowed,
+                "no IP rule or trusted range of a database on the shared listener admits this \
+                 address",
+            ))
+        }
+        None => {}
+    }
+    Ok(client_addr)
+}
+
+/// The identity policy: with `user_must_match_cn`, the StartupMessage's user must be the
+/// client certificate's common name. The handshake's check and `pgmtls doctor --user`'s.
+pub fn identity_admits(
+    settings: &crate::state::DatabaseSettings,
+    user: Option<&str>,
+    common_name: Option<&str>,
+) -> Result<(), ConnError> {
+    let cn_is_user = matches!((user, common_name), (Some(u), Some(cn)) if u == cn);
+    if settings.user_must_match_cn && !cn_is_user {
+        return Err(ConnError::new(
+            ErrorKind::IdentityDenied,
+            "user name is not the certificate's common name",
+        ));
+    }
+    Ok(())
 }
 
 /// How long a refused client gets to take its ErrorResponse and close_notify: a client that

@@ -67,6 +67,14 @@ impl HaProxy {
             "global\n  maxconn 256\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
              timeout client 2m\n  timeout server 2m\n\n",
         );
+        // A frontend of its own for the readiness probe below, which HAProxy binds together
+        // with `pg` and closes itself: a probe of `pg` would reach a replica as a connection
+        // of its own, a refusal in its log and its metrics.
+        let ready_port = free_port();
+        cfg.push_str(&format!(
+            "frontend ready\n  bind 127.0.0.1:{ready_port}\n  \
+             tcp-request connection reject\n\n"
+        ));
         cfg.push_str(&format!(
             "frontend pg\n  bind 127.0.0.1:{port}\n  default_backend replicas\n\n\
              backend replicas\n  balance roundrobin\n"
@@ -116,14 +124,15 @@ impl HaProxy {
             log,
             _dir: dir,
         };
-        // Ready when the frontend accepts. HAProxy prints nothing on a successful start in
-        // the foreground, so its listening socket is the signal; poll it.
+        // Ready when the frontends accept. HAProxy prints nothing on a successful start in
+        // the foreground, so a listening socket is the signal; poll the probe's own.
+        let probe: SocketAddr = format!("127.0.0.1:{ready_port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = h.child.try_wait().unwrap() {
                 return Err(format!("exited with {status}: {}", h.log_text()));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            if TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_ok() {
                 return Ok(h);
             }
             if Instant::now() > deadline {

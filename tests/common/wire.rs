@@ -138,3 +138,28 @@ pub async fn protocol_32_upstream(
         });
     }
 }
+
+/// Panics unless `out`, everything a refused peer got before the close, is exactly the one
+/// generic refusal every refusal before TLS sends: an ErrorResponse with SQLSTATE 08004 and
+/// the fixed text, and nothing that says why.
+pub fn assert_generic_refusal(out: &[u8]) {
+    assert_eq!(out.first(), Some(&b'E'), "an ErrorResponse: {out:?}");
+    let len = out
+        .get(1..5)
+        .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)
+        .unwrap_or(0);
+    assert_eq!(
+        out.len(),
+        1 + len,
+        "one message and nothing after it: {out:?}"
+    );
+    assert_eq!(
+        error_fields(&out[5..]),
+        vec![
+            ('S', "FATAL".to_owned()),
+            ('V', "FATAL".to_owned()),
+            ('C', "08004".to_owned()),
+            ('M', "pgmtls: connection refused".to_owned()),
+        ]
+    );
+}
