@@ -41,6 +41,7 @@ pub mod conn;
 pub mod console;
 pub mod control;
 pub mod demo;
+pub mod doctor;
 pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -58,6 +58,9 @@ pub struct ServerTls {
     /// must still chain, be in date and not be revoked): for addresses only a trusted range
     /// admits, where Postgres' own authentication decides.
     pub cert_optional: Arc<ServerConfig>,
+    /// The client-certificate verifier inside `config`, for `pgmtls doctor` to ask the very
+    /// question the handshake asks.
+    pub client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     pub server_not_after: Option<OffsetDateTime>,
     pub ca_not_after: Option<OffsetDateTime>,
     /// Serials (lowercase hex) listed in the CRL.
@@ -174,10 +177,12 @@ pub fn build_server_tls(
         cert_file,
         key_file,
     )?;
+    let client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = verifier.clone();
     let config = server_config(verifier, chain, key, cert_file, key_file)?;
     Ok(ServerTls {
         config,
         cert_optional,
+        client_verifier,
         server_not_after,
         ca_not_after,
         revoked_serials,
@@ -196,7 +201,7 @@ fn server_config(
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| ConfigErrors::one(cert_file, "", None, format!("TLS versions: {e}")))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
         .map_err(|e| {
             ConfigErrors::one(

@@ -11,6 +11,7 @@
 //! from the replica registry, against the revision of the change.
 
 pub mod certificates;
+pub mod doctor;
 pub mod fleet;
 pub mod ip_rules;
 pub mod mtls;
@@ -54,6 +55,9 @@ pub enum Command {
     Fleet(fleet::FleetArgs),
     /// Serve the web console on loopback: the same changes as these commands, in a browser.
     Console(crate::console::ConsoleArgs),
+    /// Would a client with this certificate get in? Each check with the reason the proxy
+    /// would log; exit 0 when admitted, 1 when refused (offline, from the state).
+    Doctor(Box<doctor::DoctorArgs>),
 }
 
 /// Runs one control command.
@@ -67,6 +71,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::State(a) => state::run(a),
         Command::Fleet(a) => fleet::run(a),
         Command::Console(a) => crate::console::run(a),
+        Command::Doctor(a) => doctor::run(*a),
     }
 }
 

@@ -9,7 +9,35 @@ use std::sync::Arc;
 use super::error::{ConnError, ErrorKind};
 use super::{Context, Served};
 use crate::allowlist::AdmittedBy;
-use crate::snapshot::DatabaseRuntime;
+use crate::snapshot::{DatabaseRuntime, Snapshot};
+
+/// The database on the shared listener that a ClientHello with server name `sni` reaches:
+/// the one with that name, else `default` (the `default_database`), else none. What the
+/// handshake does, and what `pgmtls doctor --sni` reports.
+pub fn route<'a>(
+    snap: &'a Snapshot,
+    default: Option<&str>,
+    sni: Option<&str>,
+) -> Result<&'a Arc<DatabaseRuntime>, ConnError> {
+    let default = default
+        .and_then(|d| snap.databases.get(d))
+        .filter(|db| db.settings.listen.is_shared());
+    match sni {
+        None => default.ok_or_else(|| {
+            ConnError::new(
+                ErrorKind::SniMissing,
+                "no server name (SNI) in the ClientHello and no default_database",
+            )
+        }),
+        Some(name) => snap.by_server_name(name).or(default).ok_or_else(|| {
+            // The name is the client's: bounded by rustls (a DNS name), logged quoted.
+            ConnError::new(
+                ErrorKind::SniUnknown,
+                format!("no database on the shared listener has server name {name:?}"),
+            )
+        }),
+    }
+}
 
 /// The database `sni` names on the shared listener (or the configured default), checked
 /// against that database's IP rules and trusted ranges for `ip`. `picked`, `rule_id` and
@@ -25,27 +53,10 @@ pub fn pick(
 ) -> Result<(Arc<DatabaseRuntime>, AdmittedBy), ConnError> {
     let snap = ctx.snapshot.load();
     let default = match served {
-        Served::Shared { default: Some(d) } => snap
-            .databases
-            .get(&**d)
-            .filter(|db| db.settings.listen.is_shared()),
-        _ => None,
+        Served::Shared { default } => default.as_deref(),
+        Served::Database(_) => None,
     };
-    let db = match sni {
-        None => default.ok_or_else(|| {
-            ConnError::new(
-                ErrorKind::SniMissing,
-                "no server name (SNI) in the ClientHello and no default_database",
-            )
-        })?,
-        Some(name) => snap.by_server_name(name).or(default).ok_or_else(|| {
-            // The name is the client's: bounded by rustls (a DNS name), logged quoted.
-            ConnError::new(
-                ErrorKind::SniUnknown,
-                format!("no database on the shared listener has server name {name:?}"),
-            )
-        })?,
-    };
+    let db = route(&snap, default, sni)?;
     *picked = Some(Arc::clone(db));
     let Some(admitted) = db.admit(ip) else {
         return Err(ConnError::new(

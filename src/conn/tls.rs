@@ -90,23 +90,33 @@ fn identify(tls: &TlsStream<TcpStream>, db: &DatabaseRuntime) -> ClientIdentity 
         .alpn_protocol()
         .filter(|p| *p == ALPN_POSTGRESQL)
         .map(|_| "postgresql");
-    let mut id = ClientIdentity {
-        tls_version,
-        alpn,
-        ..Default::default()
-    };
-    if let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) {
-        if let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) {
-            id.common_name = cert
-                .subject()
-                .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok())
-                .map(str::to_owned);
-            id.serial = serial_hex(cert.raw_serial());
-            id.not_after = Some(cert.validity().not_after.to_datetime());
-            id.cert_id = db.certificates.get(&id.serial).map(|r| r.id.clone());
-        }
+    let mut id = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|leaf| leaf_identity(leaf, db))
+        .unwrap_or_default();
+    id.tls_version = tls_version;
+    id.alpn = alpn;
+    id
+}
+
+/// Who a client certificate names, as the log and the identity policy see it: common name,
+/// serial, expiry, and the id of its record in `db`. Also `pgmtls doctor`'s reading.
+pub fn leaf_identity(
+    leaf: &rustls_pki_types::CertificateDer<'_>,
+    db: &DatabaseRuntime,
+) -> ClientIdentity {
+    let mut id = ClientIdentity::default();
+    if let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) {
+        id.common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned);
+        id.serial = serial_hex(cert.raw_serial());
+        id.not_after = Some(cert.validity().not_after.to_datetime());
+        id.cert_id = db.certificates.get(&id.serial).map(|r| r.id.clone());
     }
     id
 }
