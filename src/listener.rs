@@ -305,7 +305,12 @@ fn refuse_at_accept(
     from_balancer: bool,
     kind: ErrorKind,
 ) {
-    conn::refuse::before_tls(stream, peer, from_balancer);
+    let position = if from_balancer {
+        conn::refuse::Position::ProxyHeaderNext
+    } else {
+        conn::refuse::Position::Start
+    };
+    conn::refuse::before_tls(stream, peer, position);
     match database {
         Some(name) => {
             if let Some(db) = ctx.snapshot.load().databases.get(name) {

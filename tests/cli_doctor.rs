@@ -7,7 +7,7 @@
 mod cli_support;
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cli_support::{free_listen, Env};
@@ -50,7 +50,7 @@ fn new_cert(env: &Env, db: &str, extra: &[&str]) -> String {
 }
 
 /// `pgmtls doctor ... --json`: exit code and the diagnosis.
-fn doctor(env: &Env, db: &str, cert: &PathBuf, extra: &[&str]) -> (i32, Value) {
+fn doctor(env: &Env, db: &str, cert: &Path, extra: &[&str]) -> (i32, Value) {
     let mut args = vec!["doctor", db, "--cert", cert.to_str().unwrap(), "--json"];
     args.extend_from_slice(extra);
     let out = env.run(&args);

@@ -394,8 +394,13 @@ async fn establish(
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
             // A peer that stalled or vanished is not waited for again.
+            let position = match (e.kind, header_pending) {
+                (ErrorKind::ProxyProtocolInvalid, _) => refuse::Position::Unknown,
+                (_, true) => refuse::Position::ProxyHeaderNext,
+                (_, false) => refuse::Position::Start,
+            };
             if e.kind != ErrorKind::ClientIo {
-                refuse::before_tls(stream, peer, header_pending);
+                refuse::before_tls(stream, peer, position);
             }
             return Err(e);
         }

@@ -49,32 +49,51 @@ pub const TLS_ACCESS_DENIED: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49];
 
 static SLOTS: Semaphore = Semaphore::const_new(FAREWELL_SLOTS);
 
+/// Where in its stream the refused peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// At its first byte: the client's first packet comes next.
+    Start,
+    /// A trusted load balancer whose PROXY header comes next (it is read first, so that the
+    /// answer goes to the client behind it).
+    ProxyHeaderNext,
+    /// Somewhere in bytes that did not parse (a PROXY header that was not one): the client is
+    /// answered as if it had sent an SSLRequest, without reading on.
+    Unknown,
+}
+
 /// Refuses `stream` before TLS. Returns at once: the farewell runs on its own task, so the
-/// refused connection holds none of the connection budgets meanwhile. `header_pending` says
-/// that `peer` is a trusted load balancer whose PROXY header has not been read yet (it is read
-/// first, so that the answer goes to the client behind it). The caller has logged and counted
-/// the refusal.
-pub fn before_tls(stream: TcpStream, peer: SocketAddr, header_pending: bool) {
+/// refused connection holds none of the connection budgets meanwhile. The caller has logged
+/// and counted the refusal.
+pub fn before_tls(stream: TcpStream, peer: SocketAddr, position: Position) {
     let Ok(slot) = SLOTS.try_acquire() else {
         // Over the bound: closed at once, which a direct client sees as a reset.
         return;
     };
     tokio::spawn(async move {
         let _slot = slot;
-        farewell(stream, peer, header_pending).await;
+        farewell(stream, peer, position).await;
     });
 }
 
-async fn farewell(mut stream: TcpStream, peer: SocketAddr, header_pending: bool) {
+async fn farewell(mut stream: TcpStream, peer: SocketAddr, position: Position) {
     let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
-        if header_pending
-            && idle(peer::read_header(&mut stream, peer))
-                .await
-                .is_none_or(|r| r.is_err())
-        {
-            return;
+        match position {
+            Position::ProxyHeaderNext => {
+                if idle(peer::read_header(&mut stream, peer))
+                    .await
+                    .is_none_or(|r| r.is_err())
+                {
+                    return;
+                }
+                answer(&mut stream).await;
+            }
+            Position::Start => answer(&mut stream).await,
+            Position::Unknown => {
+                let refused = error_response(NOTICE_REFUSED.sqlstate, NOTICE_REFUSED.message, None);
+                let _ = stream.write_all(&refused).await;
+            }
         }
-        answer(&mut stream).await;
         // Our FIN, then the client's: what it sent meanwhile is read and dropped, so the
         // close is orderly and the answer is not lost to a reset.
         let _ = stream.shutdown().await;
