@@ -102,7 +102,9 @@ pub fn diagnose(
             checks.push(refuse(
                 "address",
                 ErrorKind::IpNotAllowed,
-                format!("no IP rule or trusted range of a database on the shared listener admits {ip}"),
+                format!(
+                    "no IP rule or trusted range of a database on the shared listener admits {ip}"
+                ),
             ));
             return Ok(finish(database.to_owned(), checks));
         }

@@ -127,6 +127,35 @@ fn each_refusal_is_named_with_the_reason_the_proxy_logs() {
         human.stdout
     );
 
+    // A trusted range admits an address no IP rule covers (the certificate is then optional,
+    // but the one given is still checked); an IP rule over the same address takes precedence.
+    env.run(&["trusted-ips", "create", "app", "--cidr", "127.0.0.0/29"])
+        .ok();
+    let (code, d) = doctor(&env, "app", &good, &["--from", "127.0.0.3"]);
+    assert_eq!(code, 0, "{d:#}");
+    assert!(
+        check(&d, "address")["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("trusted IP range "),
+        "{d:#}"
+    );
+    let (code, d) = doctor(&env, "app", &good, &["--from", "127.0.0.2"]);
+    assert_eq!(code, 0, "{d:#}");
+    assert!(
+        check(&d, "address")["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("IP rule "),
+        "{d:#}"
+    );
+    let range = env.run(&["trusted-ips", "app", "--json"]).json()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    env.run(&["trusted-ips", "delete", "app", "--id", &range])
+        .ok();
+
     // Revoked: on the CRL.
     let revoked = new_cert(&env, "app", &[]);
     let (revoked_crt, _, _) = download(&env, "app", &revoked);
