@@ -28,7 +28,8 @@ fn ip(s: &str) -> IpAddr {
 /// How one failing attempt ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Attempt {
-    /// Closed before the proxy answered the SSLRequest: no byte read, no crypto done.
+    /// Refused before TLS: the generic refusal (an 08004 ErrorResponse, docs/SECURITY.md) or
+    /// a close instead of `S`, so no crypto was done.
     ClosedBeforeTls,
     /// The proxy said `S` and the handshake went on (and failed).
     Handshook,
@@ -47,6 +48,7 @@ async fn failing_attempt(src: IpAddr, proxy: SocketAddr, pki: &TestPki, real_tls
     let mut answer = [0u8; 1];
     match s.read(&mut answer).await {
         Ok(1) if answer == *b"S" => {}
+        Ok(1) if answer == *b"E" => return Attempt::ClosedBeforeTls,
         Ok(0) | Err(_) => return Attempt::ClosedBeforeTls,
         Ok(_) => panic!("unexpected answer {answer:?}"),
     }
