@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod admin;
+pub mod churn;
 pub mod clients;
 pub mod etcd;
 pub mod haproxy;
