@@ -48,13 +48,13 @@ async fn twenty_thousand_sessions_leave_no_fd_and_no_session_behind() {
 
     // A few sessions first, so whatever the proxy opens once and keeps (its first upstream
     // dial, lazily built state) is in the baseline rather than counted as a leak.
-    churn(&client, 20, 2, &done, &errors).await;
+    churn(&client, 20, 2, None, &done, &errors).await;
     assert_eq!(errors.total(), 0, "warm-up errors:\n{}", errors.summary());
     wait_for_zero_sessions(admin).await;
     let baseline = open_fds(pid).unwrap();
 
     let t0 = Instant::now();
-    churn(&client, SESSIONS, WORKERS, &done, &errors).await;
+    churn(&client, SESSIONS, WORKERS, None, &done, &errors).await;
     let elapsed = t0.elapsed();
     assert_eq!(
         errors.total(),

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -314,12 +314,14 @@ impl Errors {
     }
 }
 
-/// Runs `n` whole sessions on `workers` concurrent tasks; `done` counts finished sessions
-/// (failed ones included) as they finish, for a sampler to read.
+/// Runs `n` whole sessions on `workers` concurrent tasks, or fewer if `until` passes first (no
+/// session starts after it); `done` counts finished sessions (failed ones included) as they
+/// finish, for a sampler to read.
 pub async fn churn(
     client: &SessionClient,
     n: u64,
     workers: usize,
+    until: Option<Instant>,
     done: &Arc<AtomicU64>,
     errors: &Arc<Errors>,
 ) {
@@ -333,7 +335,9 @@ pub async fn churn(
             errors.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            while claimed.fetch_add(1, Ordering::SeqCst) < n {
+            while claimed.fetch_add(1, Ordering::SeqCst) < n
+                && until.is_none_or(|t| Instant::now() < t)
+            {
                 if let Err(e) = client.session().await {
                     errors.add(e);
                 }
