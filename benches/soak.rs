@@ -196,7 +196,14 @@ fn raise_fd_limit(want: u64) {
         maximum: Some(want.max(cur.maximum.unwrap_or(0))),
     };
     if let Err(e) = setrlimit(Resource::Nofile, new) {
-        eprintln!("could not raise RLIMIT_NOFILE to {want}: {e} (run as root or raise ulimit -n)");
+        // Raising the hard limit needs CAP_SYS_RESOURCE (a container may not grant it even
+        // to root); then both this process and the proxy stop at the hard limit, about
+        // (limit - 100) / 2 idle sessions.
+        eprintln!(
+            "could not raise RLIMIT_NOFILE to {want} (hard limit {:?}): {e}; --idle fits only \
+             if twice it stays under the hard limit",
+            cur.maximum
+        );
     }
 }
 
@@ -531,17 +538,14 @@ fn svg(series: &[Sample], t_idle: f64, ran: u64, a: &Args) -> String {
          held {} s (RSS and open fds of the proxy, sampled every {} s)</text>\n",
         ran, a.idle, a.idle_secs, a.interval
     );
-    let panels: [(&str, Box<dyn Fn(&Sample) -> f64>, &str); 2] = [
-        (
-            "RSS (MiB)",
-            Box::new(|s: &Sample| s.rss_kib as f64 / 1024.0),
-            "#1f77b4",
-        ),
-        ("open fds", Box::new(|s: &Sample| s.fds as f64), "#d62728"),
+    type Panel = (&'static str, fn(&Sample) -> f64, &'static str);
+    let panels: [Panel; 2] = [
+        ("RSS (MiB)", |s| s.rss_kib as f64 / 1024.0, "#1f77b4"),
+        ("open fds", |s| s.fds as f64, "#d62728"),
     ];
     for (i, (label, value, color)) in panels.iter().enumerate() {
         let y0 = top + i as f64 * (panel + gap);
-        let v_max = series.iter().map(value).fold(0.0, f64::max).max(1.0) * 1.1;
+        let v_max = series.iter().map(*value).fold(0.0, f64::max).max(1.0) * 1.1;
         let y = |v: f64| y0 + panel - panel * v / v_max;
         let _ = writeln!(
             out,
