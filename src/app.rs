@@ -869,6 +869,11 @@ impl App {
             )
             .await;
         }
+        // A connection gives its slots back just before it logs its line: wait for the
+        // lines too, or the process may exit between the two and a session's end goes
+        // unrecorded. Bounded: a task still running now is one the drain gave up on.
+        self.ctx.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ctx.tasks.wait()).await;
         tracing::info!("stopped");
     }
 }

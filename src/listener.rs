@@ -179,8 +179,8 @@ pub async fn run(
                 continue;
             }
         };
-        let ctx = Arc::clone(&ctx);
-        tokio::spawn(conn::serve(ctx, served.clone(), stream, peer, admission));
+        let task = conn::serve(Arc::clone(&ctx), served.clone(), stream, peer, admission);
+        ctx.tasks.spawn(task);
     }
 }
 

@@ -49,6 +49,10 @@ pub struct Context {
     /// This replica's fleet; `None` for a single node (fixed at start).
     pub fleet: Option<Arc<crate::fleet::Fleet>>,
     pub cancel_limiter: cancel::CancelLimiter,
+    /// Every connection task, so that shutdown can wait for the last one to log its line:
+    /// the slots it waits on go back just before that line, and the data-plane threads die
+    /// with the process.
+    pub tasks: tokio_util::task::TaskTracker,
     next_conn_id: AtomicU64,
 }
 
@@ -62,6 +66,7 @@ impl Context {
             proxy_protocol_from: Vec::new(),
             fleet: None,
             cancel_limiter: cancel::CancelLimiter::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
             next_conn_id: AtomicU64::new(1),
         }
     }
