@@ -10,6 +10,7 @@
 //! come from its `/status` endpoint ([`status`]), never from the files alone; in etcd mode
 //! from the replica registry, against the revision of the change.
 
+pub mod address_list;
 pub mod certificates;
 pub mod doctor;
 pub mod fleet;

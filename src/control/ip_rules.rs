@@ -55,7 +55,7 @@ pub(crate) enum List {
 
 impl List {
     /// What one entry is called in messages.
-    fn noun(self) -> &'static str {
+    pub(crate) fn noun(self) -> &'static str {
         match self {
             List::IpRules => "IP rule",
             List::TrustedIps => "trusted IP range",
@@ -84,7 +84,7 @@ impl List {
         }
     }
 
-    fn entries(self, db: &DatabaseState) -> &[IpRule] {
+    pub(crate) fn entries(self, db: &DatabaseState) -> &[IpRule] {
         match self {
             List::IpRules => &db.rules,
             List::TrustedIps => &db.trusted_ips,
