@@ -1122,6 +1122,11 @@ fn status_of(e: &ControlError) -> StatusCode {
         ) => StatusCode::BAD_REQUEST,
         ControlError::UnknownDatabase { .. } | ControlError::NotFound(_) => StatusCode::NOT_FOUND,
         ControlError::Conflict(_) | ControlError::Changed { .. } => StatusCode::CONFLICT,
+        // Well-formed input whose result the proxy would refuse to load (a pasted CA the
+        // TLS library rejects, say): the operator's to fix, not the console's failure.
+        ControlError::WouldReject(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        // etcd down or refusing: nothing was written, and retrying later may work.
+        ControlError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -1325,5 +1330,40 @@ async fn revoke_certificate(
             ),
         ),
         Err(e) => refused_in(&app, &session, &name, Section::Certificates, e).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_change_answers_with_the_status_of_its_cause() {
+        let cases = [
+            (ControlError::Invalid("x".into()), StatusCode::BAD_REQUEST),
+            (ControlError::NotFound("x".into()), StatusCode::NOT_FOUND),
+            (ControlError::Conflict("x".into()), StatusCode::CONFLICT),
+            (
+                ControlError::WouldReject("x".into()),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+            (
+                ControlError::Store(crate::store::StoreError::Unavailable {
+                    what: "etcd".into(),
+                    detail: "connection refused".into(),
+                }),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                ControlError::DoesNotLoad {
+                    name: "db".into(),
+                    detail: "x".into(),
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(status_of(&e), want, "{e}");
+        }
     }
 }
