@@ -393,8 +393,9 @@ async fn held_keep_alive(src: IpAddr, addr: SocketAddr) -> Option<tokio::net::Tc
         .flatten()
 }
 
-/// `/healthz` and `/readyz` from 127.0.0.1, each answered 200 within 100 ms (user-visible
-/// bound: a kubelet probe with a tight timeout).
+/// `/healthz` and `/readyz` from 127.0.0.1, each answered 200 within 500 ms (user-visible
+/// bound: half of a kubelet probe's default 1 s timeout; a debug build on a loaded CI machine
+/// must still pass, a probe stuck behind the data path must not).
 async fn assert_probes_answer_quickly(admin: SocketAddr) {
     for path in ["/healthz", "/readyz"] {
         let t = std::time::Instant::now();
@@ -405,7 +406,7 @@ async fn assert_probes_answer_quickly(admin: SocketAddr) {
             .unwrap_or_else(|_| panic!("{path} did not answer within 2 s"))
             .unwrap();
         assert_eq!(code, 200, "{path}");
-        assert!(took < Duration::from_millis(100), "{path} took {took:?}");
+        assert!(took < Duration::from_millis(500), "{path} took {took:?}");
     }
 }
 

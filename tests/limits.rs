@@ -94,8 +94,11 @@ async fn idle_sockets_then_db2_client(
     let (c, _conn) = session.unwrap_or_else(|e| panic!("db2 client refused: {}", error_chain(&e)));
     let v: i32 = c.query_one("SELECT 3", &[]).await.unwrap().get(0);
     assert_eq!(v, 3);
+    // The idle sockets hold their slots for the 30 s handshake_timeout: a db2 client that
+    // waited behind them would take that long. 5 s leaves room for a loaded CI machine
+    // (1.78 s was seen at load 27) without hiding a lock-out.
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(5),
         "db2 waited {:?}",
         started.elapsed()
     );
