@@ -451,7 +451,10 @@ fn the_cli_killed_at_random_points_leaves_the_old_or_the_new_state() {
     );
 
     let audit = env.state.join("audit.log");
-    let (mut old, mut new, mut unaudited) = (0u64, 0u64, 0u64);
+    let journal = env.state.join(pgmtls::state::JOURNAL);
+    let audit_start = audit_lines_parse(&env);
+    let next_writer = pgmtls::control::Control::new(pgmtls::state::StateDir::new(&env.state));
+    let (mut old, mut new, mut completed_later) = (0u64, 0u64, 0u64);
     let started = Instant::now();
     for i in 0..kills {
         let (rules, certs) = loaded(&env.state, "app");
@@ -475,45 +478,62 @@ fn the_cli_killed_at_random_points_leaves_the_old_or_the_new_state() {
         std::thread::sleep(Duration::from_micros(delay));
         let _ = child.kill();
         let exit = child.wait().unwrap();
-        let (rules_after, certs_after) = loaded(&env.state, "app");
-        let changed = if create_cert {
-            assert_eq!(
-                rules_after, rules,
-                "run {i}: certificates create touched the rules"
-            );
-            let added: Vec<_> = certs_after.difference(&certs).collect();
-            assert!(
-                certs.is_subset(&certs_after),
-                "run {i}: a certificate vanished"
-            );
-            assert!(added.len() <= 1, "run {i}: {added:?}");
-            added.len() == 1
-        } else {
-            assert_eq!(
-                certs_after, certs,
-                "run {i}: ip-rules touched the certificates"
-            );
-            let mut flipped = rules.clone();
-            if !flipped.remove(toggled) {
-                flipped.insert(toggled.to_owned());
+        // What the proxy may load now, before any writer ran again, and then what the next
+        // writer leaves once it has completed a journal the killed run left: both are the
+        // old or the new state, never a mix.
+        let check = |rules_after: &BTreeSet<String>, certs_after: &BTreeSet<String>| {
+            if create_cert {
+                assert_eq!(
+                    rules_after, &rules,
+                    "run {i}: certificates create touched the rules"
+                );
+                let added: Vec<_> = certs_after.difference(&certs).collect();
+                assert!(
+                    certs.is_subset(certs_after),
+                    "run {i}: a certificate vanished"
+                );
+                assert!(added.len() <= 1, "run {i}: {added:?}");
+                added.len() == 1
+            } else {
+                assert_eq!(
+                    certs_after, &certs,
+                    "run {i}: ip-rules touched the certificates"
+                );
+                let mut flipped = rules.clone();
+                if !flipped.remove(toggled) {
+                    flipped.insert(toggled.to_owned());
+                }
+                assert!(
+                    rules_after == &rules || rules_after == &flipped,
+                    "run {i} (`{}`, killed after {delay} us, seed {seed}): {rules_after:?} is \
+                     neither {rules:?} nor {flipped:?}",
+                    args.join(" ")
+                );
+                rules_after == &flipped
             }
-            assert!(
-                rules_after == rules || rules_after == flipped,
-                "run {i} (`{}`, killed after {delay} us, seed {seed}): {rules_after:?} is \
-                 neither {rules:?} nor {flipped:?}",
-                args.join(" ")
-            );
-            rules_after == flipped
         };
-        // Every line of the audit log parses after every kill; a run killed between its
-        // change and its audit line leaves the change unrecorded (counted, see below).
+        let (rules_after, certs_after) = loaded(&env.state, "app");
+        check(&rules_after, &certs_after);
+        if journal.exists() {
+            completed_later += 1;
+            // The next writer: any change starts by completing the journal.
+            drop(next_writer.begin(None, "kill-test").unwrap());
+            assert!(!journal.exists(), "run {i}: the journal was not completed");
+        }
+        let (rules_after, certs_after) = loaded(&env.state, "app");
+        let changed = check(&rules_after, &certs_after);
+        // Nothing is lost: a change that became visible has its audit line, and a run
+        // that changed nothing left none. Every line parses after every kill.
         let audit_after = audit_lines_parse(&env);
-        assert!(audit_after <= audit_before + 1, "run {i}");
         if changed {
             new += 1;
-            if audit_after == audit_before {
-                unaudited += 1;
-            }
+            assert_eq!(
+                audit_after,
+                audit_before + 1,
+                "run {i} (`{}`, killed after {delay} us, seed {seed}): a change without its \
+                 audit line",
+                args.join(" ")
+            );
         } else {
             old += 1;
             assert_eq!(
@@ -530,7 +550,8 @@ fn the_cli_killed_at_random_points_leaves_the_old_or_the_new_state() {
     leftovers(&env.state, &mut left);
     eprintln!(
         "kill test: {kills} kills in {elapsed:?} (seed {seed}): {old} left the old state, {new} \
-         the new one ({unaudited} of them without their audit line); {} temporary files left",
+         the new one, each with its audit line; {completed_later} left a journal that the next \
+         writer completed; {} temporary files left",
         left.len()
     );
     assert!(
@@ -544,7 +565,19 @@ fn the_cli_killed_at_random_points_leaves_the_old_or_the_new_state() {
     env.run(&["databases"]).ok();
     let (rules, _) = loaded(&env.state, "app");
     assert!(rules.contains("10.10.0.0/16"));
-    assert!(std::fs::metadata(&audit).is_ok());
+    // Nothing is lost: once a writer has run, every change that became visible has its
+    // audit line (the two commands above add one each), no line is there twice, and no
+    // line stands for a change that did not happen.
+    assert!(!journal.exists(), "a journal left after a complete run");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let unique: std::collections::HashSet<&str> = lines.iter().copied().collect();
+    assert_eq!(unique.len(), lines.len(), "an audit line written twice");
+    assert_eq!(
+        audit_lines_parse(&env) as u64,
+        audit_start as u64 + new + 2,
+        "{new} changes were made"
+    );
 }
 
 /// A proxy on `orders` with the enforcement poll every second.

@@ -286,7 +286,6 @@ fn renew_database(
     actor: &str,
     report: &mut RenewReport,
 ) -> Result<()> {
-    let in_etcd = control.etcd_backend().is_some();
     loop {
         let mut part = RenewReport::default();
         let outcome = control.retrying(|| {
@@ -301,17 +300,8 @@ fn renew_database(
             txn.commit()?;
             Ok(more)
         });
-        // A failed etcd pass wrote nothing; a directory keeps what it wrote before failing
-        // (with its audit lines), so that is reported too.
-        let more = match outcome {
-            Ok(more) => more,
-            Err(e) => {
-                if !in_etcd {
-                    merge(report, part);
-                }
-                return Err(e);
-            }
-        };
+        // A failed pass wrote nothing, in either store: its writes land at the commit.
+        let more = outcome?;
         let none = part.renewed.is_empty();
         merge(report, part);
         // Every pass that leaves more to do renewed some (they now have successors), so

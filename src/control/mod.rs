@@ -6,7 +6,10 @@
 //!
 //! A change runs as one [`Txn`]: the writers' lock is held from the first read to the audit
 //! record, so two writers never both act on what they read (the directory store's form of a
-//! compare-and-swap), and the state a change validated is the state it replaces.
+//! compare-and-swap), and the state a change validated is the state it replaces. In both
+//! stores a change's writes and its audit records land at [`Txn::commit`], together: one
+//! guarded transaction in etcd, a journal in a directory (`state::journal`), which the next
+//! writer completes if this one dies half-way.
 
 pub mod certificates;
 pub mod download;
@@ -247,14 +250,23 @@ impl Control {
             path: self.state.root().to_path_buf(),
             source,
         })?;
-        // Another writer may have removed it while we waited for the lock.
+        let mut audit = self.state.open_audit_log()?;
+        // A writer that died after its journal left a change half-visible or unrecorded:
+        // finish it before reading, so this change starts from a whole state.
+        self.state.recover(&mut audit)?;
+        // Another writer may have removed it while we waited for the lock (or the change
+        // just finished did).
         if let Some(db) = database {
             self.require(db)?;
         }
-        let audit = self.state.open_audit_log()?;
         Ok(Txn {
             control: self,
-            inner: TxnInner::Dir { _lock: lock, audit },
+            inner: TxnInner::Dir {
+                _lock: lock,
+                audit,
+                pending: Vec::new(),
+                queued: Vec::new(),
+            },
             actor: actor.to_owned(),
         })
     }
@@ -318,6 +330,10 @@ enum TxnInner {
     Dir {
         _lock: StateLock,
         audit: AuditLog,
+        /// Staged writes, made visible in this order at the commit.
+        pending: Vec<state::Pending>,
+        /// Audit records appended at the commit, after `pending`.
+        queued: Vec<AuditEntry>,
     },
     Etcd {
         read: etcd::Read,
@@ -363,7 +379,7 @@ impl Txn<'_> {
         name: &str,
         files: &[(String, Vec<u8>, u32)],
     ) -> Result<DatabaseState> {
-        if let TxnInner::Dir { .. } = self.inner {
+        if let TxnInner::Dir { pending, .. } = &mut self.inner {
             let staged = self.control.state.stage_database(name)?;
             for (rel, bytes, mode) in files {
                 staged.write(rel, bytes, *mode)?;
@@ -371,7 +387,7 @@ impl Txn<'_> {
             let loaded = DatabaseState::load(name, staged.path())
                 .map_err(|e| ControlError::WouldReject(one_line(&e)))?;
             validate(&loaded)?;
-            staged.commit()?;
+            pending.push(staged.into_pending());
             return Ok(loaded);
         }
         if self.has_database(name)? {
@@ -402,7 +418,12 @@ impl Txn<'_> {
     /// records went.
     pub fn archive_database(&mut self, name: &str, at: OffsetDateTime) -> Result<PathBuf> {
         match &mut self.inner {
-            TxnInner::Dir { .. } => Ok(self.control.state.archive_database(name, at)?),
+            TxnInner::Dir { pending, .. } => {
+                let moved = self.control.state.stage_archive(name, at)?;
+                let target = moved.target().to_path_buf();
+                pending.push(moved);
+                Ok(target)
+            }
             TxnInner::Etcd { read, write, .. } => {
                 read.require(name)?;
                 let (key, value) = read.archive(name, at)?;
@@ -442,10 +463,12 @@ impl Txn<'_> {
         mode: u32,
     ) -> Result<()> {
         match &mut self.inner {
-            TxnInner::Dir { .. } => {
-                self.control
+            TxnInner::Dir { pending, .. } => {
+                let staged = self
+                    .control
                     .state
-                    .write_database_file(database, rel, bytes, mode)?;
+                    .stage_database_file(database, rel, bytes, mode)?;
+                pending.push(staged);
             }
             TxnInner::Etcd { write, .. } => {
                 write.put(
@@ -480,10 +503,13 @@ impl Txn<'_> {
     pub fn write_renewal_record(&mut self, record: &state::RenewalRecord) -> Result<()> {
         let bytes = record.to_yaml().into_bytes();
         match &mut self.inner {
-            TxnInner::Dir { .. } => {
-                let path = self.control.state.root().join(state::RENEWAL_YAML);
-                state::write_atomic(&path, &bytes, state::PUBLIC_MODE)
-                    .map_err(|e| StateError::io(&path, e))?;
+            TxnInner::Dir { pending, .. } => {
+                let staged = self.control.state.stage_root_file(
+                    state::RENEWAL_YAML,
+                    &bytes,
+                    state::PUBLIC_MODE,
+                )?;
+                pending.push(staged);
             }
             TxnInner::Etcd { write, .. } => {
                 write.put(state::RENEWAL_YAML, bytes);
@@ -500,10 +526,12 @@ impl Txn<'_> {
         cert_pem: &[u8],
         key_pem: &[u8],
     ) -> Result<()> {
-        if let TxnInner::Dir { .. } = self.inner {
-            self.control
+        if let TxnInner::Dir { pending, .. } = &mut self.inner {
+            let staged = self
+                .control
                 .state
-                .add_certificate(database, record, cert_pem, key_pem)?;
+                .stage_certificate(database, record, cert_pem, key_pem)?;
+            pending.push(staged);
             return Ok(());
         }
         let dir = format!("{CERTIFICATES_DIR}/{}", record.id);
@@ -530,10 +558,12 @@ impl Txn<'_> {
         database: &str,
         record: &CertificateRecord,
     ) -> Result<()> {
-        if let TxnInner::Dir { .. } = self.inner {
-            self.control
+        if let TxnInner::Dir { pending, .. } = &mut self.inner {
+            let staged = self
+                .control
                 .state
-                .save_certificate_record(database, record)?;
+                .stage_certificate_record(database, record)?;
+            pending.push(staged);
             return Ok(());
         }
         self.write_database_file(
@@ -544,9 +574,9 @@ impl Txn<'_> {
         )
     }
 
-    /// Appends the audit record of a change that has been written, and returns it. In etcd
-    /// this is the commit: the change's records and its audit key land in one transaction
-    /// guarded by the revision the change read, or nothing does.
+    /// Adds the audit record of the change and commits it, and returns the record: the
+    /// change's writes and its record land together (one guarded transaction in etcd, the
+    /// journal in a directory), or none of them does.
     pub fn record(
         &mut self,
         action: &str,
@@ -559,10 +589,9 @@ impl Txn<'_> {
     }
 
     /// Adds an audit record to the change without committing it, for a change made of
-    /// several events (each renewal of `certificates renew` keeps its own record). A
-    /// directory appends it at once, after the files it records were written; in etcd it
-    /// joins the change's transaction, numbered after the keys already queued, and lands
-    /// with [`Txn::commit`].
+    /// several events (each renewal of `certificates renew` keeps its own record). It lands
+    /// with [`Txn::commit`], after the writes queued so far (in etcd numbered after the
+    /// audit keys already queued).
     pub fn queue_record(
         &mut self,
         action: &str,
@@ -577,7 +606,7 @@ impl Txn<'_> {
             details,
         };
         match &mut self.inner {
-            TxnInner::Dir { audit, .. } => audit.append(&entry)?,
+            TxnInner::Dir { queued, .. } => queued.push(entry.clone()),
             TxnInner::Etcd {
                 read,
                 write,
@@ -593,18 +622,29 @@ impl Txn<'_> {
         Ok(entry)
     }
 
-    /// Commits what the change collected in etcd, in one transaction guarded by the revision
-    /// it read (a lost race is `Store(Conflict)`, for [`Control::retrying`]); nothing to do
-    /// for a directory, which wrote as it went. A change is over once committed: the next
-    /// one starts with [`Control::begin`] from the new state.
+    /// Commits what the change collected: in etcd, in one transaction guarded by the
+    /// revision it read (a lost race is `Store(Conflict)`, for [`Control::retrying`]); in a
+    /// directory, its staged writes in order and then its audit records, through the
+    /// journal. A change is over once committed: the next one starts with
+    /// [`Control::begin`] from the new state.
     pub fn commit(&mut self) -> Result<()> {
-        let TxnInner::Etcd {
-            read,
-            write,
-            queued_audit,
-        } = &mut self.inner
-        else {
-            return Ok(());
+        let (read, write, queued_audit) = match &mut self.inner {
+            TxnInner::Dir {
+                audit,
+                pending,
+                queued,
+                ..
+            } => {
+                // Taken out first: whatever happens, nothing is applied twice.
+                let (mut pending, queued) = (std::mem::take(pending), std::mem::take(queued));
+                self.control.state.apply(&mut pending, audit, &queued)?;
+                return Ok(());
+            }
+            TxnInner::Etcd {
+                read,
+                write,
+                queued_audit,
+            } => (read, write, queued_audit),
         };
         if write.is_empty() {
             return Ok(());

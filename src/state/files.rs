@@ -9,16 +9,31 @@ use std::path::Path;
 /// file or the new one: temp file in the same directory, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = write_synced(&tmp, bytes, mode).and_then(|()| {
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Creates `tmp` (and its folder) with exactly `mode`, writes `bytes` and syncs them: the
+/// first half of [`write_atomic`], for writes made visible later by a rename.
+pub(super) fn write_synced(tmp: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    if let Some(dir) = tmp.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     // A leftover of a crashed process with the same pid goes first; then the temp file is
     // created exclusively, so a symlink planted under its name (the CLI also writes into
     // user-chosen directories) is never followed with key material.
-    match std::fs::remove_file(&tmp) {
+    match std::fs::remove_file(tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
@@ -28,16 +43,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
             .write(true)
             .create_new(true)
             .mode(mode)
-            .open(&tmp)?;
+            .open(tmp)?;
         // `mode` is filtered by the umask on create; set it exactly, on the open file.
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        f.sync_all()
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp);
     }
     result
 }

@@ -19,12 +19,14 @@
 //! ```
 
 mod files;
+mod journal;
 mod model;
 pub mod records;
 mod renewal;
 mod write;
 
 pub use files::{write_atomic, StateLock};
+pub use journal::{Pending, Recovered, JOURNAL};
 pub use model::*;
 pub use records::{load_each_from_records, DatabaseRecords, ReadRecords};
 pub use renewal::*;

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::journal::stage_file;
 use super::*;
 use crate::config::ConfigErrors;
 
@@ -116,6 +117,13 @@ impl Staged {
             .map_err(|e| StateError::io(&self.target.join(rel), e))
     }
 
+    /// Hands the folder to a change that makes it visible with its audit record
+    /// ([`StateDir::apply`]); dropped before that, the folder is removed as before.
+    pub fn into_pending(mut self) -> Pending {
+        self.committed = true;
+        Pending::staged(self.dir.clone(), self.target.clone())
+    }
+
     /// Renames the folder into place. The caller holds the lock and has checked that the
     /// target does not exist; rename(2) would silently replace an empty folder.
     pub fn commit(mut self) -> Result<PathBuf, StateError> {
@@ -158,7 +166,7 @@ impl StateDir {
         Staged::create(target)
     }
 
-    /// Replaces one file of an existing database folder.
+    /// Replaces one file of an existing database folder, visible at once.
     pub fn write_database_file(
         &self,
         name: &str,
@@ -166,15 +174,35 @@ impl StateDir {
         bytes: &[u8],
         mode: u32,
     ) -> Result<(), StateError> {
+        self.show(self.stage_database_file(name, file, bytes, mode)?)
+    }
+
+    /// Stages a replacement of one file of an existing database folder.
+    pub fn stage_database_file(
+        &self,
+        name: &str,
+        file: &str,
+        bytes: &[u8],
+        mode: u32,
+    ) -> Result<Pending, StateError> {
         if !self.has_database(name) {
             return Err(StateError::UnknownDatabase(name.to_owned()));
         }
-        let path = self.database_dir(name).join(file);
-        write_atomic(&path, bytes, mode).map_err(|e| StateError::io(&path, e))
+        stage_file(&self.database_dir(name).join(file), bytes, mode)
+    }
+
+    /// Stages a file at the state root (`renewal.yaml`).
+    pub fn stage_root_file(
+        &self,
+        file: &str,
+        bytes: &[u8],
+        mode: u32,
+    ) -> Result<Pending, StateError> {
+        stage_file(&self.root().join(file), bytes, mode)
     }
 
     /// Adds a client certificate folder (record, certificate, key) in one rename, so the
-    /// proxy never sees a certificate folder without its record.
+    /// proxy never sees a certificate folder without its record; visible at once.
     pub fn add_certificate(
         &self,
         name: &str,
@@ -182,6 +210,20 @@ impl StateDir {
         cert_pem: &[u8],
         key_pem: &[u8],
     ) -> Result<PathBuf, StateError> {
+        let pending = self.stage_certificate(name, record, cert_pem, key_pem)?;
+        let target = pending.target().to_path_buf();
+        self.show(pending)?;
+        Ok(target)
+    }
+
+    /// Stages a client certificate folder, to appear in one rename.
+    pub fn stage_certificate(
+        &self,
+        name: &str,
+        record: &CertificateRecord,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<Pending, StateError> {
         if !self.has_database(name) {
             return Err(StateError::UnknownDatabase(name.to_owned()));
         }
@@ -193,15 +235,25 @@ impl StateDir {
         staged.write(CLIENT_CERT, cert_pem, PUBLIC_MODE)?;
         staged.write(CLIENT_KEY, key_pem, PRIVATE_MODE)?;
         staged.write(CERTIFICATE_YAML, record.to_yaml().as_bytes(), PUBLIC_MODE)?;
-        staged.commit()
+        Ok(staged.into_pending())
     }
 
-    /// Replaces the record of an existing certificate (revocation, successor link).
+    /// Replaces the record of an existing certificate (revocation, successor link), visible
+    /// at once.
     pub fn save_certificate_record(
         &self,
         name: &str,
         record: &CertificateRecord,
     ) -> Result<(), StateError> {
+        self.show(self.stage_certificate_record(name, record)?)
+    }
+
+    /// Stages a replacement of the record of an existing certificate.
+    pub fn stage_certificate_record(
+        &self,
+        name: &str,
+        record: &CertificateRecord,
+    ) -> Result<Pending, StateError> {
         let dir = certificate_dir(&self.database_dir(name), &record.id);
         if !dir.is_dir() {
             return Err(StateError::Io {
@@ -209,14 +261,25 @@ impl StateDir {
                 error: std::io::ErrorKind::NotFound.into(),
             });
         }
-        let path = dir.join(CERTIFICATE_YAML);
-        write_atomic(&path, record.to_yaml().as_bytes(), PUBLIC_MODE)
-            .map_err(|e| StateError::io(&path, e))
+        stage_file(
+            &dir.join(CERTIFICATE_YAML),
+            record.to_yaml().as_bytes(),
+            PUBLIC_MODE,
+        )
     }
 
     /// Moves a database folder to `archive/NAME-TIMESTAMP`: the proxy stops serving it on its
-    /// next reload, and its CA, keys and records are kept rather than deleted.
+    /// next reload, and its CA, keys and records are kept rather than deleted. At once.
     pub fn archive_database(&self, name: &str, at: OffsetDateTime) -> Result<PathBuf, StateError> {
+        let pending = self.stage_archive(name, at)?;
+        let target = pending.target().to_path_buf();
+        self.show(pending)?;
+        Ok(target)
+    }
+
+    /// Plans the move of a database folder into the archive (the archive folder is made now,
+    /// the move is the rename); [`Pending::target`] is where it goes.
+    pub fn stage_archive(&self, name: &str, at: OffsetDateTime) -> Result<Pending, StateError> {
         if !self.has_database(name) {
             return Err(StateError::UnknownDatabase(name.to_owned()));
         }
@@ -238,11 +301,13 @@ impl StateDir {
             n += 1;
             target = archive.join(format!("{name}-{stamp}-{n}"));
         }
-        let from = self.database_dir(name);
-        std::fs::rename(&from, &target).map_err(|e| StateError::io(&from, e))?;
-        sync_parent(&from)?;
-        sync_parent(&target)?;
-        Ok(target)
+        Ok(Pending::moved(self.database_dir(name), target))
+    }
+
+    /// Makes one staged write visible now, with no audit record (for writers outside the
+    /// control plane: tests and tools setting a state up).
+    fn show(&self, pending: Pending) -> Result<(), StateError> {
+        pending.show()
     }
 
     /// Opens the audit log for appending, creating it (0600) if needed. Opening it before a
@@ -288,12 +353,26 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Appends one JSON line and syncs it. One `write` of a whole line on an `O_APPEND` file
-    /// keeps lines whole even if a writer ignored the lock.
+    /// Appends one JSON line and syncs it.
     pub fn append(&mut self, entry: &AuditEntry) -> Result<(), StateError> {
-        let mut line = serde_json::to_string(entry)
-            .map_err(|e| StateError::io(&self.path, std::io::Error::other(e)))?;
-        line.push('\n');
+        let line = self.line_of(entry)?;
+        self.append_line(&line)
+    }
+
+    /// The line `entry` is in the log, without its newline.
+    pub fn line_of(&self, entry: &AuditEntry) -> Result<String, StateError> {
+        serde_json::to_string(entry)
+            .map_err(|e| StateError::io(&self.path, std::io::Error::other(e)))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `line` and a newline, and syncs. One `write` of a whole line on an `O_APPEND`
+    /// file keeps lines whole even if a writer ignored the lock.
+    pub fn append_line(&mut self, line: &str) -> Result<(), StateError> {
+        let line = format!("{line}\n");
         let before = self
             .file
             .metadata()
