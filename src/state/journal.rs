@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use super::{write_atomic, AuditEntry, AuditLog, StateDir, StateError, PRIVATE_MODE};
+use super::{
+    write_atomic, AuditEntry, AuditLog, StateDir, StateError, CERTIFICATES_DIR, DATABASES_DIR,
+    PRIVATE_MODE,
+};
 
 /// The journal's name at the state root (a dot-name: no loader reads it).
 pub const JOURNAL: &str = ".pending-change";
@@ -111,6 +114,27 @@ pub struct Recovered {
     pub renamed: usize,
     /// Its audit lines that the log lacked.
     pub audited: usize,
+    /// Temp files and staging folders that killed writers left behind, removed.
+    pub swept: usize,
+}
+
+/// Whether `name` is a temp file or staging folder of a writer other than this process:
+/// `.NAME.tmp-PID`, `.NAME.tmp-PID-N` or `.NAME.new-PID`. Only those exact shapes, so that a
+/// dot-name someone else put there (Kubernetes' `..data`) is never touched.
+fn is_leftover(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    let Some(at) = rest.rfind(".tmp-").or_else(|| rest.rfind(".new-")) else {
+        return false;
+    };
+    let suffix = &rest[at + 5..];
+    let mut parts = suffix.splitn(2, '-');
+    let pid = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let seq_ok = parts
+        .next()
+        .is_none_or(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    at > 0 && seq_ok && pid.is_some_and(|p| p != std::process::id())
 }
 
 fn relative<'a>(root: &Path, p: &'a Path) -> Result<&'a Path, StateError> {
@@ -186,10 +210,50 @@ impl StateDir {
     }
 
     /// Completes a change whose writer died after writing its journal: the renames it still
-    /// had to do, then the audit lines the log does not hold yet. Called by every writer,
-    /// under the lock, before it reads. Idempotent: a crash during recovery leaves the
-    /// journal for the next writer.
+    /// had to do, then the audit lines the log does not hold yet. Then removes what writers
+    /// killed before their journal left: staged files (private keys among them) of changes
+    /// that never happened. Called by every writer, under the lock, before it reads.
+    /// Idempotent: a crash during recovery leaves the journal for the next writer.
     pub fn recover(&self, audit: &mut AuditLog) -> Result<Recovered, StateError> {
+        let mut done = self.complete_journal(audit)?;
+        done.swept = self.sweep();
+        Ok(done)
+    }
+
+    /// Removes the leftovers of killed writers, where writers stage: the root, the databases
+    /// folder, each database folder, its certificates folder and each certificate folder.
+    /// Best effort: one that cannot be removed is left for the next writer.
+    fn sweep(&self) -> usize {
+        let mut dirs = vec![self.root().to_path_buf()];
+        let databases = self.root().join(DATABASES_DIR);
+        dirs.push(databases.clone());
+        for db in subdirs(&databases) {
+            let certs = db.join(CERTIFICATES_DIR);
+            dirs.extend(subdirs(&certs));
+            dirs.push(certs);
+            dirs.push(db);
+        }
+        let mut swept = 0;
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if !is_leftover(&e.file_name().to_string_lossy()) {
+                    continue;
+                }
+                let p = e.path();
+                let removed = match e.file_type() {
+                    Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+                    _ => std::fs::remove_file(&p),
+                };
+                swept += usize::from(removed.is_ok());
+            }
+        }
+        swept
+    }
+
+    fn complete_journal(&self, audit: &mut AuditLog) -> Result<Recovered, StateError> {
         let path = self.journal_path();
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -247,6 +311,19 @@ impl StateDir {
         sync_dir(root)?;
         Ok(done)
     }
+}
+
+/// The folders in `dir` whose names a loader reads (not dot-names).
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .collect()
 }
 
 #[cfg(test)]
@@ -351,7 +428,8 @@ mod tests {
             done,
             Recovered {
                 renamed: 1,
-                audited: 1
+                audited: 1,
+                swept: 0,
             }
         );
         assert_eq!((read(&a), read(&b)), ("a".into(), "b".into()));
@@ -391,5 +469,77 @@ mod tests {
         let e = state.recover(&mut audit).unwrap_err().to_string();
         assert!(e.contains("outside the state directory"), "{e}");
         assert!(tmp.path().join("a").exists());
+    }
+
+    #[test]
+    fn leftovers_of_other_writers_are_named_exactly() {
+        let other = std::process::id().wrapping_add(1);
+        for name in [
+            format!(".ip-rules.yaml.tmp-{other}"),
+            format!(".client.key.tmp-{other}-3"),
+            format!(".0b5e.new-{other}"),
+            format!("..pending-change.tmp-{other}"),
+        ] {
+            assert!(is_leftover(&name), "{name}");
+        }
+        let own = std::process::id();
+        for name in [
+            format!(".ip-rules.yaml.tmp-{own}"),
+            "..data".to_owned(),
+            ".lock".to_owned(),
+            ".pending-change".to_owned(),
+            "ip-rules.yaml.tmp-12".to_owned(),
+            ".x.tmp-".to_owned(),
+            ".x.tmp-12-".to_owned(),
+            ".x.tmp-12-a".to_owned(),
+            ".x.new-abc".to_owned(),
+            ".tmp-12".to_owned(),
+        ] {
+            assert!(!is_leftover(&name), "{name}");
+        }
+    }
+
+    /// A writer killed after staging, before its journal: what it staged (a private key
+    /// among it) is removed by the next writer; live files and other dot-names stay.
+    #[test]
+    fn the_next_writer_removes_what_killed_writers_staged() {
+        let (tmp, state, mut audit) = setup();
+        let other = std::process::id().wrapping_add(1);
+        let db = tmp.path().join("databases/app");
+        let cert = db.join("certificates/0b5e");
+        std::fs::create_dir_all(&cert).unwrap();
+        std::fs::create_dir_all(db.join(format!("certificates/.1c6f.new-{other}"))).unwrap();
+        std::fs::create_dir_all(db.join("..data")).unwrap();
+        for (dir, name) in [
+            (&db, format!(".ip-rules.yaml.tmp-{other}-7")),
+            (&cert, format!(".certificate.yaml.tmp-{other}")),
+            (
+                &tmp.path().to_path_buf(),
+                format!(".renewal.yaml.tmp-{other}"),
+            ),
+        ] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        std::fs::write(db.join("ip-rules.yaml"), b"ip_rules: []\n").unwrap();
+        assert_eq!(state.recover(&mut audit).unwrap().swept, 4);
+        let mut left = Vec::new();
+        for d in [tmp.path(), &db, &db.join("certificates"), &cert] {
+            for e in std::fs::read_dir(d).unwrap() {
+                left.push(e.unwrap().file_name().to_string_lossy().into_owned());
+            }
+        }
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "..data",
+                "0b5e",
+                "audit.log",
+                "certificates",
+                "databases",
+                "ip-rules.yaml"
+            ]
+        );
+        assert_eq!(state.recover(&mut audit).unwrap(), Recovered::default());
     }
 }
