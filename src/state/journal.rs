@@ -198,9 +198,13 @@ impl StateDir {
         let bytes = serde_json::to_vec(&journal)
             .map_err(|e| StateError::io(&path, std::io::Error::other(e)))?;
         write_atomic(&path, &bytes, PRIVATE_MODE).map_err(|e| StateError::io(&path, e))?;
+        // From here on the staged files belong to the journal: a rename that fails leaves
+        // them for the next writer to finish, so nothing may remove them on the way out.
         for p in pending.iter_mut() {
-            rename(&p.from, &p.to)?;
             p.done = true;
+        }
+        for p in pending.iter() {
+            rename(&p.from, &p.to)?;
         }
         for line in &journal.audit {
             audit.append_line(line)?;
@@ -215,6 +219,9 @@ impl StateDir {
     /// that never happened. Called by every writer, under the lock, before it reads.
     /// Idempotent: a crash during recovery leaves the journal for the next writer.
     pub fn recover(&self, audit: &mut AuditLog) -> Result<Recovered, StateError> {
+        // The journal first: the files it still has to rename look like leftovers, and the
+        // sweep runs only once they are in place (a journal that cannot be completed stops
+        // here, keeping them).
         let mut done = self.complete_journal(audit)?;
         done.swept = self.sweep();
         Ok(done)
@@ -295,7 +302,15 @@ impl StateDir {
             let (from, to) = (root.join(from), root.join(to));
             // Renames run in order and each is atomic: one whose source is gone happened.
             if from.symlink_metadata().is_ok() {
-                rename(&from, &to)?;
+                rename(&from, &to).map_err(|e| {
+                    StateError::io(
+                        &path,
+                        std::io::Error::other(format!(
+                            "cannot complete an interrupted change: {e}; every change waits \
+                             until this rename can be done"
+                        )),
+                    )
+                })?;
                 done.renamed += 1;
             }
         }
@@ -541,5 +556,28 @@ mod tests {
             ]
         );
         assert_eq!(state.recover(&mut audit).unwrap(), Recovered::default());
+    }
+
+    /// A rename that fails after the journal (the target is a folder that is not empty)
+    /// keeps the staged file, so that the next writer can finish once the way is clear.
+    #[test]
+    fn a_rename_that_fails_after_the_journal_keeps_what_it_staged() {
+        let (tmp, state, mut audit) = setup();
+        let target = tmp.path().join("a");
+        let mut pending = vec![stage_file(&target, b"a", 0o644).unwrap()];
+        std::fs::create_dir_all(target.join("in-the-way")).unwrap();
+        assert!(state
+            .apply(&mut pending, &mut audit, &[entry("x.change")])
+            .is_err());
+        drop(pending);
+        assert_eq!(audit_text(&state), "");
+        let e = state.recover(&mut audit).unwrap_err().to_string();
+        assert!(e.contains("cannot complete an interrupted change"), "{e}");
+        assert!(e.contains(JOURNAL), "{e}");
+        std::fs::remove_dir_all(&target).unwrap();
+        let done = state.recover(&mut audit).unwrap();
+        assert_eq!((done.renamed, done.audited), (1, 1));
+        assert_eq!(read(&target), "a");
+        assert!(audit_text(&state).contains("x.change"));
     }
 }
