@@ -124,13 +124,13 @@ impl Staged {
         Pending::staged(self.dir.clone(), self.target.clone())
     }
 
-    /// Renames the folder into place. The caller holds the lock and has checked that the
-    /// target does not exist; rename(2) would silently replace an empty folder.
-    pub fn commit(mut self) -> Result<PathBuf, StateError> {
-        std::fs::rename(&self.dir, &self.target).map_err(|e| StateError::io(&self.target, e))?;
-        self.committed = true;
-        sync_parent(&self.target)?;
-        Ok(self.target.clone())
+    /// Renames the folder into place now, with no audit record. The caller holds the lock
+    /// and has checked that the target does not exist; rename(2) would silently replace an
+    /// empty folder.
+    pub fn commit(self) -> Result<PathBuf, StateError> {
+        let target = self.target.clone();
+        self.into_pending().show()?;
+        Ok(target)
     }
 }
 
@@ -140,13 +140,6 @@ impl Drop for Staged {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-fn sync_parent(path: &Path) -> Result<(), StateError> {
-    let parent = path.parent().unwrap_or(Path::new("."));
-    File::open(parent)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| StateError::io(parent, e))
 }
 
 impl StateDir {
