@@ -196,7 +196,10 @@ async fn postgres_killed_mid_query_ends_its_sessions_and_serves_again_after_a_re
     eprintln!("proxy log: {last}");
     assert_eq!(last["closed_by"], "upstream", "{last}");
     assert_eq!(
+        // Not the setup session (conn_id 1): it ended before the kill, by its own
+        // Terminate, and which side the proxy saw close first is a race.
         proxy.count_logs(|v| closed_on("orders")(v)
+            && v["conn_id"] != 1
             && v["closed_by"] == "upstream"
             && v["outcome"] == "closed"
             && v["pg_user"] == "\"app\""),
