@@ -167,7 +167,7 @@ impl StateDir {
         bytes: &[u8],
         mode: u32,
     ) -> Result<(), StateError> {
-        self.show(self.stage_database_file(name, file, bytes, mode)?)
+        self.stage_database_file(name, file, bytes, mode)?.show()
     }
 
     /// Stages a replacement of one file of an existing database folder.
@@ -205,7 +205,7 @@ impl StateDir {
     ) -> Result<PathBuf, StateError> {
         let pending = self.stage_certificate(name, record, cert_pem, key_pem)?;
         let target = pending.target().to_path_buf();
-        self.show(pending)?;
+        pending.show()?;
         Ok(target)
     }
 
@@ -238,7 +238,7 @@ impl StateDir {
         name: &str,
         record: &CertificateRecord,
     ) -> Result<(), StateError> {
-        self.show(self.stage_certificate_record(name, record)?)
+        self.stage_certificate_record(name, record)?.show()
     }
 
     /// Stages a replacement of the record of an existing certificate.
@@ -266,7 +266,7 @@ impl StateDir {
     pub fn archive_database(&self, name: &str, at: OffsetDateTime) -> Result<PathBuf, StateError> {
         let pending = self.stage_archive(name, at)?;
         let target = pending.target().to_path_buf();
-        self.show(pending)?;
+        pending.show()?;
         Ok(target)
     }
 
@@ -295,12 +295,6 @@ impl StateDir {
             target = archive.join(format!("{name}-{stamp}-{n}"));
         }
         Ok(Pending::moved(self.database_dir(name), target))
-    }
-
-    /// Makes one staged write visible now, with no audit record (for writers outside the
-    /// control plane: tests and tools setting a state up).
-    fn show(&self, pending: Pending) -> Result<(), StateError> {
-        pending.show()
     }
 
     /// Opens the audit log for appending, creating it (0600) if needed. Opening it before a
