@@ -45,8 +45,9 @@ fn every_target_has_a_seeded_corpus_and_a_fuzz_target() {
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
     for (name, _) in TARGETS {
         let n = files(&corpus_dir(name)).len();
-        // A bound on an unminimized dump, not on coverage: `cargo fuzz cmin` of an hour's
-        // `state_records` corpus still keeps about 1,000 inputs, one per edge it reaches.
+        // A guard against committing an unminimized dump, not a cap on coverage: `cargo fuzz
+        // cmin` of an hour's `state_records` corpus keeps about 1,000 inputs, each reaching an
+        // edge the others miss.
         assert!(
             (1..=2000).contains(&n),
             "fuzz/corpus/{name}: {n} files (want a seeded, minimized corpus)"
